@@ -1,0 +1,60 @@
+"""Read the engine's Prometheus /metrics and turn it into the notebook's periodic status line."""
+
+import math
+import re
+from dataclasses import dataclass
+
+
+# name, optional {labels} (may contain spaces inside quotes), value, optional timestamp
+_SAMPLE = re.compile(r"^([A-Za-z_:][A-Za-z0-9_:]*)(?:\{.*\})?\s+(\S+)(?:\s+\S+)?$")
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    served: int | None  # finished requests since start
+    running: int | None
+    waiting: int | None  # queue depth
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Metric name -> value summed over label sets (vLLM labels by model and finish reason)."""
+    totals: dict[str, float] = {}
+    for line in text.splitlines():
+        m = _SAMPLE.match(line.strip())
+        if not m:
+            continue
+        try:
+            value = float(m.group(2))
+        except ValueError:
+            continue
+        if not math.isnan(value):
+            totals[m.group(1)] = totals.get(m.group(1), 0.0) + value
+    return totals
+
+
+def snapshot(metrics: dict[str, float]) -> Snapshot:
+    def pick(*names: str) -> int | None:
+        for n in names:
+            if n in metrics:
+                return int(metrics[n])
+        return None
+
+    return Snapshot(
+        served=pick("vllm:request_success_total", "vllm:e2e_request_latency_seconds_count"),
+        running=pick("vllm:num_requests_running"),
+        waiting=pick("vllm:num_requests_waiting"),
+    )
+
+
+def _n(v: int | None) -> str:
+    return "?" if v is None else str(v)
+
+
+def status_line(clock: str, node: int, role: str, snap: Snapshot | None, error: str = "") -> str:
+    head = f"[{clock}] node {node} ({role})"
+    if snap is None:
+        return f"{head} DOWN: {error or 'no answer from the engine'}"
+    return (
+        f"{head} up | served {_n(snap.served)} | running {_n(snap.running)} "
+        f"| queue {_n(snap.waiting)}"
+    )
