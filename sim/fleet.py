@@ -1,0 +1,336 @@
+"""A fleet of simulated GPU nodes in a background event-loop thread, plus a control API.
+
+In-process (pytest)::
+
+    with Fleet(count=8) as fleet:
+        fleet.set(3, "status", status=429, headers={"Retry-After": "7"})
+        ...
+
+Stand-alone (``make dev``, subprocess tests)::
+
+    python -m sim.fleet [--count 8] [--host 127.0.0.1] [--base-port 0] [--api-key KEY]
+                        [--control-port 0] [--exit-on-stdin-eof]
+
+prints one JSON line ``{"nodes": {"1": url, ...}, "control": url}`` once everything listens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import signal
+import sys
+import threading
+from collections.abc import Coroutine
+from types import TracebackType
+from typing import Any, Self, TypeVar
+
+from sim.node import Node, RecordedRequest, parse_mode
+from sim.server import HTTPServer, Request, Response
+
+__all__ = ["Fleet", "main"]
+
+T = TypeVar("T")
+_JSON = ("content-type", "application/json")
+_NODE_PATH = re.compile(r"^/nodes/(\d+)(/requests)?$")
+
+
+class Fleet:
+    """``count`` nodes numbered 1..count, served by one asyncio loop in a daemon thread.
+
+    All public methods are thread-safe and block until their effect is in place (e.g. after
+    ``set(n, "refuse")`` returns, connecting to node n is refused)."""
+
+    def __init__(
+        self,
+        count: int = 8,
+        host: str = "127.0.0.1",
+        api_key: str | None = None,
+        *,
+        base_port: int = 0,
+        control_port: int | None = None,
+        model: str = "sim-model",
+    ) -> None:
+        if count < 1:
+            raise ValueError("count must be >= 1")
+        self.count = count
+        self.host = host
+        self.nodes: dict[int, Node] = {
+            n: Node(n, host, base_port + n - 1 if base_port else 0, api_key=api_key, model=model)
+            for n in range(1, count + 1)
+        }
+        self._control_port = control_port
+        self._control: HTTPServer | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def start(self) -> Self:
+        """Start the loop thread; returns once every node (and the control API) listens."""
+        if self._thread is not None:
+            return self
+        loop = asyncio.new_event_loop()
+        ready = threading.Event()
+
+        def run() -> None:
+            asyncio.set_event_loop(loop)
+            loop.call_soon(ready.set)
+            try:
+                loop.run_forever()
+            finally:
+                _cancel_all(loop)
+                loop.close()
+
+        self._loop = loop
+        self._thread = threading.Thread(target=run, name="sim-fleet", daemon=True)
+        self._thread.start()
+        ready.wait()
+        try:
+            self._call(self._start_all())
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    async def _start_all(self) -> None:
+        for node in self.nodes.values():
+            await node.start()
+        if self._control_port is not None:
+            self._control = HTTPServer(self._control_handle, self.host, self._control_port)
+            await self._control.start()
+
+    def stop(self) -> None:
+        """Close every socket and join the loop thread (idempotent)."""
+        loop, thread = self._loop, self._thread
+        if loop is None or thread is None:
+            return
+        if thread.is_alive() and not loop.is_closed():
+            try:
+                self._call(self._stop_all(), timeout=10)
+            finally:
+                loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+        self._loop = self._thread = None
+
+    async def _stop_all(self) -> None:
+        if self._control is not None:
+            await self._control.stop()
+        for node in self.nodes.values():
+            await node.stop()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def _call(self, coro: Coroutine[Any, Any, T], timeout: float = 30) -> T:
+        loop = self._loop
+        if loop is None:
+            coro.close()
+            raise RuntimeError("fleet is not running; call start() first")
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            coro.close()
+            raise RuntimeError("blocking Fleet call made from the fleet's own loop thread")
+        return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout)
+
+    # -- queries and controls -----------------------------------------------------------------
+    def node(self, n: int) -> Node:
+        try:
+            return self.nodes[n]
+        except KeyError:
+            raise ValueError(f"no node {n!r}; nodes are 1..{self.count}") from None
+
+    def url(self, n: int) -> str:
+        return self.node(n).url
+
+    def port(self, n: int) -> int:
+        return self.node(n).port
+
+    def urls(self) -> dict[int, str]:
+        return {n: node.url for n, node in self.nodes.items()}
+
+    @property
+    def control_url(self) -> str | None:
+        if self._control is None:
+            return None
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(self.host, self.host)
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{self._control.port}"
+
+    def set(self, n: int, mode: str, /, **params: Any) -> None:
+        """Switch node ``n`` to ``mode`` (see ``sim.node.MODES``) with its parameters."""
+        node = self.node(n)
+        parse_mode(mode, params)  # validate in the caller's thread for a clean traceback
+        self._call(node.set_mode(mode, **params))
+
+    def set_all(self, mode: str, /, **params: Any) -> None:
+        for n in self.nodes:
+            self.set(n, mode, **params)
+
+    def set_load(self, n: int, load: int) -> None:
+        self.node(n).set_load(load)
+
+    def set_api_key(self, n: int, api_key: str | None) -> None:
+        self.node(n).api_key = api_key
+
+    def mode(self, n: int) -> str:
+        return self.node(n).mode
+
+    def requests(self, n: int) -> list[RecordedRequest]:
+        """Snapshot of what reached node ``n`` (the last 1,000 requests), oldest first."""
+        return self.node(n).requests()
+
+    def clear_requests(self, n: int | None = None) -> None:
+        for node in self.nodes.values() if n is None else [self.node(n)]:
+            node.clear_requests()
+
+    def reset(self) -> None:
+        """All nodes healthy, load 0, request logs cleared."""
+        self._call(self._reset())
+
+    async def _reset(self) -> None:
+        for node in self.nodes.values():
+            await node.reset()
+
+    def state(self) -> dict[str, Any]:
+        return {str(n): node.state() for n, node in self.nodes.items()}
+
+    # -- control API (runs on the loop thread) ------------------------------------------------
+    async def _control_handle(self, req: Request, resp: Response) -> None:
+        try:
+            status, body = await self._control_route(req)
+        except ValueError as e:
+            status, body = 400, {"error": str(e)}
+        resp.send(status, [_JSON], json.dumps(body).encode())
+
+    async def _control_route(self, req: Request) -> tuple[int, Any]:
+        method, path = req.method, req.path.rstrip("/") or "/"
+        if path == "/health" and method == "GET":
+            return 200, {"ok": True}
+        if path == "/nodes" and method == "GET":
+            return 200, self.state()
+        if path == "/reset" and method == "POST":
+            await self._reset()
+            return 200, self.state()
+        if path == "/requests" and method == "DELETE":
+            self.clear_requests()
+            return 200, {"ok": True}
+        match = _NODE_PATH.match(path)
+        if match is None:
+            return 404, {"error": f"no route {method} {path}"}
+        n = int(match.group(1))
+        if n not in self.nodes:
+            return 404, {"error": f"no node {n}; nodes are 1..{self.count}"}
+        node = self.nodes[n]
+        if match.group(2):  # /nodes/{n}/requests
+            if method == "GET":
+                return 200, [r.to_dict() for r in node.requests()]
+            if method == "DELETE":
+                node.clear_requests()
+                return 200, {"ok": True}
+        elif method == "GET":
+            return 200, node.state()
+        elif method == "POST":
+            await self._control_set(node, req.body)
+            return 200, node.state()
+        return 405, {"error": f"method {method} not allowed on {path}"}
+
+    async def _control_set(self, node: Node, raw: bytes) -> None:
+        try:
+            body = json.loads(raw or b"{}")
+        except (ValueError, UnicodeDecodeError):
+            raise ValueError("body must be a JSON object") from None
+        if not isinstance(body, dict):
+            raise ValueError("body must be a JSON object")
+        load = body.pop("load", None)
+        mode = body.pop("mode", None)
+        if mode is None and body:
+            raise ValueError(f"parameters {sorted(body)} given without a 'mode'")
+        if mode is None and load is None:
+            raise ValueError("expected 'mode' and/or 'load'")
+        if mode is not None and not isinstance(mode, str):
+            raise ValueError("'mode' must be a string")
+        if load is not None:
+            node.set_load(load)  # validated first: a bad load must not half-apply the change
+        if mode is not None:
+            parse_mode(mode, body)
+            await node.set_mode(mode, **body)
+
+
+def _cancel_all(loop: asyncio.AbstractEventLoop) -> None:
+    tasks = [t for t in asyncio.all_tasks(loop) if not t.done()]
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+    loop.run_until_complete(loop.shutdown_asyncgens())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sim.fleet", description=__doc__.split("\n")[0])
+    parser.add_argument("--count", type=int, default=8)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument(
+        "--base-port", type=int, default=0, help="node n listens on BASE+n-1 (0: OS-chosen)"
+    )
+    parser.add_argument("--api-key", default=None)
+    parser.add_argument("--model", default="sim-model", help="served model name")
+    parser.add_argument("--control-port", type=int, default=0)
+    parser.add_argument(
+        "--exit-on-stdin-eof",
+        action="store_true",
+        help="exit when stdin closes (so a dying parent never leaves this process behind)",
+    )
+    args = parser.parse_args(argv)
+
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
+    if args.exit_on_stdin_eof:
+
+        def wait_eof() -> None:
+            try:
+                while sys.stdin.buffer.read(65536):
+                    pass
+            except (OSError, ValueError):
+                pass
+            done.set()
+
+        threading.Thread(target=wait_eof, name="stdin-eof", daemon=True).start()
+
+    fleet = Fleet(
+        args.count,
+        args.host,
+        args.api_key,
+        base_port=args.base_port,
+        control_port=args.control_port,
+        model=args.model,
+    )
+    fleet.start()
+    try:
+        ready = {
+            "nodes": {str(n): u for n, u in fleet.urls().items()},
+            "control": fleet.control_url,
+        }
+        print(json.dumps(ready), flush=True)
+        while not done.wait(0.5):
+            pass
+    finally:
+        fleet.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
