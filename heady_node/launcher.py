@@ -1,5 +1,6 @@
 """Start the serving engine, wait until it is healthy, stop it and everything it spawned."""
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -49,18 +50,14 @@ def stop(proc: subprocess.Popen, grace: float = 10.0) -> int | None:
         time.sleep(0.1)
     if proc.poll() is None or _group_alive(pgid):
         _signal_group(pgid, signal.SIGKILL)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=5.0)
-        except subprocess.TimeoutExpired:
-            pass
     return proc.poll()
 
 
 def _signal_group(pgid: int, sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):  # already gone
         os.killpg(pgid, sig)
-    except ProcessLookupError:
-        pass  # already gone
 
 
 def _group_alive(pgid: int) -> bool:

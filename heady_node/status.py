@@ -4,7 +4,6 @@ import math
 import re
 from dataclasses import dataclass
 
-
 # name, optional {labels} (may contain spaces inside quotes), value, optional timestamp
 _SAMPLE = re.compile(r"^([A-Za-z_:][A-Za-z0-9_:]*)(?:\{.*\})?\s+(\S+)(?:\s+\S+)?$")
 

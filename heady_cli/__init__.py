@@ -1,0 +1,1 @@
+"""Operator command line for the Heady cluster: `heady probe | secrets | status`."""

@@ -1,0 +1,3 @@
+from heady_cli.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,143 @@
+"""`heady probe`: check every configured node concurrently and say which roles are covered.
+
+`diagnose` and `verdict` are pure (tested on canned responses); `probe_node` is the thin
+httpx shell around them.
+"""
+
+import asyncio
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import httpx
+
+from heady_cli.config import mask_url, validate_url
+from heady_node.roles import NODE_COUNT, ROLES, role_for_node
+from heady_node.status import parse_metrics
+
+NGROK_SKIP = {"ngrok-skip-browser-warning": "1"}
+
+
+@dataclass(frozen=True)
+class NodeResult:
+    node: int
+    role: str
+    state: str  # up | down | unconfigured | invalid
+    url: str | None = None
+    latency_ms: float | None = None
+    model: str | None = None
+    queue: int | None = None
+    reason: str | None = None
+
+    def as_dict(self, show_secrets: bool) -> dict[str, object]:
+        d = dict(self.__dict__)
+        d["url"] = self.url if show_secrets or not self.url else mask_url(self.url)
+        return d
+
+
+def diagnose(status: int, headers: Mapping[str, str], body: str) -> str | None:
+    """Why an HTTP answer is not a usable node answer (None when it is fine)."""
+    h = {k.lower(): v for k, v in headers.items()}
+    if code := h.get("ngrok-error-code"):
+        if code == "ERR_NGROK_3200":
+            return "ngrok endpoint offline (ERR_NGROK_3200): the Colab tab's tunnel is gone"
+        return f"ngrok error {code}"
+    if status == 530 or "error code: 1033" in body:
+        return "Cloudflare Tunnel has no live origin (1033): runtime or cloudflared stopped"
+    if "text/html" in h.get("content-type", "") and "ngrok" in body.lower():
+        return "ngrok browser-warning page: ngrok-skip-browser-warning header not honoured"
+    if status in (401, 403):
+        return f"HTTP {status}: NODE_TOKEN rejected (must equal the notebook's NODE_TOKEN)"
+    if not 200 <= status < 300:
+        return f"HTTP {status}"
+    return None
+
+
+def parse_models(body: str) -> str:
+    """First model id from /v1/models; ValueError for anything else."""
+    try:
+        data = json.loads(body)
+    except json.JSONDecodeError as exc:
+        raise ValueError("malformed JSON from /v1/models") from exc
+    items = data.get("data") if isinstance(data, dict) else None
+    if not isinstance(items, list) or not items or not isinstance(items[0], dict):
+        raise ValueError("/v1/models lists no model")
+    return str(items[0].get("id", "?"))
+
+
+def error_reason(exc: Exception, timeout: float) -> str:
+    if isinstance(exc, httpx.TimeoutException):
+        return f"timed out after {timeout:g}s"
+    if isinstance(exc, httpx.ConnectError):
+        return "connection refused or host unreachable"
+    if isinstance(exc, httpx.HTTPError):
+        return f"network error ({type(exc).__name__})"
+    return f"{type(exc).__name__}: {exc}"
+
+
+async def probe_node(
+    client: httpx.AsyncClient, node: int, url: str, token: str, timeout: float
+) -> NodeResult:
+    role = role_for_node(node)
+    down = {"node": node, "role": role, "state": "down", "url": url}
+    headers = {**NGROK_SKIP, "Authorization": f"Bearer {token}"}
+    try:
+        start = time.perf_counter()
+        health = await client.get(f"{url}/health", headers=headers, timeout=timeout)
+        latency = (time.perf_counter() - start) * 1000
+        if why := diagnose(health.status_code, health.headers, health.text):
+            return NodeResult(**down, latency_ms=latency, reason=f"/health: {why}")
+        models = await client.get(f"{url}/v1/models", headers=headers, timeout=timeout)
+        if why := diagnose(models.status_code, models.headers, models.text):
+            return NodeResult(**down, latency_ms=latency, reason=f"/v1/models: {why}")
+        try:
+            model = parse_models(models.text)
+        except ValueError as exc:
+            return NodeResult(**down, latency_ms=latency, reason=str(exc))
+        queue = None
+        try:  # queue depth is informative only: a node without /metrics is still up
+            metrics = await client.get(f"{url}/metrics", headers=headers, timeout=timeout)
+            if metrics.status_code == 200:
+                waiting = parse_metrics(metrics.text).get("vllm:num_requests_waiting")
+                queue = None if waiting is None else int(waiting)
+        except httpx.HTTPError:
+            pass
+        return NodeResult(node, role, "up", url, latency, model, queue)
+    except Exception as exc:  # any failure of one node must not sink the whole probe
+        return NodeResult(**down, reason=error_reason(exc, timeout))
+
+
+def plan(raw: Mapping[int, str]) -> tuple[dict[int, str], list[NodeResult]]:
+    """Split configured nodes into probe targets and results known without the network."""
+    targets: dict[int, str] = {}
+    fixed: list[NodeResult] = []
+    for node in range(1, NODE_COUNT + 1):
+        role = role_for_node(node)
+        if node not in raw:
+            fixed.append(NodeResult(node, role, "unconfigured", reason="COLAB_ENDPOINT not set"))
+            continue
+        try:
+            targets[node] = validate_url(raw[node])
+        except ValueError as exc:
+            fixed.append(NodeResult(node, role, "invalid", raw[node], reason=str(exc)))
+    return targets, fixed
+
+
+def uncovered_roles(results: list[NodeResult]) -> list[str]:
+    up = {r.role for r in results if r.state == "up"}
+    return [role for role in ROLES if role not in up]
+
+
+async def probe_all(
+    targets: Mapping[int, str], token: str, timeout: float, on_done=None
+) -> list[NodeResult]:
+    async with httpx.AsyncClient(follow_redirects=False) as client:
+
+        async def one(node: int, url: str) -> NodeResult:
+            result = await probe_node(client, node, url, token, timeout)
+            if on_done:
+                on_done(result)
+            return result
+
+        return list(await asyncio.gather(*(one(n, u) for n, u in targets.items())))

@@ -1,0 +1,48 @@
+"""`heady secrets`: collected endpoint URLs -> JSON for `npx wrangler secret bulk`."""
+
+import json
+import re
+from collections.abc import Iterable, Mapping
+
+from heady_cli.config import CliError, endpoints, parse_dev_vars, validate_url
+from heady_node.roles import NODE_COUNT
+
+_ARG = re.compile(r"^(?:COLAB_ENDPOINT_)?([0-9]+)=(.*)$")
+
+
+def parse_args_urls(args: Iterable[str]) -> dict[int, str]:
+    """`3=https://…` or `COLAB_ENDPOINT_3=https://…`."""
+    out: dict[int, str] = {}
+    for arg in args:
+        m = _ARG.match(arg.strip())
+        if not m:
+            raise CliError(f"expected N=URL or COLAB_ENDPOINT_N=URL, got {arg[:40]!r}")
+        node = int(m.group(1))
+        if not 1 <= node <= NODE_COUNT:
+            raise CliError(f"node {node} out of range 1..{NODE_COUNT}")
+        out[node] = m.group(2).strip()
+    return out
+
+
+def parse_file(text: str) -> dict[int, str]:
+    return endpoints(parse_dev_vars(text))
+
+
+def bulk_json(urls: Mapping[int, str], token: str | None = None) -> str:
+    """Validated, normalised {"COLAB_ENDPOINT_n": url}; every bad URL named in one line."""
+    if not urls:
+        raise CliError("no endpoint URLs given (.dev.vars, --file or N=URL arguments)")
+    good: dict[str, str] = {}
+    bad: list[str] = []
+    for node in sorted(urls):
+        try:
+            good[f"COLAB_ENDPOINT_{node}"] = validate_url(urls[node])
+        except ValueError as exc:
+            bad.append(f"COLAB_ENDPOINT_{node}: {exc}")
+    if bad:
+        raise CliError("invalid endpoint URL(s): " + "; ".join(bad))
+    if token is not None:
+        if not token:
+            raise CliError("--with-token given but NODE_TOKEN is not set")
+        good["NODE_TOKEN"] = token
+    return json.dumps(good, indent=2)
