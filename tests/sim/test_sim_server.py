@@ -1,0 +1,203 @@
+"""Wire-level behaviour of sim.server, driven through raw sockets against a real node."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import httpx
+
+from sim.fleet import Fleet
+
+
+def _connect(fleet: Fleet, n: int = 1) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", fleet.port(n)), timeout=5)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+class _Reader:
+    """Minimal HTTP/1.1 response reader (Content-Length or chunked bodies)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = b""
+
+    def _fill(self) -> None:
+        data = self.sock.recv(65536)
+        if not data:
+            raise EOFError("connection closed")
+        self.buf += data
+
+    def _until(self, sep: bytes) -> bytes:
+        while (i := self.buf.find(sep)) < 0:
+            self._fill()
+        out, self.buf = self.buf[:i], self.buf[i + len(sep) :]
+        return out
+
+    def _exactly(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            self._fill()
+        out, self.buf = self.buf[:n], self.buf[n:]
+        return out
+
+    def response(self) -> tuple[int, dict[str, str], bytes]:
+        head = self._until(b"\r\n\r\n").decode("latin-1").split("\r\n")
+        status = int(head[0].split(" ")[1])
+        headers = {k.lower(): v.strip() for k, _, v in (h.partition(":") for h in head[1:])}
+        if headers.get("transfer-encoding") == "chunked":
+            body = b""
+            while size := int(self._until(b"\r\n"), 16):
+                body += self._exactly(size)
+                self._until(b"\r\n")
+            self._until(b"\r\n")
+        else:
+            body = self._exactly(int(headers.get("content-length", "0")))
+        return status, headers, body
+
+    def closed(self) -> bool:
+        try:
+            self._fill()
+        except EOFError:
+            return True
+        return False
+
+
+def test_keep_alive_and_pipelining(fleet: Fleet) -> None:
+    with _connect(fleet) as sock:
+        reader = _Reader(sock)
+        sock.sendall(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+        assert reader.response()[0] == 200
+        # Three pipelined requests in one segment come back in order on the same connection.
+        sock.sendall(
+            b"GET /a HTTP/1.1\r\nhost: x\r\n\r\n"
+            b"POST /b HTTP/1.1\r\nhost: x\r\ncontent-length: 3\r\n\r\nxyz"
+            b"GET /c?q=1 HTTP/1.1\r\nhost: x\r\n\r\n"
+        )
+        paths = []
+        for _ in range(3):
+            status, headers, body = reader.response()
+            assert status == 200
+            assert headers["x-sim-node"] == "1"
+            paths.append(json.loads(body)["path"])
+        assert paths == ["/a", "/b", "/c"]
+    assert [r.path for r in fleet.requests(1)] == ["/health", "/a", "/b", "/c"]
+
+
+def test_request_split_across_many_segments(fleet: Fleet) -> None:
+    raw = b"PUT /split?x=y HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\n\r\n0123456789"
+    with _connect(fleet) as sock:
+        for i in range(len(raw)):
+            sock.sendall(raw[i : i + 1])
+            if i % 16 == 0:
+                time.sleep(0.001)
+        status, _, body = _Reader(sock).response()
+    echo = json.loads(body)
+    assert status == 200
+    assert (echo["method"], echo["path"], echo["query"]) == ("PUT", "/split", "x=y")
+    assert echo["body"] == "0123456789"
+
+
+def test_chunked_upload_with_extensions_and_trailers(fleet: Fleet) -> None:
+    with _connect(fleet) as sock:
+        sock.sendall(
+            b"POST /up HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n"
+            b"5;ext=1\r\nhello\r\n"
+            b"1\r\n \r\n"
+        )
+        time.sleep(0.02)  # the rest arrives later: the parser must resume mid-body
+        sock.sendall(b"5\r\nworld\r\n0\r\nx-trailer: t\r\n\r\n")
+        status, _, body = _Reader(sock).response()
+    assert status == 200
+    assert json.loads(body)["body"] == "hello world"
+    assert fleet.requests(1)[-1].body == b"hello world"
+
+
+def test_connection_close_is_honoured(fleet: Fleet) -> None:
+    with _connect(fleet) as sock:
+        reader = _Reader(sock)
+        sock.sendall(b"GET /health HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        status, headers, _ = reader.response()
+        assert status == 200
+        assert headers["connection"] == "close"
+        assert reader.closed()
+
+
+def test_http10_closes_unless_keep_alive(fleet: Fleet) -> None:
+    with _connect(fleet) as sock:
+        reader = _Reader(sock)
+        sock.sendall(b"GET /health HTTP/1.0\r\n\r\n")
+        assert reader.response()[0] == 200
+        assert reader.closed()
+    with _connect(fleet) as sock:
+        reader = _Reader(sock)
+        sock.sendall(b"GET /health HTTP/1.0\r\nconnection: keep-alive\r\n\r\n")
+        assert reader.response()[0] == 200
+        sock.sendall(b"GET /health HTTP/1.0\r\nconnection: keep-alive\r\n\r\n")
+        assert reader.response()[0] == 200
+
+
+def test_oversized_header_gets_431(fleet: Fleet) -> None:
+    with _connect(fleet) as sock:
+        reader = _Reader(sock)
+        sock.sendall(b"GET / HTTP/1.1\r\nx-big: " + b"a" * 70_000 + b"\r\n\r\n")
+        status, headers, _ = reader.response()
+        assert status == 431
+        assert headers["connection"] == "close"
+
+
+def test_malformed_requests_get_400(fleet: Fleet) -> None:
+    for raw in (
+        b"NONSENSE\r\n\r\n",
+        b"GET / HTTP/1.1\r\nno-colon-here\r\n\r\n",
+        b"POST / HTTP/1.1\r\ncontent-length: abc\r\n\r\n",
+        b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n",
+    ):
+        with _connect(fleet) as sock:
+            sock.sendall(raw)
+            assert _Reader(sock).response()[0] == 400, raw
+
+
+def test_expect_100_continue(fleet: Fleet) -> None:
+    with _connect(fleet) as sock:
+        reader = _Reader(sock)
+        sock.sendall(
+            b"POST /e HTTP/1.1\r\nhost: x\r\ncontent-length: 4\r\nexpect: 100-continue\r\n\r\n"
+        )
+        assert reader.response()[0] == 100
+        sock.sendall(b"data")
+        status, _, body = reader.response()
+    assert status == 200
+    assert json.loads(body)["body"] == "data"
+
+
+def test_head_has_no_body(fleet: Fleet) -> None:
+    with _connect(fleet) as sock:
+        reader = _Reader(sock)
+        sock.sendall(b"HEAD /v1/models HTTP/1.1\r\nhost: x\r\n\r\n")
+        head = reader._until(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200")
+        # The next response follows immediately: no body bytes were sent for the HEAD.
+        sock.sendall(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+        assert reader.response()[0] == 200
+
+
+def test_accepted_sockets_have_tcp_nodelay(fleet: Fleet) -> None:
+    with _connect(fleet, 2) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+        _Reader(sock).response()
+        conns = list(fleet.node(2)._server.connections)
+        assert conns
+        for conn in conns:
+            server_sock = conn._transport.get_extra_info("socket")
+            assert server_sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+
+
+def test_large_binary_body_round_trip(fleet: Fleet, client: httpx.Client) -> None:
+    body = bytes(range(256)) * 8192  # 2 MiB, not valid UTF-8
+    r = client.post(fleet.url(3) + "/blob", content=body)
+    echo = r.json()
+    assert echo["body_len"] == len(body)
+    assert "body" not in echo
+    assert fleet.requests(3)[-1].body == body
