@@ -1,0 +1,297 @@
+"""Start the gateway Worker in the offline Workers runtime (workerd with embedded Pyodide).
+
+Used by `make gateway`, `make dev`, the end-to-end tests and the benchmarks, so all of them
+run the very same `src/` with the bindings declared in wrangler.toml.
+
+    python -m harness.gateway [--port 8787] [--dev-vars .dev.vars] [--persist DIR]
+
+Secrets and vars come from `.dev.vars` in the repository root (KEY=value lines), exactly as
+`wrangler dev` reads them, layered over the [vars] of wrangler.toml.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import tomllib
+import urllib.request
+import zipfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIM = ROOT / "harness" / "shim"
+CACHE = ROOT / ".harness"
+SDK_VERSION = "1.9.5"  # workers-runtime-sdk: pure Python over `js`, supports Pyodide 0.26.0a2
+SDK_DIR = CACHE / f"workers-runtime-sdk-{SDK_VERSION}"
+# The offline runtime only knows compatibility dates up to its own build (Nov 2024).
+HARNESS_COMPAT_DATE = "2024-07-01"
+NODE = os.environ.get("HEADY_NODE", "node")
+
+
+def ensure_sdk() -> Path:
+    """The `workers` package from the pinned PyPI wheel; the offline runtime lacks it."""
+    marker = SDK_DIR / "workers" / "__init__.py"
+    if marker.exists():
+        return SDK_DIR / "workers"
+    wheels = CACHE / "wheels"
+    wheels.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--no-deps",
+            "--only-binary=:all:",
+            "-d",
+            str(wheels),
+            f"workers-runtime-sdk=={SDK_VERSION}",
+        ],
+        check=True,
+    )
+    wheel = next(wheels.glob(f"workers_runtime_sdk-{SDK_VERSION}-*.whl"))
+    tmp = Path(tempfile.mkdtemp(dir=CACHE))
+    with zipfile.ZipFile(wheel) as zf:
+        for name in zf.namelist():
+            if name.startswith("workers/") and name.endswith(".py"):
+                zf.extract(name, tmp)
+    tmp.rename(SDK_DIR) if not SDK_DIR.exists() else shutil.rmtree(tmp)
+    return SDK_DIR / "workers"
+
+
+def parse_dev_vars(text: str) -> dict[str, str]:
+    """`KEY=value` / `KEY="value"` lines, `#` comments and blank lines, as wrangler reads them."""
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, _, value = line.partition("=")
+        key, value = key.strip(), value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+            value = value[1:-1]
+            if line.partition("=")[2].strip().startswith('"'):
+                value = value.replace("\\n", "\n")
+        out[key] = value
+    return out
+
+
+def _python_modules(main: Path, extra_dirs: Iterator[tuple[Path, str]]) -> list[dict[str, str]]:
+    modules = [{"name": "harness_main.py", "file": str(main)}]
+    for directory, prefix in extra_dirs:
+        for path in sorted(directory.glob("*.py")):
+            if path != main:
+                modules.append({"name": prefix + path.name, "file": str(path)})
+    return modules
+
+
+def build_config(
+    *,
+    bindings: Mapping[str, str],
+    port: int = 0,
+    persist: str | None = None,
+    src: Path = ROOT / "src",
+    verbose: bool = False,
+) -> dict:
+    wrangler = tomllib.loads((ROOT / "wrangler.toml").read_text())
+    sdk = ensure_sdk()
+    dirs = [(SHIM, ""), (src, ""), (sdk, "workers/")]
+    merged = {k: str(v) for k, v in wrangler.get("vars", {}).items()}
+    merged.update(bindings)
+    return {
+        "modulesRoot": str(CACHE / "modules"),
+        "modules": _python_modules(SHIM / "harness_main.py", iter(dirs)),
+        "compatibilityDate": HARNESS_COMPAT_DATE,
+        "compatibilityFlags": wrangler.get("compatibility_flags", ["python_workers"]),
+        "bindings": merged,
+        "kvNamespaces": {ns["binding"]: ns["id"] for ns in wrangler.get("kv_namespaces", [])},
+        "kvPersist": persist or False,
+        "host": "127.0.0.1",
+        "port": port,
+        "verbose": verbose,
+        "crons": wrangler.get("triggers", {}).get("crons", []),
+    }
+
+
+class Gateway:
+    """A running gateway process. `start()` returns once it can serve; `stop()` always cleans up."""
+
+    def __init__(self, config: dict, log_path: Path | None = None) -> None:
+        self.config = config
+        self.url = ""
+        self.proc: subprocess.Popen | None = None
+        self._cfg_file: Path | None = None
+        self.log_path = log_path
+        self.lines: list[str] = []  # the Worker's log lines (stdout of workerd)
+        self._reader: threading.Thread | None = None
+
+    def start(self, timeout: float = 90.0) -> Gateway:
+        CACHE.mkdir(exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix="gateway-", suffix=".json", dir=CACHE)
+        with os.fdopen(fd, "w") as f:
+            json.dump(self.config, f)
+        self._cfg_file = Path(name)
+        self.proc = subprocess.Popen(
+            [NODE, str(ROOT / "harness" / "runner.mjs"), name],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+        )
+        deadline = time.monotonic() + timeout
+        ready: list[str] = []
+        event = threading.Event()
+
+        def pump() -> None:
+            assert self.proc and self.proc.stdout
+            for line in self.proc.stdout:
+                line = line.rstrip("\n")
+                if not ready and line.startswith('{"ready"'):
+                    ready.append(json.loads(line)["ready"])
+                    event.set()
+                    continue
+                self.lines.append(line)
+                if len(self.lines) > 20000:
+                    del self.lines[:10000]
+                if self.log_path is None and not event.is_set():
+                    pass
+                elif self.log_path is not None:
+                    with open(self.log_path, "a") as f:
+                        f.write(line + "\n")
+            event.set()
+
+        self._reader = threading.Thread(target=pump, daemon=True)
+        self._reader.start()
+        event.wait(max(0.0, deadline - time.monotonic()))
+        if not ready:
+            tail = "\n".join(self.lines[-30:])
+            self.stop()
+            raise RuntimeError(f"gateway did not start:\n{tail}")
+        self.url = ready[0]
+        self._wait_first_200(deadline)
+        return self
+
+    def _wait_first_200(self, deadline: float) -> None:
+        # `ready` means workerd listens; Pyodide may still be starting. Wait for a real answer.
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(self.url + "/healthz", timeout=30) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError("gateway never answered /healthz")
+
+    def scheduled(self, cron: str = "*/5 * * * *") -> dict:
+        """Run the Worker's scheduled() handler now (the harness's stand-in for a cron tick)."""
+        req = urllib.request.Request(
+            f"{self.url}/__harness/scheduled?cron={urllib.request.quote(cron)}", method="POST"
+        )
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return json.loads(r.read())
+
+    def kv_stats(self, reset: bool = False) -> dict[str, int]:
+        with urllib.request.urlopen(
+            f"{self.url}/__harness/kv-stats" + ("?reset=1" if reset else ""), timeout=30
+        ) as r:
+            return json.loads(r.read())
+
+    def log_records(self) -> list[dict]:
+        out = []
+        for line in list(self.lines):
+            start = line.find("{")
+            if start < 0:
+                continue
+            try:
+                out.append(json.loads(line[start:]))
+            except ValueError:
+                continue
+        return out
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                assert self.proc.stdin
+                self.proc.stdin.close()  # the runner disposes workerd on stdin EOF
+                self.proc.wait(timeout=10)
+            except (subprocess.TimeoutExpired, OSError):
+                self.proc.send_signal(signal.SIGTERM)
+                try:
+                    self.proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+        if self._cfg_file is not None:
+            self._cfg_file.unlink(missing_ok=True)
+
+    def __enter__(self) -> Gateway:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8787")))
+    ap.add_argument("--dev-vars", default=str(ROOT / ".dev.vars"))
+    ap.add_argument(
+        "--persist",
+        default=str(ROOT / ".wrangler" / "state" / "kv"),
+        help="folder for the local KV (use '' for in-memory)",
+    )
+    ap.add_argument(
+        "--cron-every",
+        type=float,
+        default=None,
+        help="seconds between local cron ticks (default: from wrangler.toml)",
+    )
+    args = ap.parse_args(argv)
+    dev_vars = Path(args.dev_vars)
+    bindings = parse_dev_vars(dev_vars.read_text()) if dev_vars.exists() else {}
+    if not dev_vars.exists():
+        print(
+            f"note: {dev_vars} not found; running with wrangler.toml [vars] only", file=sys.stderr
+        )
+    cfg = build_config(bindings=bindings, port=args.port, persist=args.persist or None)
+    gw = Gateway(cfg)
+    gw.start()
+    return serve_until_signal(gw, cfg, args.cron_every)
+
+
+def serve_until_signal(gw: Gateway, cfg: dict, cron_every: float | None, cleanup=()) -> int:
+    from harness.cron import cron_loop  # local stand-in for Cloudflare's cron triggers
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"ready {gw.url}", flush=True)
+    printed = 0
+    threading.Thread(
+        target=cron_loop, args=(gw, cfg["crons"], cron_every, stop), daemon=True
+    ).start()
+    try:
+        while not stop.is_set() and gw.proc and gw.proc.poll() is None:
+            for line in gw.lines[printed:]:
+                print(line, flush=True)
+            printed = len(gw.lines)
+            stop.wait(0.2)
+    finally:
+        gw.stop()
+        for fn in cleanup:
+            fn()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+// Test/dev harness: runs a Python Worker in the offline workerd (miniflare 3, Pyodide 0.26.0a2).
+// Reads one JSON config object from the file named by argv[2]; prints one JSON line
+// {"ready": "http://host:port"} once the first request can be served, then serves until
+// SIGTERM/SIGINT or stdin EOF (so a dying parent never leaves an orphan workerd behind).
+import { readFileSync } from "node:fs";
+import path from "node:path";
+import { Log, LogLevel, Miniflare } from "miniflare";
+
+const cfg = JSON.parse(readFileSync(process.argv[2], "utf8"));
+const root = path.resolve(cfg.modulesRoot);
+// Main module first: workerd treats the first module as the entry point.
+const modules = cfg.modules.map((m) => ({
+  type: "PythonModule",
+  path: path.join(root, m.name),
+  contents: readFileSync(m.file, "utf8"),
+}));
+
+const mf = new Miniflare({
+  modules,
+  modulesRoot: root,
+  compatibilityDate: cfg.compatibilityDate,
+  compatibilityFlags: cfg.compatibilityFlags,
+  bindings: cfg.bindings,
+  kvNamespaces: cfg.kvNamespaces,
+  kvPersist: cfg.kvPersist ?? false,
+  host: cfg.host ?? "127.0.0.1",
+  port: cfg.port ?? 0,
+  cf: false,
+  // Per-request logging through Node costs a third of throughput; warnings are enough.
+  log: new Log(cfg.verbose ? LogLevel.INFO : LogLevel.WARN),
+});
+
+let closing = false;
+async function shutdown(code) {
+  if (closing) return;
+  closing = true;
+  try {
+    await mf.dispose();
+  } finally {
+    process.exit(code);
+  }
+}
+process.on("SIGTERM", () => shutdown(0));
+process.on("SIGINT", () => shutdown(0));
+process.stdin.on("end", () => shutdown(0));
+process.stdin.on("error", () => shutdown(0));
+process.stdin.resume();
+
+try {
+  const url = await mf.ready;
+  process.stdout.write(JSON.stringify({ ready: url.origin, pid: process.pid }) + "\n");
+} catch (err) {
+  process.stderr.write(`runner: workerd failed to start: ${err?.stack ?? err}\n`);
+  await shutdown(1);
+}

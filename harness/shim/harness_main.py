@@ -1,0 +1,90 @@
+"""Test-harness adapter: runs a modern `class Default(WorkerEntrypoint)` Worker on the offline
+workerd, which only dispatches a top-level `on_fetch`.
+
+Like the current runtime, it builds `Default(ctx, env)` per request and converts the request
+and response with the SDK's `python_from_rpc` / `python_to_rpc`. Two test-only routes exist
+here and nowhere in `src/`:
+  POST /__harness/scheduled  -> awaits Default.scheduled(controller, env, ctx) (cron stand-in)
+  GET  /__harness/kv-stats   -> KV calls counted at the binding boundary (?reset=1 zeroes them)
+"""
+
+import json
+import time
+
+import js
+from entry import Default
+from workers import python_from_rpc, python_to_rpc
+
+_COUNTS = {"get": 0, "put": 0, "delete": 0, "list": 0}
+_COUNTED_BINDING = "HEALTH_KV"
+
+
+class _CountingKV:
+    """Delegates to the real KV binding, counting each call as it crosses the boundary."""
+
+    def __init__(self, kv):
+        self._kv = kv
+
+    def _count(self, op: str):
+        _COUNTS[op] += 1
+        return getattr(self._kv, op)
+
+    def get(self, *args, **kwargs):
+        return self._count("get")(*args, **kwargs)
+
+    def put(self, *args, **kwargs):
+        return self._count("put")(*args, **kwargs)
+
+    def delete(self, *args, **kwargs):
+        return self._count("delete")(*args, **kwargs)
+
+    def list(self, *args, **kwargs):
+        return self._count("list")(*args, **kwargs)
+
+
+class _Env:
+    def __init__(self, env):
+        self._env = env
+
+    def __getattr__(self, name):
+        value = getattr(self._env, name)
+        if name == _COUNTED_BINDING:
+            value = _CountingKV(value)
+        setattr(self, name, value)
+        return value
+
+
+class _Controller:
+    type = "scheduled"
+
+    def __init__(self, cron: str):
+        self.cron = cron
+        self.scheduledTime = time.time() * 1000  # noqa: N815 - JS property name
+
+
+def _json(data, status=200):
+    return js.Response.new(
+        json.dumps(data),
+        status=status,
+        headers=js.Headers.new([["content-type", "application/json"]]),
+    )
+
+
+async def on_fetch(request, env, ctx):
+    url = js.URL.new(request.url)
+    wrapped_env = _Env(env)
+    if url.pathname == "/__harness/scheduled" and request.method == "POST":
+        worker = Default(ctx, wrapped_env)
+        started = time.time()
+        await worker.scheduled(
+            _Controller(url.searchParams.get("cron") or "* * * * *"), wrapped_env, ctx
+        )
+        return _json({"ok": True, "ms": round((time.time() - started) * 1000, 1)})
+    if url.pathname == "/__harness/kv-stats":
+        snapshot = dict(_COUNTS)
+        if url.searchParams.get("reset"):
+            for key in _COUNTS:
+                _COUNTS[key] = 0
+        return _json(snapshot)
+    worker = Default(ctx, wrapped_env)
+    return python_to_rpc(await worker.fetch(python_from_rpc(request)))

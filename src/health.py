@@ -1,0 +1,256 @@
+"""Node health: per-node HealthState, its transitions, and the KV record that shares it.
+
+Pure. The shell keeps one HealthView per isolate, feeds it attempt outcomes and probe
+results, and persists the view to Workers KV only when a transition happened (see
+`HealthView.needs_write`). The whole fleet lives in ONE KV key, so an isolate refreshes its
+view with a single read.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, replace
+from typing import Literal
+
+from config import HealthPolicy
+
+State = Literal["up", "down", "unknown"]
+KV_KEY = "health:v1"
+RECORD_VERSION = 1
+LOAD_TTL_S = 900.0  # a load older than this no longer steers balancing
+FORGET_AFTER_S = 86400.0  # a record older than this says nothing any more
+MIN_KV_TTL_S = 60  # KV rejects expirationTtl below 60 s
+
+
+@dataclass(frozen=True, slots=True)
+class HealthState:
+    """What is known about one node. Times are epoch seconds."""
+
+    state: State = "unknown"
+    since: float | None = None  # when the current state began
+    until: float | None = None  # end of the cooldown while down
+    failures: int = 0  # consecutive failures (survive a short recovery)
+    reason: str | None = None  # last failure reason
+    at: float = 0.0  # when this record was last changed by an observation (merge order)
+    latency_ms: float | None = None
+    load: int | None = None
+    load_at: float | None = None
+    checked_at: float | None = None  # last active probe
+
+
+def cooldown_s(failures: int, policy: HealthPolicy) -> float:
+    """Exponential back-off: base, 2x base, 4x base ... capped."""
+    exponent = max(0, min(failures - 1, 30))
+    return min(policy.cooldown_base_s * (2**exponent), policy.cooldown_max_s)
+
+
+def on_failure(
+    h: HealthState,
+    now: float,
+    reason: str,
+    policy: HealthPolicy,
+    retry_after_s: float | None = None,
+) -> HealthState:
+    """A node failed an attempt or a probe: mark it down with a growing cooldown.
+
+    A node that was down-and-cooling already is left as it is (one failure per cooldown
+    counts), so concurrent requests hitting the same dead node do not inflate the back-off.
+    """
+    if h.state == "down" and h.until is not None and h.until > now:
+        if retry_after_s is not None and now + retry_after_s > h.until:
+            return replace(h, until=now + min(retry_after_s, policy.cooldown_max_s), at=now)
+        return h
+    recently_recovered = (
+        h.state == "up" and h.since is not None and now - h.since < policy.stable_after_s
+    )
+    failures = h.failures + 1 if (h.state == "down" or recently_recovered) else 1
+    cool = cooldown_s(failures, policy)
+    if retry_after_s is not None:
+        cool = min(max(retry_after_s, 1.0), policy.cooldown_max_s)
+    since = h.since if h.state == "down" and h.since is not None else now
+    return replace(
+        h, state="down", since=since, until=now + cool, failures=failures, reason=reason, at=now
+    )
+
+
+def on_success(h: HealthState, now: float, latency_ms: float | None = None) -> HealthState:
+    """A node answered. Clears a down mark; on a node already up only latency changes."""
+    if h.state == "up":
+        return h if latency_ms is None else replace(h, latency_ms=latency_ms)
+    return replace(
+        h,
+        state="up",
+        since=now,
+        until=None,
+        reason=None,
+        at=now,
+        latency_ms=latency_ms if latency_ms is not None else h.latency_ms,
+        # failures are kept: on_failure restarts the count once the node has been stable
+    )
+
+
+def with_probe(
+    h: HealthState, now: float, load: int | None, latency_ms: float | None
+) -> HealthState:
+    return replace(
+        h,
+        at=now,
+        checked_at=now,
+        latency_ms=latency_ms if latency_ms is not None else h.latency_ms,
+        load=load if load is not None else h.load,
+        load_at=now if load is not None else h.load_at,
+    )
+
+
+def is_transition(old: HealthState, new: HealthState) -> bool:
+    """Worth telling other isolates: up<->down, a new cooldown, or a moved cooldown end."""
+    return old.state != new.state or (new.state == "down" and old.until != new.until)
+
+
+def covers(theirs: HealthState | None, mine: HealthState, policy: HealthPolicy) -> bool:
+    """Does a KV record already say what we know? Then writing ours would be a wasted write.
+    A down mark counts as known when KV holds one ending at most half a base cooldown
+    earlier: another isolate saw the same outage."""
+    if mine.at == 0.0:
+        return True  # nothing observed here beyond what was read
+    if theirs is None:
+        return mine.state == "unknown"
+    if theirs.state != mine.state:
+        return False
+    if mine.load is not None and mine.load != theirs.load:
+        return False
+    if mine.state != "down":
+        return True
+    slack = policy.cooldown_base_s / 2
+    return (theirs.until or 0.0) >= (mine.until or 0.0) - slack
+
+
+class HealthView:
+    """One isolate's knowledge of every node, merged with KV now and then."""
+
+    def __init__(self) -> None:
+        self.nodes: dict[int, HealthState] = {}
+        self.loaded_at: float | None = None  # last KV read
+        self.written_at: float = 0.0  # last KV write by anyone, as far as we know
+        self.dirty = False  # a transition not yet written to KV
+
+    def get(self, n: int) -> HealthState:
+        return self.nodes.get(n) or HealthState()
+
+    def is_down(self, n: int, now: float) -> bool:
+        h = self.nodes.get(n)
+        return h is not None and h.state == "down" and h.until is not None and h.until > now
+
+    def effective_state(self, n: int, now: float) -> State:
+        h = self.get(n)
+        if h.state == "down" and not self.is_down(n, now):
+            return "unknown"  # cooldown over: on probation until the next observation
+        return h.state
+
+    def load(self, n: int, now: float) -> int | None:
+        h = self.nodes.get(n)
+        if h is None or h.load is None or h.load_at is None or now - h.load_at > LOAD_TTL_S:
+            return None
+        return h.load
+
+    def apply(self, n: int, new: HealthState) -> bool:
+        """Store a node's new state; returns True when it is a transition worth sharing."""
+        old = self.get(n)
+        self.nodes[n] = new
+        changed = is_transition(old, new)
+        if changed:
+            self.dirty = True
+        return changed
+
+    def needs_refresh(self, now: float, policy: HealthPolicy) -> bool:
+        return self.loaded_at is None or now - self.loaded_at >= policy.refresh_s
+
+    def may_write(self, now: float, policy: HealthPolicy) -> bool:
+        """KV economy: a pending transition is written once the interval since the last
+        write (ours or, as far as we have read, anyone's) has passed."""
+        return self.dirty and now - self.written_at >= policy.min_write_interval_s
+
+    def merge(self, records: dict[int, HealthState], written_at: float, now: float) -> None:
+        """Fold a KV snapshot in: per node, the newer observation wins."""
+        for n, theirs in records.items():
+            mine = self.nodes.get(n)
+            if mine is None or theirs.at > mine.at:
+                self.nodes[n] = theirs
+        self.written_at = max(self.written_at, written_at)
+        self.loaded_at = now
+
+
+def encode(view: HealthView, now: float) -> tuple[str, int]:
+    """The KV value for the whole fleet and its expirationTtl.
+
+    Each node record carries its own `until`; the key expires after the longest remaining
+    cooldown plus a day, so a forgotten mark heals itself even if nobody writes again.
+    """
+    nodes = {}
+    for n, h in sorted(view.nodes.items()):
+        if h.at == 0.0 and h.checked_at is None:
+            continue
+        nodes[str(n)] = {
+            "s": h.state,
+            "since": h.since,
+            "until": h.until,
+            "f": h.failures,
+            "r": h.reason,
+            "at": h.at,
+            "lat": h.latency_ms,
+            "load": h.load,
+            "load_at": h.load_at,
+            "chk": h.checked_at,
+        }
+    body = json.dumps(
+        {"v": RECORD_VERSION, "written_at": now, "nodes": nodes}, separators=(",", ":")
+    )
+    longest = max((h.until - now for h in view.nodes.values() if h.until), default=0.0)
+    ttl = max(MIN_KV_TTL_S, math.ceil(longest + FORGET_AFTER_S))
+    return body, ttl
+
+
+def decode(raw: str | None, now: float) -> tuple[dict[int, HealthState], float]:
+    """Parse a KV value; anything unreadable or stale is ignored rather than trusted."""
+    if not raw:
+        return {}, 0.0
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return {}, 0.0
+    if not isinstance(data, dict) or data.get("v") != RECORD_VERSION:
+        return {}, 0.0
+    out: dict[int, HealthState] = {}
+    nodes = data.get("nodes")
+    if not isinstance(nodes, dict):
+        return {}, 0.0
+    for key, rec in nodes.items():
+        try:
+            n = int(key)
+            h = HealthState(
+                state=rec["s"] if rec["s"] in ("up", "down", "unknown") else "unknown",
+                since=_opt_float(rec.get("since")),
+                until=_opt_float(rec.get("until")),
+                failures=int(rec.get("f") or 0),
+                reason=str(rec["r"])[:64] if rec.get("r") else None,
+                at=float(rec.get("at") or 0.0),
+                latency_ms=_opt_float(rec.get("lat")),
+                load=int(rec["load"]) if rec.get("load") is not None else None,
+                load_at=_opt_float(rec.get("load_at")),
+                checked_at=_opt_float(rec.get("chk")),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError):
+            continue
+        if 1 <= n <= 8 and now - h.at < FORGET_AFTER_S:
+            out[n] = h
+    written_at = _opt_float(data.get("written_at")) or 0.0
+    return out, written_at
+
+
+def _opt_float(value: object) -> float | None:
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, int | float) and math.isfinite(value):
+        return float(value)
+    return None

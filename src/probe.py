@@ -1,0 +1,86 @@
+"""Active health checks (the cron): which nodes to probe, and what a probe answer means.
+
+Pure. Budget: ngrok's free plan allows 20,000 requests a month per account, and every probe
+counts, so healthy nodes are probed sparsely (see README for the arithmetic).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+from config import GatewayConfig
+from health import HealthView
+
+_WAITING = re.compile(r"^vllm:num_requests_waiting(?:\{[^}]*\})?\s+([0-9.eE+-]+)", re.M)
+_RUNNING = re.compile(r"^vllm:num_requests_running(?:\{[^}]*\})?\s+([0-9.eE+-]+)", re.M)
+QUEUE_KEYS = ("queue_depth", "queue", "num_requests_waiting", "waiting", "pending")
+
+
+def cron_period_s(cron: str | None) -> float:
+    """Seconds between runs for the simple '*/N * * * *' and '* * * * *' forms; else 60."""
+    if not cron:
+        return 60.0
+    fields = cron.split()
+    if len(fields) != 5 or any(f != "*" for f in fields[1:]):
+        return 60.0
+    minute = fields[0]
+    if minute == "*":
+        return 60.0
+    if minute.startswith("*/") and minute[2:].isdigit() and 0 < int(minute[2:]) <= 60:
+        return 60.0 * int(minute[2:])
+    return 60.0
+
+
+def nodes_to_probe(
+    config: GatewayConfig, view: HealthView, scheduled_s: float, period_s: float
+) -> list[int]:
+    """Down or unknown nodes every run; healthy ones once per `probe_up_every_s`, chosen by
+    the scheduled time alone so the decision needs no stored state."""
+    every = config.health.probe_up_every_s
+    due_up = int(scheduled_s // every) != int((scheduled_s - period_s) // every)
+    chosen = []
+    for node in config.nodes:
+        if not node.usable:
+            continue
+        state = view.effective_state(node.number, scheduled_s)
+        if state != "up" or due_up:
+            chosen.append(node.number)
+    return chosen
+
+
+def parse_load(body: str, content_type: str | None) -> int | None:
+    """Queue depth from vLLM's Prometheus text or a JSON health answer; None if absent."""
+    if not body:
+        return None
+    if content_type and "json" in content_type or body.lstrip().startswith("{"):
+        try:
+            data = json.loads(body)
+        except ValueError:
+            return None
+        if isinstance(data, dict):
+            for key in QUEUE_KEYS:
+                value = data.get(key)
+                if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
+                    return int(value)
+        return None
+    waiting = _sum(_WAITING.findall(body))
+    if waiting is None:
+        return None
+    return waiting
+
+
+def _sum(values: list[str]) -> int | None:
+    if not values:
+        return None
+    total = 0.0
+    for v in values:
+        try:
+            total += float(v)
+        except ValueError:
+            return None
+    return int(total) if total >= 0 else None
+
+
+def running(body: str) -> int | None:
+    return _sum(_RUNNING.findall(body))

@@ -1,0 +1,136 @@
+"""Request routing: URL -> Route, and Route + health -> Plan (the ordered nodes to try).
+
+Pure: decides from plain data only, so every rule is unit-tested in CPython.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from config import GatewayConfig, Pool
+from health import HealthView
+
+HEAVY_PREFIX = "/api/heavy/"
+MAX_PATH_BYTES = 4096
+MAX_QUERY_BYTES = 8192
+ALLOWED_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    role: str
+    rest: str  # path after the role, always starting with "/", still percent-encoded
+    query: str  # raw query string without "?", may be empty
+
+
+@dataclass(frozen=True, slots=True)
+class RouteError:
+    status: int
+    type: str
+    message: str
+
+
+def split_url(url: str) -> tuple[str, str]:
+    """'https://host/p/a?q=1' -> ('/p/a', 'q=1') without a URL parser round trip."""
+    scheme_end = url.find("://")
+    start = url.find("/", scheme_end + 3 if scheme_end >= 0 else 0)
+    if start < 0:
+        return "/", ""
+    path_and_query = url[start:].split("#", 1)[0]
+    path, _, query = path_and_query.partition("?")
+    return path, query
+
+
+def parse_route(method: str, path: str, query: str, roles: tuple[str, ...]) -> Route | RouteError:
+    """Validate a /api/heavy/<role>/<rest> request. `path` is the runtime's normalised path."""
+    if method not in ALLOWED_METHODS:
+        return RouteError(405, "method_not_allowed", f"method {method[:16]!r} is not supported")
+    if len(path) > MAX_PATH_BYTES or len(query) > MAX_QUERY_BYTES:
+        return RouteError(414, "uri_too_long", "request path or query is too long")
+    tail = path[len(HEAVY_PREFIX) :]
+    role, slash, rest = tail.partition("/")
+    if role not in roles:
+        valid = ", ".join(sorted(roles))
+        return RouteError(404, "unknown_role", f"unknown role {role[:32]!r}; valid roles: {valid}")
+    rest = "/" + rest if slash else "/"
+    problem = _path_problem(rest) or _query_problem(query)
+    if problem:
+        return RouteError(400, "bad_path", problem)
+    return Route(role, rest, query)
+
+
+def _path_problem(rest: str) -> str | None:
+    lowered = rest.lower()
+    if "//" in rest:
+        return "empty path segments ('//') are not allowed"
+    if "%2f" in lowered or "%5c" in lowered or "\\" in rest:
+        return "encoded slashes or backslashes are not allowed in the path"
+    if "%00" in lowered or any(ord(c) < 0x20 or ord(c) == 0x7F for c in rest):
+        return "control characters are not allowed in the path"
+    for segment in lowered.split("/"):
+        if segment.replace("%2e", ".") in (".", ".."):
+            return "'.' and '..' path segments are not allowed"
+    return None
+
+
+def _query_problem(query: str) -> str | None:
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in query):
+        return "control characters are not allowed in the query"
+    return None
+
+
+def upstream_url(base_url: str, route: Route) -> str:
+    """Join by string so nothing in the client's path can change the node's host."""
+    url = base_url + route.rest
+    return f"{url}?{route.query}" if route.query else url
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    role: str
+    nodes: tuple[int, ...]  # in the order to try; bounded by max_attempts
+    pair: tuple[int, ...]  # the role's own nodes: anything else tried is a fallback
+    last_resort: bool  # every candidate was marked down: trying them anyway
+
+    def is_fallback(self, node: int) -> bool:
+        return node not in self.pair
+
+
+def make_plan(
+    pool: Pool,
+    config: GatewayConfig,
+    view: HealthView,
+    now: float,
+    turn: int,
+) -> Plan:
+    """Order the nodes for one request.
+
+    The pair comes first, balanced (less-loaded first when both loads are known, else
+    round-robin on `turn`), then the fallback chain; no node twice; unconfigured or invalid
+    nodes never. Nodes marked down move behind every available one; if all are down they are
+    still tried in that order (last resort) instead of failing fast.
+    """
+    pair = [n for n in pool.pair if config.node(n).usable]
+    if len(pair) > 1:
+        pair = _balance(pair, view, now, turn)
+    order = list(dict.fromkeys(pair))
+    for n in pool.fallback:
+        if n not in order and config.node(n).usable:
+            order.append(n)
+    available = [n for n in order if not view.is_down(n, now)]
+    down = [n for n in order if view.is_down(n, now)]
+    nodes = tuple((available + down)[: config.max_attempts])
+    return Plan(pool.role, nodes, tuple(pool.pair), last_resort=not available and bool(down))
+
+
+def _balance(pair: list[int], view: HealthView, now: float, turn: int) -> list[int]:
+    loads = [view.load(n, now) for n in pair]
+    if all(load is not None for load in loads) and len(set(loads)) > 1:
+        return [n for _, n in sorted(zip(loads, pair, strict=True))]
+    k = turn % len(pair)
+    return pair[k:] + pair[:k]
+
+
+def route_table(pools: Mapping[str, Pool]) -> dict[str, dict[str, list[int]]]:
+    return {name: {"pair": list(p.pair), "fallback": list(p.fallback)} for name, p in pools.items()}

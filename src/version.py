@@ -1,0 +1,3 @@
+"""Gateway version, reported by /api/status and /healthz."""
+
+VERSION = "0.1.0"
