@@ -369,3 +369,17 @@ def test_standalone_fleet_stops_cleanly() -> None:
     hung.close()
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=2)
+
+
+def test_client_leaving_mid_stream_is_cleaned_up(fleet: Fleet, client: httpx.Client) -> None:
+    fleet.set(2, "sse", events=1000, interval=0.01)
+    with client.stream("GET", fleet.url(2) + "/s") as r:
+        first = next(r.iter_lines())
+        assert first.startswith("data: ")
+    # closing the stream dropped the connection: the server-side handler must be gone too
+    deadline = time.monotonic() + 2
+    while fleet.node(2)._server.connections and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not fleet.node(2)._server.connections
+    fleet.set(2, "healthy")
+    assert client.get(fleet.url(2) + "/health").status_code == 200

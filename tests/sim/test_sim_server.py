@@ -201,3 +201,19 @@ def test_large_binary_body_round_trip(fleet: Fleet, client: httpx.Client) -> Non
     assert echo["body_len"] == len(body)
     assert "body" not in echo
     assert fleet.requests(3)[-1].body == body
+
+
+def test_pipelining_behind_async_handlers(fleet: Fleet) -> None:
+    # The next request is dispatched from inside the finishing handler's task: order must hold.
+    fleet.set(1, "sse", events=3, interval=0.01)
+    with _connect(fleet) as sock:
+        reader = _Reader(sock)
+        sock.sendall(b"GET /s1 HTTP/1.1\r\nhost: x\r\n\r\nGET /s2 HTTP/1.1\r\nhost: x\r\n\r\n")
+        bodies = [reader.response()[2] for _ in range(2)]
+    assert all(b.count(b"data: ") == 4 and b.endswith(b"data: [DONE]\n\n") for b in bodies)
+    fleet.set(1, "slow_headers", delay=0.05)
+    with _connect(fleet) as sock:
+        reader = _Reader(sock)
+        sock.sendall(b"GET /a HTTP/1.1\r\nhost: x\r\n\r\nGET /b HTTP/1.1\r\nhost: x\r\n\r\n")
+        paths = [json.loads(reader.response()[2])["path"] for _ in range(2)]
+    assert paths == ["/a", "/b"]
