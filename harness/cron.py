@@ -9,7 +9,7 @@ import sys
 import threading
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent.parent / "src"))
-from probe import cron_period_s  # noqa: E402 - the Worker's own parser, so both agree
+from probe import cron_period_s
 
 
 def cron_loop(gw, crons: list[str], every: float | None, stop: threading.Event) -> None:

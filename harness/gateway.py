@@ -193,11 +193,11 @@ class Gateway:
                 time.sleep(0.1)
         raise RuntimeError("gateway never answered /healthz")
 
-    def scheduled(self, cron: str = "*/5 * * * *") -> dict:
-        """Run the Worker's scheduled() handler now (the harness's stand-in for a cron tick)."""
-        req = urllib.request.Request(
-            f"{self.url}/__harness/scheduled?cron={urllib.request.quote(cron)}", method="POST"
-        )
+    def scheduled(self, cron: str = "*/5 * * * *", at: float | None = None) -> dict:
+        """Run the Worker's scheduled() handler now (the harness's stand-in for a cron tick);
+        `at` (epoch seconds) sets the controller's scheduledTime."""
+        query = f"cron={urllib.request.quote(cron)}" + (f"&at={at * 1000:.0f}" if at else "")
+        req = urllib.request.Request(f"{self.url}/__harness/scheduled?{query}", method="POST")
         with urllib.request.urlopen(req, timeout=60) as r:
             return json.loads(r.read())
 
@@ -206,6 +206,17 @@ class Gateway:
             f"{self.url}/__harness/kv-stats" + ("?reset=1" if reset else ""), timeout=30
         ) as r:
             return json.loads(r.read())
+
+    def reset(self) -> None:
+        req = urllib.request.Request(f"{self.url}/__harness/reset", method="POST")
+        with urllib.request.urlopen(req, timeout=30) as r:
+            r.read()
+        self.lines.clear()
+
+    def kv_value(self) -> dict | None:
+        with urllib.request.urlopen(f"{self.url}/__harness/kv-value", timeout=30) as r:
+            raw = json.loads(r.read())["value"]
+        return None if raw is None else json.loads(raw)
 
     def log_records(self) -> list[dict]:
         out = []

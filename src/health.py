@@ -104,7 +104,11 @@ def with_probe(
 
 
 def is_transition(old: HealthState, new: HealthState) -> bool:
-    """Worth telling other isolates: up<->down, a new cooldown, or a moved cooldown end."""
+    """Worth telling other isolates: up<->down, a new cooldown, or a moved cooldown end.
+    A first success on a node nobody had marked (unknown -> up) is not news: an unknown
+    node is tried anyway."""
+    if old.state == "unknown" and new.state == "up":
+        return False
     return old.state != new.state or (new.state == "down" and old.until != new.until)
 
 

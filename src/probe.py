@@ -53,7 +53,7 @@ def parse_load(body: str, content_type: str | None) -> int | None:
     """Queue depth from vLLM's Prometheus text or a JSON health answer; None if absent."""
     if not body:
         return None
-    if content_type and "json" in content_type or body.lstrip().startswith("{"):
+    if (content_type and "json" in content_type) or body.lstrip().startswith("{"):
         try:
             data = json.loads(body)
         except ValueError:

@@ -7,13 +7,13 @@ provided; anything else fails loudly instead of pretending to work.
 import js
 
 
-def patchWaitUntil(ctx) -> None:  # noqa: N802 - name fixed by the SDK
+def patchWaitUntil(ctx) -> None:
     # Production wraps ctx.waitUntil so it accepts Python awaitables; the old runtime's
     # waitUntil accepts any thenable, which a PyProxy of an asyncio Task already is.
     return None
 
 
-async def doAnImport(name: str):  # noqa: N802 - name fixed by the SDK
+async def doAnImport(name: str):
     raise ImportError(f"harness: JS module import {name!r} is not available offline")
 
 

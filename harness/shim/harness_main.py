@@ -5,17 +5,24 @@ Like the current runtime, it builds `Default(ctx, env)` per request and converts
 and response with the SDK's `python_from_rpc` / `python_to_rpc`. Two test-only routes exist
 here and nowhere in `src/`:
   POST /__harness/scheduled  -> awaits Default.scheduled(controller, env, ctx) (cron stand-in)
-  GET  /__harness/kv-stats   -> KV calls counted at the binding boundary (?reset=1 zeroes them)
+  GET  /__harness/kv-stats   -> KV calls counted at the binding boundary (?reset=1 zeroes them),
+                                with the options of the last put (its expirationTtl)
+  POST /__harness/reset      -> forget the isolate's health memory and the KV record, so each
+                                test starts from a cold gateway without a 3 s restart
 """
 
 import json
 import time
 
 import js
-from entry import Default
 from workers import python_from_rpc, python_to_rpc
 
+import entry
+import health
+from entry import Default
+
 _COUNTS = {"get": 0, "put": 0, "delete": 0, "list": 0}
+_LAST_PUT: dict = {}
 _COUNTED_BINDING = "HEALTH_KV"
 
 
@@ -33,6 +40,8 @@ class _CountingKV:
         return self._count("get")(*args, **kwargs)
 
     def put(self, *args, **kwargs):
+        _LAST_PUT.clear()
+        _LAST_PUT.update({"key": str(args[0]), "options": {k: v for k, v in kwargs.items()}})
         return self._count("put")(*args, **kwargs)
 
     def delete(self, *args, **kwargs):
@@ -57,9 +66,9 @@ class _Env:
 class _Controller:
     type = "scheduled"
 
-    def __init__(self, cron: str):
+    def __init__(self, cron: str, at_ms: float | None):
         self.cron = cron
-        self.scheduledTime = time.time() * 1000  # noqa: N815 - JS property name
+        self.scheduledTime = at_ms if at_ms is not None else time.time() * 1000
 
 
 def _json(data, status=200):
@@ -76,12 +85,24 @@ async def on_fetch(request, env, ctx):
     if url.pathname == "/__harness/scheduled" and request.method == "POST":
         worker = Default(ctx, wrapped_env)
         started = time.time()
-        await worker.scheduled(
-            _Controller(url.searchParams.get("cron") or "* * * * *"), wrapped_env, ctx
-        )
+        at = url.searchParams.get("at")
+        cron = url.searchParams.get("cron") or "* * * * *"
+        controller = _Controller(cron, float(at) if at else None)
+        await worker.scheduled(controller, wrapped_env, ctx)
         return _json({"ok": True, "ms": round((time.time() - started) * 1000, 1)})
+    if url.pathname == "/__harness/reset" and request.method == "POST":
+        entry._ISO.view = health.HealthView()
+        entry._ISO.turn = 0
+        entry._ISO.flushing = entry._ISO.refreshing = False
+        await env.HEALTH_KV.delete(health.KV_KEY)
+        for key in _COUNTS:
+            _COUNTS[key] = 0
+        _LAST_PUT.clear()
+        return _json({"ok": True})
+    if url.pathname == "/__harness/kv-value":
+        return _json({"value": await env.HEALTH_KV.get(health.KV_KEY)})
     if url.pathname == "/__harness/kv-stats":
-        snapshot = dict(_COUNTS)
+        snapshot = {**_COUNTS, "last_put": dict(_LAST_PUT)}
         if url.searchParams.get("reset"):
             for key in _COUNTS:
                 _COUNTS[key] = 0
