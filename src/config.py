@@ -113,7 +113,7 @@ def parse_endpoint(raw: str | None) -> tuple[NodeConfigState, str | None, str | 
         return "invalid", None, f"scheme {scheme!r} is not http or https"
     if "?" in rest or "#" in rest:
         return "invalid", None, "URL must not carry a query or fragment"
-    authority, slash, path = rest.partition("/")
+    authority, _, path = rest.partition("/")
     if "@" in authority:
         return "invalid", None, "URL must not carry credentials (user:password@)"
     host, colon, port = authority.rpartition(":") if _has_port(authority) else (authority, "", "")
