@@ -68,6 +68,7 @@ class NodeSession:
                 "--kind", self.tunnel_kind, "--url", fake_url,
             ]  # fmt: skip
             self.health_timeout = min(self.health_timeout, 60.0)
+            self.status_interval = min(self.status_interval, 0.5)
         self.engine = self.engine or ["vllm", "serve"]
 
     @property
@@ -175,7 +176,6 @@ class NodeSession:
         raises KeyboardInterrupt), then shut everything down. `rounds` bounds it for dry runs."""
         if self.dry_run and rounds is None:
             rounds = 2
-            self.status_interval = min(self.status_interval, 0.5)
         self.out("Serving. Keep this tab open; stop this cell to shut the node down.")
         done = 0
         try:
