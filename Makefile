@@ -1,0 +1,75 @@
+# Heady gateway: one entry point for running, testing, benchmarking and deploying.
+# Every target installs what it needs (pinned) on first use.
+
+SHELL := /bin/bash
+PORT ?= 8787
+# The Worker's Python is 3.12 (Pyodide 0.26.0a2); production's next runtime is 3.13.
+PY312 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12.*/bin/python3.12) $(shell command -v python3.12))
+PY313 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.13.*/bin/python3.13) $(shell command -v python3.13))
+VENV := .venv
+PY := $(VENV)/bin/python
+NODE22_BIN := $(CURDIR)/tools/node22/node_modules/.bin
+export WRANGLER_SEND_METRICS := false
+
+.PHONY: help install dev gateway test lint test-py313 deploy-check bench clean
+
+help:
+	@echo "make dev       simulated 8-node cluster + gateway on http://127.0.0.1:$(PORT)"
+	@echo "make gateway   gateway only, secrets/vars from .dev.vars (like wrangler dev)"
+	@echo "make test      everything CI runs (lint, unit, e2e in workerd, node/CLI, bench smoke, deploy dry-run)"
+	@echo "make bench     benchmarks: gateway vs direct, bare JS, bare Python -> bench/results.md"
+	@echo "make deploy-check   npx wrangler deploy --dry-run (bundles the real deploy offline)"
+
+install: $(VENV)/.installed node_modules/.installed tools/node22/node_modules/.installed .harness/.sdk
+
+$(VENV)/.installed: pyproject.toml
+	@test -n "$(PY312)" || { echo "Python 3.12 not found (pyenv install 3.12.1)"; exit 1; }
+	test -x $(PY) || $(PY312) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+node_modules/.installed: package.json package-lock.json
+	# Install scripts are not needed: miniflare and wrangler find workerd through the
+	# @cloudflare/workerd-linux-64 package itself.
+	npm ci --ignore-scripts --no-audit --no-fund
+	touch $@
+
+tools/node22/node_modules/.installed: tools/node22/package.json tools/node22/package-lock.json
+	# Node 22 for wrangler 4; its preinstall (approved in allowScripts) unpacks the binary.
+	cd tools/node22 && npm ci --no-audit --no-fund
+	touch $@
+
+.harness/.sdk: $(VENV)/.installed harness/gateway.py
+	$(PY) -c "from harness.gateway import ensure_sdk; ensure_sdk()"
+	touch $@
+
+dev: install
+	PORT=$(PORT) $(PY) -m harness.dev
+
+gateway: install
+	PORT=$(PORT) $(PY) -m harness.gateway
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+# The pure modules must run unchanged on production's next Python (3.13).
+test-py313: $(VENV)/.installed
+	@test -n "$(PY313)" || { echo "Python 3.13 not found (pyenv install 3.13.0)"; exit 1; }
+	test -x .venv313/bin/python || $(PY313) -m venv .venv313
+	.venv313/bin/python -m pip install --quiet --disable-pip-version-check pytest==9.2.0 hypothesis==6.170.17 pytest-timeout==2.4.0
+	.venv313/bin/python -m pytest -q -p no:cacheprovider tests/unit
+
+deploy-check: install
+	PATH="$(NODE22_BIN):$$PATH" npx wrangler deploy --dry-run --outdir .harness/deploy-dry-run
+
+test: install lint
+	$(PY) -m pytest -q
+	$(MAKE) --no-print-directory test-py313
+	$(MAKE) --no-print-directory deploy-check
+
+bench: install
+	$(PY) -m bench.run --out bench/results.md
+
+clean:
+	rm -rf .harness .venv .venv313 node_modules tools/node22/node_modules dist
