@@ -188,8 +188,10 @@ def parse_routes(raw: str | None) -> tuple[dict[str, Pool], list[str]]:
     if raw is not None and raw.strip():
         try:
             data = json.loads(raw)
-        except ValueError as exc:
+        except json.JSONDecodeError as exc:
             return {}, [f"ROUTES: not valid JSON ({exc.msg} at char {exc.pos})"]
+        except (ValueError, RecursionError):  # e.g. a 5000-digit number, nesting too deep
+            return {}, ["ROUTES: not valid JSON (a number too long or nesting too deep)"]
         if not isinstance(data, dict) or set(data) - {"roles", "fallback"}:
             return {}, ['ROUTES: expected an object with keys "roles" and/or "fallback"']
         if "roles" in data:
@@ -228,7 +230,7 @@ def _role_timeouts(raw: str | None, problems: list[str]) -> dict[str, float]:
         return {"batch": 600.0}
     try:
         data = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         problems.append("ROLE_TIMEOUTS_S: not valid JSON; using defaults")
         return {"batch": 600.0}
     out: dict[str, float] = {}
