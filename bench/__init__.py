@@ -1,0 +1,1 @@
+"""Benchmarks: the gateway side by side with direct, bare JS and bare Python (issue 4)."""
