@@ -244,9 +244,9 @@ def decode(raw: str | None, now: float) -> tuple[dict[int, HealthState], float]:
                 load_at=_opt_float(rec.get("load_at")),
                 checked_at=_opt_float(rec.get("chk")),
             )
-        except (KeyError, TypeError, ValueError, AttributeError):
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError):
             continue
-        if 1 <= n <= 8 and now - h.at < FORGET_AFTER_S:
+        if 1 <= n <= 8 and math.isfinite(h.at) and now - h.at < FORGET_AFTER_S:
             out[n] = h
     written_at = _opt_float(data.get("written_at")) or 0.0
     return out, written_at
