@@ -58,8 +58,10 @@ def on_failure(
     counts), so concurrent requests hitting the same dead node do not inflate the back-off.
     """
     if h.state == "down" and h.until is not None and h.until > now:
-        if retry_after_s is not None and now + retry_after_s > h.until:
-            return replace(h, until=now + min(retry_after_s, policy.cooldown_max_s), at=now)
+        if retry_after_s is not None:
+            until = now + min(retry_after_s, policy.cooldown_max_s)
+            if until > h.until:
+                return replace(h, until=until, at=now)
         return h
     recently_recovered = (
         h.state == "up" and h.since is not None and now - h.since < policy.stable_after_s
