@@ -43,6 +43,9 @@ from routing import (
 from version import VERSION
 
 _NO_BODY_METHODS = frozenset({"GET", "HEAD"})
+# An attempt with less time than this left before the deadline is not started: it could
+# only end as a time-out.
+_MIN_ATTEMPT_S = 0.1
 
 
 class _Isolate:
@@ -231,7 +234,7 @@ class Default(WorkerEntrypoint):
         deadline = ex.started + config.timeouts.deadline_s
         for n in plan.nodes:
             remaining = deadline - time.time()
-            if remaining <= 0:
+            if remaining <= _MIN_ATTEMPT_S:
                 break
             url = upstream_url(config.node(n).base_url, route)
             result = await self._attempt(n, url, method, fwd, body, min(role_timeout, remaining))

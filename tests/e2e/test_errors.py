@@ -101,9 +101,20 @@ def raw_request(url: str, target: str, extra: str = "") -> tuple[int, bytes]:
             f"\r\n{extra}Connection: close\r\n\r\n".encode()
         )
         data = b""
-        while chunk := s.recv(65536):
+        while b"\r\n\r\n" not in data and (chunk := s.recv(65536)):
             data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
+        head, _, body = data.partition(b"\r\n\r\n")
+        # Read exactly the announced body: the server may keep the socket open regardless.
+        length = next(
+            (
+                int(line.split(b":", 1)[1])
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            ),
+            None,
+        )
+        while length is not None and len(body) < length and (chunk := s.recv(65536)):
+            body += chunk
     return int(head.split()[1]), body
 
 

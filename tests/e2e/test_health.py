@@ -162,5 +162,6 @@ def test_deadline_bounds_the_whole_request(fleet):
         took = time.monotonic() - started
     fleet.reset()
     assert r.status_code == 503
-    assert 2.5 <= took <= 4.5, took  # two attempts fit in 3 s, not four
-    assert len(r.json()["error"]["attempts"]) == 2
+    assert 2.5 <= took <= 4.5, took
+    # two full attempts fit in 3 s; a third may start with the last moments, never a fourth
+    assert len(r.json()["error"]["attempts"]) in (2, 3)
