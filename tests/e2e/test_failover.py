@@ -147,3 +147,15 @@ def test_never_retries_after_the_response_started(client, fleet):
     assert r.status_code == 200
     assert r.headers["x-heady-attempts"] == "1"
     assert sum(len(fleet.requests(n)) for n in range(1, 9)) == 1
+
+
+def test_attempt_timeout_is_per_role(client, fleet):
+    # ATTEMPT_TIMEOUT_S=2 in general, ROLE_TIMEOUTS_S={"batch": 3}: a node that takes 2.5 s
+    # to answer is waited for on the batch pair but abandoned on the code pair.
+    for n in (3, 4, 7, 8):
+        fleet.set(n, "slow_headers", delay=2.5)
+    r = _post(client, "batch")
+    assert r.status_code == 200 and r.headers["x-heady-attempts"] == "1"
+    r = _post(client, "code")
+    assert r.headers["x-heady-node"] in ("1", "2")  # both code nodes timed out
+    assert r.headers["x-heady-attempts"] == "3"

@@ -138,3 +138,11 @@ def test_sse_streams_event_by_event(client, fleet):
     assert events == 40
     assert total >= 1.9  # the node spaces 40 events 50 ms apart
     assert first is not None and first < 0.5, f"first event after {first:.3f}s of {total:.3f}s"
+
+
+@pytest.mark.parametrize("bad", ["has space", "x" * 200, "semi;colon", "<script>"])
+def test_insane_request_ids_are_replaced(client, bad):
+    r = client.get("/api/heavy/code/x", headers={"x-request-id": bad})
+    assert r.status_code == 200
+    rid = r.headers["x-request-id"]
+    assert rid != bad and len(rid) == 24 and rid.isalnum()
