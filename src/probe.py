@@ -7,6 +7,7 @@ counts, so healthy nodes are probed sparsely (see README for the arithmetic).
 from __future__ import annotations
 
 import json
+import math
 import re
 
 from config import GatewayConfig
@@ -56,12 +57,13 @@ def parse_load(body: str, content_type: str | None) -> int | None:
     if (content_type and "json" in content_type) or body.lstrip().startswith("{"):
         try:
             data = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):
             return None
         if isinstance(data, dict):
             for key in QUEUE_KEYS:
                 value = data.get(key)
-                if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
+                number = isinstance(value, int | float) and not isinstance(value, bool)
+                if number and 0 <= value < math.inf:  # Infinity/1e999 would crash int()
                     return int(value)
         return None
     waiting = _sum(_WAITING.findall(body))
@@ -79,7 +81,7 @@ def _sum(values: list[str]) -> int | None:
             total += float(v)
         except ValueError:
             return None
-    return int(total) if total >= 0 else None
+    return int(total) if 0 <= total < math.inf else None
 
 
 def running(body: str) -> int | None:
