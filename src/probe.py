@@ -15,22 +15,27 @@ from health import HealthView
 
 _WAITING = re.compile(r"^vllm:num_requests_waiting(?:\{[^}]*\})?\s+([0-9.eE+-]+)", re.M)
 _RUNNING = re.compile(r"^vllm:num_requests_running(?:\{[^}]*\})?\s+([0-9.eE+-]+)", re.M)
+UNKNOWN_PERIOD_S = 86400.0
 QUEUE_KEYS = ("queue_depth", "queue", "num_requests_waiting", "waiting", "pending")
 
 
 def cron_period_s(cron: str | None) -> float:
-    """Seconds between runs for the simple '*/N * * * *' and '* * * * *' forms; else 60."""
-    if not cron:
-        return 60.0
-    fields = cron.split()
+    """Seconds between cron runs for '* * * * *', '*/N * * * *' and 'M * * * *' (hourly).
+
+    Any other form counts as a day: overestimating the period only means healthy nodes are
+    probed on every run (more probes), while underestimating it could skip their slot forever.
+    """
+    fields = (cron or "").split()
     if len(fields) != 5 or any(f != "*" for f in fields[1:]):
-        return 60.0
+        return UNKNOWN_PERIOD_S
     minute = fields[0]
     if minute == "*":
         return 60.0
     if minute.startswith("*/") and minute[2:].isdigit() and 0 < int(minute[2:]) <= 60:
         return 60.0 * int(minute[2:])
-    return 60.0
+    if minute.isdigit() and int(minute) < 60:
+        return 3600.0
+    return UNKNOWN_PERIOD_S
 
 
 def nodes_to_probe(

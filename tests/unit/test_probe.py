@@ -34,15 +34,18 @@ CFG = cfg()
         ("*/60 * * * *", 3600.0),
         ("* * * * *", 60.0),
         ("  */10   *  *  *  *  ", 600.0),
-        ("*/0 * * * *", 60.0),
-        ("*/61 * * * *", 60.0),
-        ("*/x * * * *", 60.0),
-        ("*/5 1 * * *", 60.0),
-        ("*/5 * * *", 60.0),
-        ("0,30 * * * *", 60.0),
-        ("", 60.0),
-        (None, 60.0),
-        ("garbage", 60.0),
+        ("*/0 * * * *", 86400.0),
+        ("*/61 * * * *", 86400.0),
+        ("*/x * * * *", 86400.0),
+        ("*/5 1 * * *", 86400.0),
+        ("*/5 * * *", 86400.0),
+        ("0,30 * * * *", 86400.0),
+        ("5 * * * *", 3600.0),
+        ("0 * * * *", 3600.0),
+        ("60 * * * *", 86400.0),
+        ("", 86400.0),
+        (None, 86400.0),
+        ("garbage", 86400.0),
     ],
 )
 def test_cron_period(cron, period):
@@ -61,6 +64,14 @@ def view(**states: HealthState) -> HealthView:
 
 
 ALL_UP = {f"n{n}": up() for n in NODE_NUMBERS}
+
+
+@pytest.mark.parametrize("cron", ["0,30 * * * *", "7 * * * *", "*/5 1 * * *"])
+def test_odd_cron_forms_never_starve_healthy_nodes(cron):
+    # every node is up, so only the sparse slot can select them: with an hourly or odd
+    # schedule each run must still fall on a slot (the period is over- not underestimated)
+    for t in (BASE + 17.0, BASE + 900.0, BASE + 1799.0):
+        assert nodes_to_probe(CFG, view(**ALL_UP), t, cron_period_s(cron)) == list(range(1, 9))
 
 
 def test_unknown_nodes_are_probed_every_run():
