@@ -15,9 +15,10 @@ Outcome = Literal["pass", "failover"]
 
 # 502/503/504 are the node (or its tunnel) failing, not the model server's answer.
 RETRY_STATUSES = frozenset({502, 503, 504})
-# Cloudflare's own origin errors: 521 down, 522/524 time-outs, 523 unreachable, 530 tunnel
+# Cloudflare's own origin errors: 520 unknown origin error, 521 down, 522/524 time-outs,
+# 523 unreachable, 525/526 origin TLS failures, 530 tunnel
 # gone (error 1033). None of them come from the model server.
-CLOUDFLARE_TUNNEL_STATUSES = frozenset({521, 522, 523, 524, 530})
+CLOUDFLARE_TUNNEL_STATUSES = frozenset({520, 521, 522, 523, 524, 525, 526, 530})
 MAX_RETRY_AFTER_S = 3600.0
 
 

@@ -87,7 +87,7 @@ def test_429_with_retry_after_http_date():
     assert v.retry_after_s == pytest.approx(120, abs=1)
 
 
-@pytest.mark.parametrize("status", [521, 522, 523, 524, 530])
+@pytest.mark.parametrize("status", [520, 521, 522, 523, 524, 525, 526, 530])
 def test_cloudflare_tunnel_statuses_fail_over(status):
     assert classify_response(status, None, None, NOW) == Verdict("failover", "tunnel_down")
 
