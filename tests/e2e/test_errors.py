@@ -168,9 +168,6 @@ def test_status_needs_a_key(client):
 def misconfigured(fleet):
     bindings = fleet_bindings(fleet)
     del bindings["GATEWAY_API_KEYS"]
-    bindings["COLAB_ENDPOINT_2"] = "ftp://user:pw@example.org"
-    bindings["COLAB_ENDPOINT_3"] = "https://user:secretpw@tunnel.example"
-    del bindings["COLAB_ENDPOINT_4"]
     with Gateway(build_config(bindings=bindings)) as gw:
         yield gw
 
