@@ -39,8 +39,12 @@ def start_fleet(node_token: str) -> tuple[subprocess.Popen, dict]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8787")))
-    ap.add_argument("--cron-every", type=float, default=60.0,
-                    help="seconds between local cron ticks (health probes)")
+    ap.add_argument(
+        "--cron-every",
+        type=float,
+        default=60.0,
+        help="seconds between local cron ticks (health probes)",
+    )
     args = ap.parse_args(argv)
 
     node_token = secrets.token_hex(16)
