@@ -7,7 +7,7 @@ Targets, all in the same offline workerd the end-to-end tests use, in front of o
 fleet (`python -m sim.fleet`, its own process so it never shares a GIL with the client):
 
   direct   the simulated node itself
-  bare-js  bench/bare_js/worker.mjs, a pass-through JS Worker (bench/js_runner.mjs)
+  bare-js  bench/bare_js/worker.mjs, a pass-through JS Worker (same harness runner)
   bare-py  bench/bare_py/entry.py, a pass-through Python Worker (harness adapter)
   gateway  src/ (plus one `gateway[LABEL]` per --src: another source tree, e.g. a worktree of
            an earlier commit, for a before/after in the same run)
@@ -31,8 +31,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
-import threading
 import time
 import urllib.parse
 import urllib.request
@@ -201,65 +199,26 @@ class FleetProc:
                 self.proc.kill()
 
 
-class JsWorker:
-    """The bare JS Worker in workerd via bench/js_runner.mjs; same surface as harness Gateway."""
-
-    def __init__(self, upstream: str) -> None:
-        self.config = {
-            "script": str(BENCH / "bare_js" / "worker.mjs"),
-            "bindings": {"UPSTREAM": upstream},
-        }
-        self.url = ""
-        self.proc: subprocess.Popen | None = None
-        self.lines: list[str] = []
-        self._cfg: Path | None = None
-
-    def start(self, timeout: float = 60) -> JsWorker:
-        CACHE.mkdir(exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix="bench-js-", suffix=".json", dir=CACHE)
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.config, f)
-        self._cfg = Path(name)
-        self.proc = subprocess.Popen(
-            [NODE, str(BENCH / "js_runner.mjs"), name],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            bufsize=1,
-        )
-        got: list[str] = []
-        done = threading.Event()
-
-        def pump() -> None:
-            assert self.proc and self.proc.stdout
-            for line in self.proc.stdout:
-                if not got and line.startswith('{"ready"'):
-                    got.append(json.loads(line)["ready"])
-                    done.set()
-                    continue
-                self.lines.append(line.rstrip("\n"))
-                del self.lines[:-200]
-            done.set()
-
-        threading.Thread(target=pump, daemon=True).start()
-        done.wait(timeout)
-        if not got:
-            self.stop()
-            raise RuntimeError("bare JS worker did not start:\n" + "\n".join(self.lines[-20:]))
-        self.url = got[0]
-        return self
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            assert self.proc.stdin
-            self.proc.stdin.close()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        if self._cfg is not None:
-            self._cfg.unlink(missing_ok=True)
+def js_worker_config(upstream: str) -> dict:
+    """The bare JS Worker, run by the same harness runner (and workerd) as the Python ones."""
+    return {
+        "modulesRoot": str(CACHE / "modules-js"),
+        "modules": [
+            {
+                "name": "worker.mjs",
+                "file": str(BENCH / "bare_js" / "worker.mjs"),
+                "type": "ESModule",
+            }
+        ],
+        "compatibilityDate": "2024-07-01",
+        "compatibilityFlags": [],
+        "bindings": {"UPSTREAM": upstream},
+        "kvNamespaces": {},
+        "host": "127.0.0.1",
+        "port": 0,
+        "workerLogs": False,
+        "crons": [],
+    }
 
 
 @dataclass
@@ -268,7 +227,7 @@ class Target:
     url: str  # base URL
     path: str  # path of the small JSON POST
     auth: bool = False
-    server: object = None  # Gateway / JsWorker / None for direct
+    server: object = None  # Gateway / None for direct
     workerd: int | None = None
     cold_start_s: list[float] = field(default_factory=list)
 
@@ -292,7 +251,7 @@ def gateway_bindings(fleet: FleetProc, **extra: str) -> dict[str, str]:
 def start_python_worker(name: str, bindings: dict, src: Path, path: str, auth: bool) -> Target:
     """Process start to first 200 on the small POST is the cold start."""
     t0 = time.monotonic()
-    gw = Gateway(build_config(bindings=bindings, src=src)).start(timeout=180)
+    gw = Gateway(build_config(bindings=bindings, src=src, worker_logs=False)).start(timeout=180)
     target = Target(name, gw.url, path, auth, gw)
     status = asyncio.run(one_request(target.post_url, "POST", SMALL_BODY.encode(), auth))[0]
     target.cold_start_s.append(time.monotonic() - t0)
@@ -305,7 +264,7 @@ def start_python_worker(name: str, bindings: dict, src: Path, path: str, auth: b
 
 def start_js_worker(upstream: str) -> Target:
     t0 = time.monotonic()
-    w = JsWorker(upstream).start()
+    w = Gateway(js_worker_config(upstream)).start()
     target = Target("bare-js", w.url, ECHO_PATH, False, w)
     status = asyncio.run(one_request(target.post_url, "POST", SMALL_BODY.encode(), False))[0]
     target.cold_start_s.append(time.monotonic() - t0)

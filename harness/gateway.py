@@ -102,6 +102,7 @@ def build_config(
     persist: str | None = None,
     src: Path = ROOT / "src",
     verbose: bool = False,
+    worker_logs: bool = True,
 ) -> dict:
     wrangler = tomllib.loads((ROOT / "wrangler.toml").read_text())
     sdk = ensure_sdk()
@@ -119,6 +120,7 @@ def build_config(
         "host": "127.0.0.1",
         "port": port,
         "verbose": verbose,
+        "workerLogs": worker_logs,
         "crons": wrangler.get("triggers", {}).get("crons", []),
     }
 

@@ -8,9 +8,10 @@ import { Log, LogLevel, Miniflare } from "miniflare";
 
 const cfg = JSON.parse(readFileSync(process.argv[2], "utf8"));
 const root = path.resolve(cfg.modulesRoot);
-// Main module first: workerd treats the first module as the entry point.
+// Main module first: workerd treats the first module as the entry point. Python unless a
+// module says otherwise (the benchmark's bare JS Worker is an ESModule).
 const modules = cfg.modules.map((m) => ({
-  type: "PythonModule",
+  type: m.type ?? "PythonModule",
   path: path.join(root, m.name),
   contents: readFileSync(m.file, "utf8"),
 }));
@@ -28,6 +29,16 @@ const mf = new Miniflare({
   cf: false,
   // Per-request logging through Node costs a third of throughput; warnings are enough.
   log: new Log(cfg.verbose ? LogLevel.INFO : LogLevel.WARN),
+  // workerLogs: false drains the Worker's stdout here instead of relaying every log line to
+  // the parent process (benchmarks: in production logs never travel back to the caller).
+  ...(cfg.workerLogs === false
+    ? {
+        handleRuntimeStdio(stdout, stderr) {
+          stdout.resume();
+          stderr.pipe(process.stderr);
+        },
+      }
+    : {}),
 });
 
 let closing = false;
