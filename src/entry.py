@@ -210,10 +210,18 @@ class Default(WorkerEntrypoint):
         ex.role = route.role
 
         body = None
+        replay = None
         if method not in _NO_BODY_METHODS:
-            body = await self._read_body(js_req, headers, config.max_body_bytes)
-            if isinstance(body, str):
-                return self._error(ex, 413, body)
+            declared = headers.get("content-length")
+            if declared and declared.isdigit() and 0 < int(declared) <= config.max_body_bytes:
+                # Stream the body to the first node as it arrives (no wait for the whole
+                # upload); the runtime's tee keeps a copy in JS memory for a replay.
+                replay = js_req.clone()
+                body = js_req.body
+            else:
+                body = await self._read_body(js_req, headers, config.max_body_bytes)
+                if isinstance(body, str):
+                    return self._error(ex, 413, body)
 
         await self._refresh_health(config)
         view = _ISO.view
@@ -236,6 +244,10 @@ class Default(WorkerEntrypoint):
             remaining = deadline - time.time()
             if remaining <= _MIN_ATTEMPT_S:
                 break
+            if replay is not None and ex.attempts:
+                # The stream went to the node that failed: replay the buffered copy from now on.
+                body = await replay.arrayBuffer()
+                replay = None
             url = upstream_url(config.node(n).base_url, route)
             result = await self._attempt(n, url, method, fwd, body, min(role_timeout, remaining))
             if isinstance(result, at.Attempt):

@@ -146,3 +146,29 @@ def test_insane_request_ids_are_replaced(client, bad):
     assert r.status_code == 200
     rid = r.headers["x-request-id"]
     assert rid != bad and len(rid) == 24 and rid.isalnum()
+
+
+def test_streams_may_outlast_the_attempt_timeout(client, fleet):
+    # ATTEMPT_TIMEOUT_S=2 bounds the wait for response headers only: a stream that has
+    # started must not be cut when that time-out passes.
+    for n in (3, 4):
+        fleet.set(n, "sse", events=30, interval=0.1)
+    with client.http.stream(
+        "POST",
+        "/api/heavy/code/v1/chat/completions",
+        headers={"authorization": f"Bearer {API_KEY}"},
+        json={"stream": True},
+    ) as r:
+        assert r.status_code == 200
+        events = sum(1 for line in r.iter_lines() if line.startswith("data: {"))
+    assert events == 30
+
+
+def test_streamed_first_attempt_reaches_the_node_whole(client, fleet):
+    body = b"z" * 50_000
+    r = client.post("/api/heavy/reasoning/v1/upload", content=body)
+    assert r.status_code == 200
+    got = fleet.requests(int(r.headers["x-heady-node"]))[-1]
+    assert got.body == body
+    framing = got.header("content-length") or got.header("transfer-encoding")
+    assert framing in ("50000", "chunked")
