@@ -248,10 +248,11 @@ def gateway_bindings(fleet: FleetProc, **extra: str) -> dict[str, str]:
     return b
 
 
-def start_python_worker(name: str, bindings: dict, src: Path, path: str, auth: bool) -> Target:
-    """Process start to first 200 on the small POST is the cold start."""
+def start_worker(name: str, config: dict, path: str, auth: bool) -> Target:
+    """Start one Worker in workerd; process start to first 200 on the small POST is its cold
+    start."""
     t0 = time.monotonic()
-    gw = Gateway(build_config(bindings=bindings, src=src, worker_logs=False)).start(timeout=180)
+    gw = Gateway(config).start(timeout=180)
     target = Target(name, gw.url, path, auth, gw)
     status = asyncio.run(one_request(target.post_url, "POST", SMALL_BODY.encode(), auth))[0]
     target.cold_start_s.append(time.monotonic() - t0)
@@ -262,17 +263,13 @@ def start_python_worker(name: str, bindings: dict, src: Path, path: str, auth: b
     return target
 
 
+def start_python_worker(name: str, bindings: dict, src: Path, path: str, auth: bool) -> Target:
+    config = build_config(bindings=bindings, src=src, worker_logs=False)
+    return start_worker(name, config, path, auth)
+
+
 def start_js_worker(upstream: str) -> Target:
-    t0 = time.monotonic()
-    w = Gateway(js_worker_config(upstream)).start()
-    target = Target("bare-js", w.url, ECHO_PATH, False, w)
-    status = asyncio.run(one_request(target.post_url, "POST", SMALL_BODY.encode(), False))[0]
-    target.cold_start_s.append(time.monotonic() - t0)
-    if status != 200:
-        raise RuntimeError(f"bare-js: small POST answered {status}")
-    assert w.proc
-    target.workerd = find_workerd(w.proc.pid)
-    return target
+    return start_worker("bare-js", js_worker_config(upstream), ECHO_PATH, False)
 
 
 # ---- HTTP clients ---------------------------------------------------------------------------
