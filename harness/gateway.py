@@ -22,6 +22,7 @@ import tempfile
 import threading
 import time
 import tomllib
+import urllib.error
 import urllib.request
 import zipfile
 from collections.abc import Iterator, Mapping
@@ -181,16 +182,21 @@ class Gateway:
             self.stop()
             raise RuntimeError(f"gateway did not start:\n{tail}")
         self.url = ready[0]
-        self._wait_first_200(deadline)
+        self._wait_first_answer(deadline)
         return self
 
-    def _wait_first_200(self, deadline: float) -> None:
-        # `ready` means workerd listens; Pyodide may still be starting. Wait for a real answer.
+    def _wait_first_answer(self, deadline: float) -> None:
+        """`ready` means workerd listens; Pyodide may still be starting. Wait until the Worker
+        itself answers: a 200, or one of its own JSON errors (a test may break it on purpose)."""
         while time.monotonic() < deadline:
             try:
                 with urllib.request.urlopen(self.url + "/healthz", timeout=30) as r:
                     if r.status == 200:
                         return
+            except urllib.error.HTTPError as exc:
+                if b'"request_id"' in exc.read():
+                    return
+                time.sleep(0.1)
             except OSError:
                 time.sleep(0.1)
         raise RuntimeError("gateway never answered /healthz")

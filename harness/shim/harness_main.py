@@ -7,6 +7,7 @@ here and nowhere in `src/`:
   POST /__harness/scheduled  -> awaits Default.scheduled(controller, env, ctx) (cron stand-in)
   GET  /__harness/kv-stats   -> KV calls counted at the binding boundary (?reset=1 zeroes them),
                                 with the options of the last put (its expirationTtl)
+  HARNESS_FAULT=<binding>    -> reading that binding raises (tests the 500 path)
   POST /__harness/reset      -> forget the isolate's health memory and the KV record, so each
                                 test starts from a cold gateway without a 3 s restart
 """
@@ -54,6 +55,10 @@ class _Env:
         self._env = env
 
     def __getattr__(self, name):
+        # Fault injection for the test of the gateway's last-resort handler: the binding
+        # named by HARNESS_FAULT raises when read, as a broken runtime binding would.
+        if name == getattr(self._env, "HARNESS_FAULT", None):
+            raise RuntimeError(f"harness fault: reading binding {name}")
         value = getattr(self._env, name)
         if name == _COUNTED_BINDING:
             value = _CountingKV(value)

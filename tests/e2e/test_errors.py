@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import time
 from urllib.parse import urlsplit
 
 import httpx
@@ -238,3 +239,28 @@ def test_routes_var_overrides_roles_and_fallback(custom_routes, fleet):
         "chat": {"pair": [2, 5], "fallback": [8]},
         "embed": {"pair": [6], "fallback": [8]},
     }
+
+
+@pytest.fixture(scope="module")
+def faulty(fleet):
+    # The harness makes reading this binding raise, as a broken runtime binding would.
+    bindings = fleet_bindings(fleet, HARNESS_FAULT="GATEWAY_API_KEYS")
+    with Gateway(build_config(bindings=bindings)) as gw:
+        yield gw
+
+
+def test_unexpected_error_is_500_json_and_logged_server_side(faulty, fleet):
+    c = Client(faulty, fleet)
+    r = c.get("/api/heavy/code/v1/models", headers={"x-request-id": "boom-1"})
+    err = assert_error(r, 500, "internal_error")
+    assert err["request_id"] == "boom-1"
+    assert "harness fault" not in r.text and "Traceback" not in r.text
+    end = time.monotonic() + 5
+    while time.monotonic() < end:
+        recs = [x for x in faulty.log_records() if x.get("request_id") == "boom-1"]
+        if recs:
+            break
+        time.sleep(0.05)
+    assert recs and recs[0]["status"] == 500
+    assert "harness fault: reading binding GATEWAY_API_KEYS" in recs[0]["error"]
+    assert "Traceback" in recs[0]["error"]
