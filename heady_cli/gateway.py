@@ -50,12 +50,15 @@ def _error_message(body: str) -> str:
 
 
 def uncovered_roles(st: GatewayStatus) -> list[str]:
+    """Roles with no configured node the gateway would route to. Like the gateway, an
+    `unknown` node (not observed yet, e.g. right after a deploy) counts as available."""
     roles = list(st.routes) or list(ROLES)
-    up: set[str] = set()
+    available: set[str] = set()
     for n in st.nodes:
-        if n.get("state") == "up" and isinstance(n.get("roles"), list):
-            up.update(str(r) for r in n["roles"])
-    return [r for r in roles if r not in up]
+        usable = n.get("config", "configured") == "configured"
+        if usable and n.get("state") in ("up", "unknown") and isinstance(n.get("roles"), list):
+            available.update(str(r) for r in n["roles"])
+    return [r for r in roles if r not in available]
 
 
 def cell(value: Any) -> str:

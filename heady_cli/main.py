@@ -164,7 +164,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             routes.add_row(role, gateway.cell(r.get("pair")), gateway.cell(r.get("fallback")))
         console.print(routes)
     if missing:
-        console.print(f"[red]No node up for role(s): {', '.join(missing)}[/]")
+        console.print(f"[red]No available node for role(s): {', '.join(missing)}[/]")
     return EXIT_UNHEALTHY if missing else EXIT_OK
 
 

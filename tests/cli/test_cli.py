@@ -272,6 +272,20 @@ def test_status_exit_1_when_a_role_is_down(httpx_mock: HTTPXMock, tmp_path: Path
     assert json.loads(capsys.readouterr().out)["uncovered_roles"] == ["vision"]
 
 
+def test_status_counts_unknown_nodes_as_available(httpx_mock: HTTPXMock, capsys) -> None:
+    # Right after a deploy nothing has been observed: the gateway still routes to every
+    # configured node, so no role is uncovered; an unknown but invalid node does not count.
+    body = gateway_status()
+    for n in body["nodes"]:
+        n["state"] = "unknown"
+        if "batch" in n["roles"]:
+            n["config"] = "invalid"
+    body["routes"] = {}  # the default four roles
+    httpx_mock.add_response(url=f"{GATEWAY}/api/status", json=body)
+    assert main(["status", "--gateway", GATEWAY, "--key", "k", "--json"]) == 1
+    assert json.loads(capsys.readouterr().out)["uncovered_roles"] == ["batch"]
+
+
 @pytest.mark.parametrize(
     ("response", "message"),
     [
