@@ -66,7 +66,10 @@ def ensure_sdk() -> Path:
         for name in zf.namelist():
             if name.startswith("workers/") and name.endswith(".py"):
                 zf.extract(name, tmp)
-    tmp.rename(SDK_DIR) if not SDK_DIR.exists() else shutil.rmtree(tmp)
+    if SDK_DIR.exists():  # another process unpacked it meanwhile
+        shutil.rmtree(tmp)
+    else:
+        tmp.rename(SDK_DIR)
     return SDK_DIR / "workers"
 
 
@@ -129,12 +132,11 @@ def build_config(
 class Gateway:
     """A running gateway process. `start()` returns once it can serve; `stop()` always cleans up."""
 
-    def __init__(self, config: dict, log_path: Path | None = None) -> None:
+    def __init__(self, config: dict) -> None:
         self.config = config
         self.url = ""
         self.proc: subprocess.Popen | None = None
         self._cfg_file: Path | None = None
-        self.log_path = log_path
         self.lines: list[str] = []  # the Worker's log lines (stdout of workerd)
         self._reader: threading.Thread | None = None
 
@@ -167,11 +169,6 @@ class Gateway:
                 self.lines.append(line)
                 if len(self.lines) > 20000:
                     del self.lines[:10000]
-                if self.log_path is None and not event.is_set():
-                    pass
-                elif self.log_path is not None:
-                    with open(self.log_path, "a") as f:
-                        f.write(line + "\n")
             event.set()
 
         self._reader = threading.Thread(target=pump, daemon=True)

@@ -275,7 +275,8 @@ class Default(WorkerEntrypoint):
         )
 
     async def _read_body(self, js_req, headers, limit: int):
-        """Buffer the body once (in JS memory) so it can be replayed on the next node."""
+        """Buffer a body that is not streamed to the first node (no usable Content-Length):
+        read it once into JS memory, enforcing the limit, so every attempt can send it."""
         declared = headers.get("content-length")
         if declared is not None:
             if not declared.isdigit():
@@ -309,33 +310,19 @@ class Default(WorkerEntrypoint):
 
     async def _attempt(self, n, url, method, fwd, body, timeout_s):
         """One try: returns (response, ms) to relay, or the failed Attempt."""
-        controller = js.AbortController.new()
         started = time.time()
-        try:
-            resp = await asyncio.wait_for(
-                js.fetch(
-                    url,
-                    method=method,
-                    headers=fwd,
-                    body=body,
-                    redirect="manual",
-                    signal=controller.signal,
-                ),
-                timeout_s,
-            )
-        except TimeoutError:
-            controller.abort()
-            return self._failed(n, at.classify_error("timeout"), started, None)
-        except Exception as exc:  # workerd's network errors arrive as JsException
-            return self._failed(n, at.classify_error(at.error_kind(str(exc))), started, None)
+        resp, error = await _fetch_head(
+            url, timeout_s, method=method, headers=fwd, body=body, redirect="manual"
+        )
+        if error:
+            return self._failed(n, at.classify_error(error), started, None)
         h = resp.headers
         verdict = at.classify_response(
             int(resp.status), h.get("ngrok-error-code"), h.get("retry-after"), time.time()
         )
         ms = round((time.time() - started) * 1000, 1)
         if verdict.node_failed:
-            if resp.body is not None:
-                resp.body.cancel()  # free the connection; nothing of it goes to the client
+            _discard(resp)  # nothing of a failed answer goes to the client
             return self._failed(n, verdict, started, int(resp.status))
         return resp, ms
 
@@ -387,8 +374,7 @@ class Default(WorkerEntrypoint):
         kv = self._kv()
         now = time.time()
         try:
-            raw = await kv.get(hl.KV_KEY, cacheTtl=60) if kv is not None else None
-            records, written_at = hl.decode(None if raw is None else str(raw), now)
+            records, written_at = await _kv_snapshot(kv, now) if kv is not None else ({}, 0.0)
         except Exception as exc:  # KV trouble must not take routing down
             print(json.dumps({"msg": "kv_read_failed", "error": str(exc)[:200]}))
             records, written_at = {}, 0.0
@@ -409,8 +395,7 @@ class Default(WorkerEntrypoint):
                 view.dirty = False
                 return
             now = time.time()
-            raw = await kv.get(hl.KV_KEY, cacheTtl=60)
-            records, written_at = hl.decode(None if raw is None else str(raw), now)
+            records, written_at = await _kv_snapshot(kv, now)
             view.dirty = any(
                 not hl.covers(records.get(n), mine, config.health) for n, mine in view.nodes.items()
             )
@@ -492,7 +477,7 @@ class Default(WorkerEntrypoint):
                 view.dirty = True  # a changed load steers balancing elsewhere: worth sharing
             report.append({"node": n, "ok": ok, "reason": reason, "ms": ms, "load": load})
         wrote = False
-        if view.may_write(now, config.health):
+        if view.may_write(now, config.health) and not _ISO.flushing:
             _ISO.flushing = True
             await self._flush(config)
             wrote = not view.dirty
@@ -525,31 +510,49 @@ class Default(WorkerEntrypoint):
         return True, "ok", ms, load
 
     async def _probe_get(self, url, h, config):
-        controller = js.AbortController.new()
-        try:
-            resp = await asyncio.wait_for(
-                js.fetch(
-                    url,
-                    method="GET",
-                    headers=_js_obj(h),
-                    redirect="manual",
-                    signal=controller.signal,
-                ),
-                config.health.probe_timeout_s,
-            )
-        except TimeoutError:
-            controller.abort()
-            return None, "timeout"
-        except Exception as exc:
-            return None, at.error_kind(str(exc))
+        resp, error = await _fetch_head(
+            url,
+            config.health.probe_timeout_s,
+            method="GET",
+            headers=_js_obj(h),
+            redirect="manual",
+        )
+        if error:
+            return None, error
         verdict = at.classify_response(
             int(resp.status), resp.headers.get("ngrok-error-code"), None, time.time()
         )
         if verdict.node_failed or not 200 <= int(resp.status) < 300:
-            if resp.body is not None:
-                resp.body.cancel()
+            _discard(resp)
             return None, verdict.reason if verdict.node_failed else f"http_{resp.status}"
         return resp, None
+
+
+async def _kv_snapshot(kv, now: float):
+    """The fleet's health record as KV has it (60 s is the shortest edge cache allowed)."""
+    raw = await kv.get(hl.KV_KEY, cacheTtl=60)
+    return hl.decode(None if raw is None else str(raw), now)
+
+
+async def _fetch_head(url: str, timeout_s: float, **init):
+    """fetch() until the response head arrives: (response, None), or (None, "timeout" |
+    "refused" | "error"). The time-out covers the head only: the controller is aborted on a
+    time-out and never after, so a body that then streams for longer is not cut."""
+    controller = js.AbortController.new()
+    try:
+        resp = await asyncio.wait_for(js.fetch(url, signal=controller.signal, **init), timeout_s)
+    except TimeoutError:
+        controller.abort()
+        return None, "timeout"
+    except Exception as exc:  # workerd's network errors arrive as JsException
+        return None, at.error_kind(str(exc))
+    return resp, None
+
+
+def _discard(resp) -> None:
+    """Free the connection of an answer we will not relay."""
+    if resp.body is not None:
+        resp.body.cancel()
 
 
 def _env_str(env, key: str) -> str | None:
