@@ -264,7 +264,12 @@ class Default(WorkerEntrypoint):
         self._maybe_flush(config)
         now = time.time()
         ends = [view.get(n).until for n in plan.nodes if view.is_down(n, now)]
-        retry = max(1, math.ceil(min(ends) - now)) if ends else int(config.health.cooldown_base_s)
+        # Rounded first: (t + 120) - t is 120.00000000000001 in floats, which ceil makes 121.
+        retry = (
+            max(1, math.ceil(round(min(ends) - now, 3)))
+            if ends
+            else int(config.health.cooldown_base_s)
+        )
         return self._error(
             ex,
             503,
