@@ -18,6 +18,7 @@ from workers import Response, WorkerEntrypoint
 import attempt as at
 import health as hl
 import probe as pr
+import status_page
 from config import CONFIG_KEYS, GatewayConfig, load_config
 from errors import error_body
 from headers import (
@@ -170,6 +171,11 @@ class Default(WorkerEntrypoint):
             return denied or await self._status(config, ex)
         if path.startswith(HEAVY_PREFIX) or path == HEAVY_PREFIX.rstrip("/"):
             return await self._heavy(js_req, method, path, query, headers, config, ex)
+        page = status_page.serve(method, path, headers.get("if-none-match"))
+        if page is not None:
+            return Response(
+                js.Response.new(page.body, status=page.status, headers=_js_obj(page.headers))
+            )
         return self._error(
             ex, 404, "no such endpoint; use /api/heavy/<role>/..., /api/status or /healthz"
         )
