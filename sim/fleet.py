@@ -18,19 +18,26 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import os
 import re
+import selectors
 import signal
+import subprocess
 import sys
 import threading
-from collections.abc import Coroutine
+import urllib.error
+import urllib.request
+from collections.abc import Coroutine, Sequence
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
 from sim.node import Node, RecordedRequest, parse_mode
 from sim.server import HTTPServer, Request, Response
 
-__all__ = ["Fleet", "main"]
+__all__ = ["Fleet", "FleetProcess", "FleetProcessError", "main"]
 
 T = TypeVar("T")
 _JSON = ("content-type", "application/json")
@@ -276,6 +283,163 @@ def _cancel_all(loop: asyncio.AbstractEventLoop) -> None:
     if tasks:
         loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
     loop.run_until_complete(loop.shutdown_asyncgens())
+
+
+class FleetProcessError(RuntimeError):
+    """The fleet process did not start, or its control API refused a change."""
+
+
+class FleetProcess:
+    """``python -m sim.fleet`` in its own process (its own core and GIL), driven over its
+    control API: what ``make dev`` and the benchmarks use, and any test that wants the fleet
+    out of its own interpreter. ::
+
+        with FleetProcess(api_key="tok") as fleet:
+            fleet.set(3, "refuse"); fleet.url(3); fleet.reset()
+
+    The child exits when its stdin closes, so it never outlives the parent even on SIGKILL;
+    ``stop()`` closes stdin, waits, then kills on time-out (always, idempotently).
+    """
+
+    def __init__(
+        self,
+        count: int = 8,
+        *,
+        api_key: str | None = None,
+        host: str = "127.0.0.1",
+        base_port: int = 0,
+        args: Sequence[str] = (),
+        start_timeout: float = 30.0,
+        cwd: str | os.PathLike[str] | None = None,
+        stderr: int | None = None,
+    ) -> None:
+        self._argv = [sys.executable, "-m", "sim.fleet", "--exit-on-stdin-eof"]
+        self._argv += ["--control-port", "0", "--count", str(count), "--host", host]
+        self._argv += ["--base-port", str(base_port)]
+        if api_key is not None:
+            self._argv += ["--api-key", api_key]
+        self._argv += list(args)
+        self._start_timeout = start_timeout
+        self._cwd = Path(cwd) if cwd is not None else Path(__file__).resolve().parents[1]
+        self._stderr = stderr
+        self.proc: subprocess.Popen[str] | None = None
+        self.urls: dict[int, str] = {}
+        self.control_url = ""
+
+    def start(self) -> Self:
+        if self.proc is not None:
+            return self
+        env = dict(os.environ)
+        # The child imports `sim` from this checkout whatever the caller's cwd or venv.
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(self._cwd), env.get("PYTHONPATH", "")) if p
+        )
+        self.proc = subprocess.Popen(
+            self._argv,
+            cwd=self._cwd,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            text=True,
+        )
+        try:
+            info = json.loads(self._ready_line())
+            self.urls = {int(n): url for n, url in info["nodes"].items()}
+            self.control_url = info["control"]
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _ready_line(self) -> str:
+        proc = self.proc
+        assert proc is not None and proc.stdout is not None
+        with selectors.DefaultSelector() as sel:
+            sel.register(proc.stdout, selectors.EVENT_READ)
+            if not sel.select(self._start_timeout):
+                raise FleetProcessError(f"sim.fleet printed nothing in {self._start_timeout} s")
+        line = proc.stdout.readline()
+        if not line:
+            raise FleetProcessError(f"sim.fleet exited before listening (code {proc.wait(5)})")
+        return line
+
+    def stop(self, timeout: float = 10.0) -> None:
+        proc = self.proc
+        if proc is None:
+            return
+        try:
+            if proc.poll() is None:
+                with contextlib.suppress(OSError):
+                    assert proc.stdin is not None
+                    proc.stdin.close()
+                try:
+                    proc.wait(timeout=timeout)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(timeout=timeout)
+        finally:
+            for pipe in (proc.stdin, proc.stdout):
+                if pipe is not None:
+                    with contextlib.suppress(OSError):
+                        pipe.close()
+            self.proc = None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- the control API ------------------------------------------------------------------
+    @property
+    def nodes(self) -> dict[int, str]:
+        """Alias of ``urls`` (node number -> base URL)."""
+        return self.urls
+
+    def url(self, n: int) -> str:
+        try:
+            return self.urls[n]
+        except KeyError:
+            raise ValueError(f"no node {n!r}; nodes are {sorted(self.urls)}") from None
+
+    def set(self, n: int, mode: str, /, **params: Any) -> dict[str, Any]:
+        """Switch node ``n`` to ``mode`` (``sim.node.MODES``); returns the node's state."""
+        self.url(n)
+        return self._call("POST", f"/nodes/{n}", {"mode": mode, **params})
+
+    def set_all(self, mode: str, /, **params: Any) -> None:
+        for n in self.urls:
+            self.set(n, mode, **params)
+
+    def set_load(self, n: int, load: int) -> dict[str, Any]:
+        self.url(n)
+        return self._call("POST", f"/nodes/{n}", {"load": load})
+
+    def reset(self) -> dict[str, Any]:
+        """Every node healthy, load 0, request logs cleared."""
+        return self._call("POST", "/reset", {})
+
+    def state(self) -> dict[str, Any]:
+        return self._call("GET", "/nodes")
+
+    def requests(self, n: int) -> list[dict[str, Any]]:
+        """What reached node ``n`` (``RecordedRequest.to_dict()`` each), oldest first."""
+        self.url(n)
+        return self._call("GET", f"/nodes/{n}/requests")
+
+    def _call(self, method: str, path: str, body: Any = None) -> Any:
+        if self.proc is None:
+            raise FleetProcessError("fleet process is not running; call start() first")
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.control_url + path, data=data, method=method)
+        req.add_header("content-type", "application/json")
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            detail = e.read().decode("utf-8", "replace")
+            raise FleetProcessError(f"{method} {path}: HTTP {e.code}: {detail}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
