@@ -1,0 +1,61 @@
+"""A node's load from vLLM's Prometheus `/metrics` text (or a JSON health answer).
+
+vLLM exports `vllm:num_requests_waiting` / `vllm:num_requests_running` gauges, one sample per
+model label set (vllm/v1/metrics/loggers.py); the queue depth is their sum.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+# name, optional {labels} (may contain spaces inside quotes), value, optional timestamp
+_SAMPLE = re.compile(r"^([A-Za-z_:][A-Za-z0-9_:]*)(?:\{.*\})?\s+(\S+)(?:\s+\S+)?$")
+WAITING = "vllm:num_requests_waiting"
+RUNNING = "vllm:num_requests_running"
+# Keys a non-vLLM JSON health answer may carry its queue depth under.
+QUEUE_KEYS = ("queue_depth", "queue", "num_requests_waiting", "waiting", "pending")
+MAX_LOAD = 10**9  # beyond any real queue; keeps the number an exact, small int
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Metric name -> value summed over label sets; unparseable and non-finite samples dropped."""
+    totals: dict[str, float] = {}
+    for line in text.splitlines():
+        m = _SAMPLE.match(line.strip())
+        if not m:
+            continue
+        try:
+            value = float(m.group(2))
+        except ValueError:
+            continue
+        if math.isfinite(value):
+            totals[m.group(1)] = totals.get(m.group(1), 0.0) + value
+    return totals
+
+
+def gauge(metrics: dict[str, float], name: str) -> int | None:
+    """A count-like metric as a non-negative int, or None if absent or absurd."""
+    value = metrics.get(name)
+    if value is None or not 0 <= value <= MAX_LOAD:
+        return None
+    return int(value)
+
+
+def queue_depth(body: str, content_type: str | None) -> int | None:
+    """Queue depth from Prometheus text or a JSON object; None if the answer carries none."""
+    if not body:
+        return None
+    if (content_type and "json" in content_type) or body.lstrip().startswith("{"):
+        try:
+            data = json.loads(body)
+        except (ValueError, RecursionError):
+            return None
+        if isinstance(data, dict):
+            for key in QUEUE_KEYS:
+                value = data.get(key)
+                if isinstance(value, int | float) and not isinstance(value, bool):
+                    return int(value) if 0 <= value <= MAX_LOAD else None
+        return None
+    return gauge(parse_metrics(body), WAITING)
