@@ -91,11 +91,14 @@ def parse_dev_vars(text: str) -> dict[str, str]:
 
 
 def _python_modules(main: Path, extra_dirs: Iterator[tuple[Path, str]]) -> list[dict[str, str]]:
+    """Every .py below each directory (packages such as src/heady_shared/ included), as
+    wrangler bundles them; the main module first."""
     modules = [{"name": "harness_main.py", "file": str(main)}]
     for directory, prefix in extra_dirs:
-        for path in sorted(directory.glob("*.py")):
-            if path != main:
-                modules.append({"name": prefix + path.name, "file": str(path)})
+        for path in sorted(directory.rglob("*.py")):
+            if path != main and "__pycache__" not in path.parts:
+                name = prefix + path.relative_to(directory).as_posix()
+                modules.append({"name": name, "file": str(path)})
     return modules
 
 

@@ -1,37 +1,49 @@
-"""What one attempt at one node means: pass the answer through, or move to the next node.
+"""One try at one node, as plain data: what happened and what it means for the request.
 
-Pure: the shell reduces a fetch outcome to plain data (status, a few header values, or an
-error kind) and asks `classify`.
+Pure: the shell reduces a fetch outcome to a `Head` (status + the few header values the
+failure rules read) or a no-response kind, and `judge` decides.
 """
 
 from __future__ import annotations
 
 import email.utils
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-Outcome = Literal["pass", "failover"]
+from heady_shared.failures import connection_error_kind, match
 
-# 502/503/504 are the node (or its tunnel) failing, not the model server's answer.
-RETRY_STATUSES = frozenset({502, 503, 504})
-# Cloudflare's own origin errors: 520 unknown origin error, 521 down, 522/524 time-outs,
-# 523 unreachable, 525/526 origin TLS failures, 530 tunnel
-# gone (error 1033). None of them come from the model server.
-CLOUDFLARE_TUNNEL_STATUSES = frozenset({520, 521, 522, 523, 524, 525, 526, 530})
+# pass: relayed to the client; failover: the node failed, try the next one; cut: the node's
+# body broke after its head was relayed; gone: the client left, nobody is retried.
+Outcome = Literal["pass", "failover", "cut", "gone"]
+NoResponse = Literal["timeout", "refused", "error"]
 MAX_RETRY_AFTER_S = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
+class Head:
+    """A node's response head as the decision needs it."""
+
+    status: int
+    fields: Mapping[str, str | None]  # heady_shared.failures.HEAD_FIELDS -> value
+
+
+@dataclass(frozen=True, slots=True)
 class Attempt:
-    """The record of one try, as logged and as returned when everything fails (no URLs)."""
+    """The one record of a try: logged, counted in health, returned when all fail (no URLs)."""
 
     node: int
     outcome: Outcome
-    reason: str  # "ok", "refused", "timeout", "busy", "http_503", "tunnel_offline", ...
+    reason: str  # "ok", "refused", "timeout", "busy", "tunnel_offline", "client_gone", ...
     status: int | None = None
     ms: float | None = None
     retry_after_s: float | None = None
+
+    @property
+    def node_failed(self) -> bool:
+        """Does this count against the node's health?"""
+        return self.outcome in ("failover", "cut")
 
     def public(self) -> dict[str, object]:
         out: dict[str, object] = {"node": self.node, "reason": self.reason}
@@ -39,50 +51,33 @@ class Attempt:
             out["status"] = self.status
         return out
 
-
-@dataclass(frozen=True, slots=True)
-class Verdict:
-    outcome: Outcome
-    reason: str
-    retry_after_s: float | None = None
-
-    @property
-    def node_failed(self) -> bool:
-        return self.outcome == "failover"
+    def log(self) -> dict[str, object]:
+        return {
+            "node": self.node,
+            "outcome": self.outcome,
+            "reason": self.reason,
+            "status": self.status,
+            "ms": self.ms,
+        }
 
 
-def classify_response(
-    status: int,
-    ngrok_error_code: str | None,
-    retry_after: str | None,
-    now: float,
-) -> Verdict:
-    """Classify a node's response head. Anything not listed passes through unchanged: a 400,
-    401, 404, 422 or 500 is the model server's own answer and the client should see it."""
-    if ngrok_error_code:
-        return Verdict("failover", "tunnel_offline")
-    if status in CLOUDFLARE_TUNNEL_STATUSES:
-        return Verdict("failover", "tunnel_down")
-    if status == 429:
-        return Verdict("failover", "busy", parse_retry_after(retry_after, now))
-    if status in RETRY_STATUSES:
-        reason = "busy" if status == 503 else f"http_{status}"
-        return Verdict("failover", reason, parse_retry_after(retry_after, now))
-    return Verdict("pass", "ok")
+def judge(node: int, head: Head, ms: float, now: float) -> Attempt:
+    """A response head: the node failing (a failure rule matched) or the model server's own
+    answer, which passes through whatever its status (400, 401, 404, 422, 500 included)."""
+    rule = match(head.status, head.fields)
+    if rule is None:
+        return Attempt(node, "pass", "ok", head.status, ms)
+    retry = parse_retry_after(head.fields.get("retry-after"), now) if rule.retry_after else None
+    return Attempt(node, "failover", rule.reason, head.status, ms, retry)
 
 
-def classify_error(kind: Literal["timeout", "refused", "error"]) -> Verdict:
-    """A fetch that produced no response at all always moves on to the next node."""
-    return Verdict("failover", kind)
+def no_response(node: int, kind: NoResponse, ms: float) -> Attempt:
+    """A fetch that produced no response head always moves on to the next node."""
+    return Attempt(node, "failover", kind, None, ms)
 
 
-def error_kind(message: str) -> Literal["refused", "error"]:
-    """workerd reports a refused or reset connection as 'Network connection lost' and DNS or
-    TLS trouble with other texts; all are node failures, refused ones named as such."""
-    lowered = message.lower()
-    if "connection lost" in lowered or "refused" in lowered or "connect" in lowered:
-        return "refused"
-    return "error"
+def error_kind(message: str) -> NoResponse:
+    return "refused" if connection_error_kind(message) == "refused" else "error"
 
 
 def parse_retry_after(value: str | None, now: float) -> float | None:
@@ -105,12 +100,3 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
     if not math.isfinite(seconds):
         return None
     return min(max(seconds, 1.0), MAX_RETRY_AFTER_S)
-
-
-def next_step(
-    attempts_made: int, plan_length: int, elapsed_s: float, deadline_s: float
-) -> Literal["try", "stop"]:
-    """After a failed attempt: go on while nodes remain and the deadline has room."""
-    if attempts_made >= plan_length or elapsed_s >= deadline_s:
-        return "stop"
-    return "try"

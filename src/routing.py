@@ -8,7 +8,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from config import GatewayConfig, Pool
+from config import GatewayConfig
+from heady_shared.routes import Pool
 from health import HealthView
 
 HEAVY_PREFIX = "/api/heavy/"
@@ -42,8 +43,18 @@ def split_url(url: str) -> tuple[str, str]:
     return path, query
 
 
-def parse_route(method: str, path: str, query: str, roles: tuple[str, ...]) -> Route | RouteError:
-    """Validate a /api/heavy/<role>/<rest> request. `path` is the runtime's normalised path."""
+def parse_route(
+    method: str,
+    path: str,
+    query: str,
+    roles: tuple[str, ...],
+    upstream_paths: tuple[str, ...] = ("/v1/",),
+) -> Route | RouteError:
+    """Validate a /api/heavy/<role>/<rest> request. `path` is the runtime's normalised path.
+
+    Only the API goes through: a node also serves /invocations, /pause, /tokenize and more,
+    several of them open even with vLLM's --api-key (it guards only paths under /v1; vLLM
+    docs/usage/security.md), so anything outside `upstream_paths` never reaches a node."""
     if method not in ALLOWED_METHODS:
         return RouteError(405, "method_not_allowed", f"method {method[:16]!r} is not supported")
     if len(path) > MAX_PATH_BYTES or len(query) > MAX_QUERY_BYTES:
@@ -57,7 +68,22 @@ def parse_route(method: str, path: str, query: str, roles: tuple[str, ...]) -> R
     problem = _path_problem(rest) or _query_problem(query)
     if problem:
         return RouteError(400, "bad_path", problem)
+    if not path_allowed(rest, upstream_paths):
+        allowed = ", ".join(upstream_paths)
+        return RouteError(404, "not_forwarded", f"only these node paths are served here: {allowed}")
     return Route(role, rest, query)
+
+
+def path_allowed(rest: str, upstream_paths: tuple[str, ...]) -> bool:
+    """A prefix ending in '/' allows everything below it (and itself without the slash);
+    any other entry allows exactly that path. Compared case-sensitively, as vLLM routes."""
+    for allowed in upstream_paths:
+        if allowed.endswith("/"):
+            if rest.startswith(allowed) or rest == allowed[:-1]:
+                return True
+        elif rest == allowed:
+            return True
+    return False
 
 
 def _path_problem(rest: str) -> str | None:
@@ -91,7 +117,6 @@ class Plan:
     role: str
     nodes: tuple[int, ...]  # in the order to try; bounded by max_attempts
     pair: tuple[int, ...]  # the role's own nodes: anything else tried is a fallback
-    last_resort: bool  # every candidate was marked down: trying them anyway
 
     def is_fallback(self, node: int) -> bool:
         return node not in self.pair
@@ -121,7 +146,7 @@ def make_plan(
     available = [n for n in order if not view.is_down(n, now)]
     down = [n for n in order if view.is_down(n, now)]
     nodes = tuple((available + down)[: config.max_attempts])
-    return Plan(pool.role, nodes, tuple(pool.pair), last_resort=not available and bool(down))
+    return Plan(pool.role, nodes, tuple(pool.pair))
 
 
 def _balance(pair: list[int], view: HealthView, now: float, turn: int) -> list[int]:

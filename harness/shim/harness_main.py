@@ -99,9 +99,7 @@ async def on_fetch(request, env, ctx):
         import entry
         import health
 
-        entry._ISO.view = health.HealthView()
-        entry._ISO.turn = 0
-        entry._ISO.flushing = entry._ISO.refreshing = False
+        entry.reset_isolate()
         await env.HEALTH_KV.delete(health.KV_KEY)
         for key in _COUNTS:
             _COUNTS[key] = 0

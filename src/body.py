@@ -1,0 +1,140 @@
+"""The client's request body and query, judged before anything reaches a node. Pure.
+
+- `content_length`: the declared length per RFC 9110 §8.6 (`Content-Length = 1*DIGIT`), told
+  apart as absent, valid, invalid (400) or too large (413).
+- `read_fault` / `replay_fault`: a body that could not be read, or arrived shorter than it
+  said, is the client's fault; the shell answers 400 `bad_request_body` (or nothing, if the
+  client is gone) and never marks a node down or replays it elsewhere.
+- `strip_key_params`: query parameters whose value is a client key never go to a node.
+
+What the Workers runtime reports for each client fault is measured in docs/client-faults.md.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+from urllib.parse import unquote, unquote_plus
+
+BAD_BODY = "bad_request_body"
+TOO_LARGE = "payload_too_large"
+
+# Why a body is the client's fault (for the log; the client always sees bad_request_body).
+Fault = Literal["truncated", "malformed", "client_gone", "unreadable"]
+
+
+@dataclass(frozen=True, slots=True)
+class BodyError:
+    """An answer to give the client instead of forwarding its request."""
+
+    status: int  # 400 or 413
+    type: str  # BAD_BODY or TOO_LARGE
+    message: str
+
+
+def content_length(raw: str | None, limit: int) -> int | None | BodyError:
+    """The declared body length: None when absent, else an int in 0..limit, else an error.
+
+    Only `1*DIGIT` is valid: a sign (`-1`, `+21`), blanks inside, a list (`1,1`, the way
+    duplicated fields arrive once joined), hex or non-ASCII digits are 400, never 413. Leading
+    and trailing blanks are field whitespace (RFC 9110 §5.5) and are ignored.
+    """
+    if raw is None:
+        return None
+    text = raw.strip(" \t")
+    if not text or not (text.isascii() and text.isdigit()):
+        # str.isdigit() alone accepts "²" or "١"; isascii() keeps it to 0-9.
+        return BodyError(400, BAD_BODY, "invalid Content-Length: must be digits only")
+    digits = text.lstrip("0") or "0"
+    # Compared by length before int(): a 5,000-digit value must not reach int(), which
+    # refuses more than 4,300 digits (sys.int_info.str_digits_check_threshold).
+    if len(digits) > len(str(limit)) or int(digits) > limit:
+        return BodyError(413, TOO_LARGE, f"request body exceeds the {limit} byte limit")
+    return int(digits)
+
+
+# Texts the runtime gives (as the JsException's str) when reading the client's body fails;
+# measured on workerd 1.20241106.2 and read in workerd's source, see docs/client-faults.md.
+_FAULT_TEXTS: tuple[tuple[str, Fault], ...] = (
+    # The client closed (or half-closed) before sending all it declared, or mid-chunk.
+    ("network connection lost", "truncated"),
+    # kj's "invalid HTTP chunk size" (bad hex, chunk extensions) surfaces as this.
+    ("internal error", "malformed"),
+    ("because client disconnected", "client_gone"),
+)
+# Texts that mean the gateway misused the stream: its own bug, never the client's.
+_OWN_TEXTS = (
+    "after response has been sent",
+    "after responding with an exception",
+    "disturbed",
+    "locked",
+)
+
+
+def read_fault(message: str) -> Fault | None:
+    """A failure while reading the client's body (the exception's text): whose fault?
+
+    Returns why it is the client's, or None for the gateway's own misuse of the stream (which
+    stays a logged internal error). Call it only for errors raised by reading the *request*
+    body: the same "Network connection lost." also means a refused node on a fetch, which is
+    why a fetch error alone never decides (see `replay_fault`).
+    """
+    lowered = message.lower()
+    if any(text in lowered for text in _OWN_TEXTS):
+        return None
+    for text, fault in _FAULT_TEXTS:
+        if text in lowered:
+            return fault
+    return "unreadable"
+
+
+def replay_fault(declared: int | None, received: int) -> Fault | None:
+    """Did the buffered copy of a streamed body arrive whole? The runtime's tee'd copy of a
+    body cut short by the client reads back as the bytes that came (no error), so the length
+    is the only witness: fewer than declared means the client's upload was truncated."""
+    if declared is not None and received != declared:
+        return "truncated"
+    return None
+
+
+def body_error(fault: Fault) -> BodyError:
+    """The client's answer for a body fault (if it is still there to read it)."""
+    text = {
+        "truncated": "request body ended before its declared length",
+        "malformed": "request body framing is invalid (chunked encoding)",
+        "client_gone": "client disconnected while sending the request body",
+        "unreadable": "request body could not be read",
+    }[fault]
+    return BodyError(400, BAD_BODY, text)
+
+
+def strip_key_params(query: str, keys: Sequence[str]) -> str:
+    """The query without any parameter whose value (or bare text) is a client key.
+
+    `query` is the raw string after "?" (no "#"). Other parameters keep their exact bytes and
+    order. A value is compared percent-decoded, both as-is and with "+" as a space, against
+    every key in constant time (no early exit), so timing says nothing about the keys.
+    """
+    if not query or not keys:
+        return query
+    encoded = [k.encode() for k in keys if k]
+    kept = []
+    for part in query.split("&"):
+        _, sep, value = part.partition("=")
+        candidate = value if sep else part  # "?KEY" alone counts too
+        if candidate and _is_key(candidate, encoded):
+            continue
+        kept.append(part)
+    return "&".join(kept)
+
+
+def _is_key(raw_value: str, keys: list[bytes]) -> bool:
+    candidates = {raw_value, unquote(raw_value), unquote_plus(raw_value)}
+    found = False
+    for candidate in candidates:
+        supplied = candidate.encode("utf-8", "surrogateescape")
+        for key in keys:
+            found |= hmac.compare_digest(supplied, key)
+    return found

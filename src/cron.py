@@ -1,0 +1,142 @@
+"""The scheduled health check: probe the nodes that need it, fold the answers into health.
+
+Pure logic over a `Prober` (the shell's GET with a head time-out). Budget: ngrok's free plan
+allows 20,000 requests a month per account and every probe counts, so healthy nodes are
+probed sparsely (docs/budgets.md has the arithmetic).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import health as hl
+from attempt import Head
+from config import GatewayConfig
+from heady_shared.failures import match
+from heady_shared.metrics import queue_depth
+
+UNKNOWN_PERIOD_S = 86400.0
+
+
+class Prober(Protocol):
+    async def get(self, node: int, path: str, timeout_s: float) -> tuple[Head, str] | str:
+        """(head, body text) of a GET to the node, or a no-response kind."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeResult:
+    node: int
+    ok: bool
+    reason: str
+    ms: float | None = None
+    load: int | None = None
+
+    def log(self) -> dict[str, object]:
+        return {
+            "node": self.node,
+            "ok": self.ok,
+            "reason": self.reason,
+            "ms": self.ms,
+            "load": self.load,
+        }
+
+
+def cron_period_s(cron: str | None) -> float:
+    """Seconds between cron runs for '* * * * *', '*/N * * * *' and 'M * * * *' (hourly).
+
+    Any other form counts as a day: overestimating the period only means healthy nodes are
+    probed on every run (more probes), while underestimating it could skip their slot forever.
+    """
+    fields = (cron or "").split()
+    if len(fields) != 5 or any(f != "*" for f in fields[1:]):
+        return UNKNOWN_PERIOD_S
+    minute = fields[0]
+    if minute == "*":
+        return 60.0
+    if minute.startswith("*/") and minute[2:].isdigit() and 0 < int(minute[2:]) <= 60:
+        return 60.0 * int(minute[2:])
+    if minute.isdigit() and int(minute) < 60:
+        return 3600.0
+    return UNKNOWN_PERIOD_S
+
+
+def nodes_to_probe(
+    config: GatewayConfig, view: hl.HealthView, scheduled_s: float, period_s: float
+) -> list[int]:
+    """Down or unknown nodes every run; healthy ones once per `probe_up_every_s`, chosen by
+    the scheduled time alone so the decision needs no stored state."""
+    every = config.health.probe_up_every_s
+    due_up = int(scheduled_s // every) != int((scheduled_s - period_s) // every)
+    chosen = []
+    for node in config.nodes:
+        if not node.usable:
+            continue
+        state = view.effective_state(node.number, scheduled_s)
+        if state != "up" or due_up:
+            chosen.append(node.number)
+    return chosen
+
+
+async def probe(
+    config: GatewayConfig, prober: Prober, node: int, clock: Callable[[], float]
+) -> ProbeResult:
+    """GET the health path; a 2xx is up. The load comes from its body when it carries one,
+    else from the metrics path (vLLM's /health has an empty body)."""
+    policy = config.health
+    started = clock()
+    got = await prober.get(node, policy.probe_path, policy.probe_timeout_s)
+    ms = round(max(0.0, clock() - started) * 1000, 1)
+    failure = _failure(got)
+    if failure:
+        return ProbeResult(node, False, failure)
+    head, text = got  # type: ignore[misc]
+    load = queue_depth(text, head.fields.get("content-type"))
+    if load is None and policy.metrics_path:
+        metrics = await prober.get(node, policy.metrics_path, policy.probe_timeout_s)
+        if not _failure(metrics):
+            mhead, mtext = metrics  # type: ignore[misc]
+            load = queue_depth(mtext, mhead.fields.get("content-type"))
+    return ProbeResult(node, True, "ok", ms, load)
+
+
+def _failure(got: tuple[Head, str] | str) -> str | None:
+    if isinstance(got, str):
+        return got
+    head = got[0]
+    rule = match(head.status, head.fields)
+    if rule:
+        return rule.reason
+    return None if 200 <= head.status < 300 else f"http_{head.status}"
+
+
+def fold(view: hl.HealthView, results: list[ProbeResult], now: float, config: GatewayConfig):
+    """Apply probe results to the view (transitions mark it dirty for the KV write)."""
+    for r in results:
+        old = view.get(r.node)
+        new = (
+            hl.on_success(old, now, r.ms)
+            if r.ok
+            else hl.on_failure(old, now, r.reason, config.health)
+        )
+        new = hl.with_probe(new, now, r.load, r.ms)
+        if not view.apply(r.node, new) and r.load is not None and r.load != old.load:
+            view.dirty = True  # a changed load steers balancing elsewhere: worth sharing
+
+
+async def probe_all(
+    config: GatewayConfig,
+    view: hl.HealthView,
+    prober: Prober,
+    scheduled_s: float,
+    cron: str | None,
+    clock: Callable[[], float],
+) -> list[ProbeResult]:
+    """One cron run's probes, all in parallel, folded into the view."""
+    targets = nodes_to_probe(config, view, scheduled_s, cron_period_s(cron))
+    results = list(await asyncio.gather(*(probe(config, prober, n, clock) for n in targets)))
+    fold(view, results, clock(), config)
+    return results
