@@ -34,7 +34,7 @@ class BodyError:
     message: str
 
 
-def content_length(raw: str | None, limit: int) -> int | None | BodyError:
+def content_length(raw: str | None, limit: int) -> int | BodyError | None:
     """The declared body length: None when absent, else an int in 0..limit, else an error.
 
     Only `1*DIGIT` is valid: a sign (`-1`, `+21`), blanks inside, a list (`1,1`, the way
@@ -45,7 +45,7 @@ def content_length(raw: str | None, limit: int) -> int | None | BodyError:
         return None
     text = raw.strip(" \t")
     if not text or not (text.isascii() and text.isdigit()):
-        # str.isdigit() alone accepts "²" or "١"; isascii() keeps it to 0-9.
+        # str.isdigit() alone accepts "²" or Arabic-Indic digits; isascii() keeps it to 0-9.
         return BodyError(400, BAD_BODY, "invalid Content-Length: must be digits only")
     digits = text.lstrip("0") or "0"
     # Compared by length before int(): a 5,000-digit value must not reach int(), which
