@@ -50,6 +50,7 @@ font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,"Noto Sans",sans-serif}
 padding:.9rem clamp(1rem,3vw,2rem);background:var(--card);border-bottom:1px solid var(--line)}
 h1{font-size:1.2rem;margin:0;white-space:nowrap}
 #summary{margin:0;font-weight:600;flex:1 1 16rem}
+#summary[data-ok=false]{color:var(--down)}
 .meta{margin:0;color:var(--muted);font-size:.85rem;display:flex;flex-wrap:wrap;gap:.25rem .9rem;
 align-items:center;font-variant-numeric:tabular-nums}
 button{font:inherit;color:inherit;background:var(--bg);border:1px solid var(--line);
@@ -87,7 +88,7 @@ border-left:.45rem solid var(--c);border-radius:.5rem;padding:.6rem .8rem .7rem;
 .tile[data-state=down]{--c:var(--down);--t:var(--down-bg)}
 .tile[data-state=invalid]{--c:var(--invalid);--t:var(--invalid-bg)}
 .tile[data-state=unconfigured]{--c:var(--unconfigured);--t:var(--unconfigured-bg);
-border-style:dashed;border-left-style:dashed}
+border-style:dashed;border-left-style:solid}
 .tile h3{display:flex;justify-content:space-between;align-items:center;gap:.5rem;margin:0;
 font-size:1rem}
 .badge{display:inline-flex;align-items:center;gap:.3rem;border-radius:99px;padding:.05rem .6rem;
@@ -198,10 +199,10 @@ function tile(n) {
     if (st === "unknown" && !n.since && !n.checked_at) add("state", "not observed yet", "note");
     add("since", n.since && when(n.since), "since");
     add("cooldown until", n.until && when(n.until), "until");
-    add("latency", n.latency_ms === null || n.latency_ms === undefined ? null
-      : Math.round(n.latency_ms) + " ms", "latency");
+    add(st === "up" ? "latency" : "last latency", n.latency_ms === null ||
+      n.latency_ms === undefined ? null : Math.round(n.latency_ms) + " ms", "latency");
     add("queue", n.load === null || n.load === undefined ? null : n.load + " waiting", "load");
-    add("failures", String(n.failures || 0), "failures");
+    if (n.failures) add("failures", String(n.failures), "failures");
     add("probed", n.checked_at && when(n.checked_at), "checked");
   }
   const label = "Node " + n.node + ": " + st +
@@ -225,7 +226,7 @@ function roleSection(name, route, byNum) {
     const n = byNum.get(k), st = n ? shown(n) : "unknown";
     return el("li", {}, el("span", {class: "chip"}, "node " + k), " (" + st + ")");
   });
-  return el("section", {class: "role", "data-role": name, "data-covered": covered,
+  return el("section", {class: "role", "data-role": name, "data-covered": String(covered),
     "aria-label": "role " + name},
     el("h2", {}, name, el("span", {class: "cover", text: cover})),
     el("ul", {class: "tiles"}, ...pair.map(tile)),
