@@ -9,31 +9,15 @@ Workers runtime with COLAB_ENDPOINT_1..8 pointing at the fleet. Everything stops
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import secrets
-import subprocess
 import sys
 
 from harness.gateway import ROOT, Gateway, build_config, parse_dev_vars, serve_until_signal
+from heady_shared.routes import endpoint_key
+from sim.fleet import FleetProcess
 
 DEV_KEY = "dev-key"
-
-
-def start_fleet(node_token: str) -> tuple[subprocess.Popen, dict]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sim.fleet", "--api-key", node_token, "--exit-on-stdin-eof"],
-        cwd=ROOT,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout
-    line = proc.stdout.readline()
-    if not line:
-        proc.kill()
-        raise SystemExit("the simulated fleet did not start")
-    return proc, json.loads(line)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,12 +32,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     node_token = secrets.token_hex(16)
-    fleet, info = start_fleet(node_token)
+    fleet = FleetProcess(api_key=node_token).start()
     # Local settings from .dev.vars (timeouts, CORS, ROUTES...) apply, but the endpoints,
     # token and key are the simulated cluster's.
     dev_vars = ROOT / ".dev.vars"
     bindings = parse_dev_vars(dev_vars.read_text()) if dev_vars.exists() else {}
-    bindings.update({f"COLAB_ENDPOINT_{n}": url for n, url in info["nodes"].items()})
+    bindings.update({endpoint_key(n): url for n, url in fleet.urls.items()})
     bindings.update({"NODE_TOKEN": node_token, "GATEWAY_API_KEYS": DEV_KEY})
     bindings.setdefault("ATTEMPT_TIMEOUT_S", "10")
     cfg = build_config(bindings=bindings, port=args.port)
@@ -61,11 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         gw.start()
     except BaseException:
-        fleet.kill()
+        fleet.stop()
         raise
 
     url = gw.url
-    control = info["control"]
+    control = fleet.control_url
     print(
         f"""
 Heady gateway (offline Workers runtime) in front of a simulated 8-node cluster.
@@ -75,7 +59,7 @@ Heady gateway (offline Workers runtime) in front of a simulated 8-node cluster.
 Try it:
   curl -s {url}/api/heavy/reasoning/v1/chat/completions -H 'authorization: Bearer {DEV_KEY}' \\
        -H 'content-type: application/json' \\
-       -d '{{"model":"sim-model","messages":[{{"role":"user","content":"hi"}}]}}'
+       -d '{{"model":"reasoning","messages":[{{"role":"user","content":"hi"}}]}}'
   curl -s {url}/api/status -H 'authorization: Bearer {DEV_KEY}'
 Break a node and watch the failover (x-heady-node / x-heady-attempts headers):
   curl -s -X POST {control}/nodes/1 -d '{{"mode":"refuse"}}'
@@ -84,15 +68,7 @@ Break a node and watch the failover (x-heady-node / x-heady-attempts headers):
         flush=True,
     )
 
-    def stop_fleet() -> None:
-        try:
-            assert fleet.stdin
-            fleet.stdin.close()
-            fleet.wait(timeout=5)
-        except (OSError, subprocess.TimeoutExpired):
-            fleet.kill()
-
-    return serve_until_signal(gw, cfg, args.cron_every, cleanup=(stop_fleet,))
+    return serve_until_signal(gw, cfg, args.cron_every, cleanup=(fleet.stop,))
 
 
 if __name__ == "__main__":

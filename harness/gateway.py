@@ -28,6 +28,8 @@ import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+from heady_shared.devvars import parse_dev_vars
+
 ROOT = Path(__file__).resolve().parent.parent
 SHIM = ROOT / "harness" / "shim"
 CACHE = ROOT / ".harness"
@@ -71,23 +73,6 @@ def ensure_sdk() -> Path:
     else:
         tmp.rename(SDK_DIR)
     return SDK_DIR / "workers"
-
-
-def parse_dev_vars(text: str) -> dict[str, str]:
-    """`KEY=value` / `KEY="value"` lines, `#` comments and blank lines, as wrangler reads them."""
-    out: dict[str, str] = {}
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith("#") or "=" not in line:
-            continue
-        key, _, value = line.partition("=")
-        key, value = key.strip(), value.strip()
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
-            value = value[1:-1]
-            if line.partition("=")[2].strip().startswith('"'):
-                value = value.replace("\\n", "\n")
-        out[key] = value
-    return out
 
 
 def _python_modules(main: Path, extra_dirs: Iterator[tuple[Path, str]]) -> list[dict[str, str]]:

@@ -6,12 +6,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from heady_node.roles import NODE_COUNT
+from heady_shared import devvars
+from heady_shared.endpoints import parse_endpoint
+from heady_shared.routes import NODE_COUNT
 
 ENDPOINT_KEY = re.compile(r"^COLAB_ENDPOINT_([1-9][0-9]*)$")
-_LINE = re.compile(r"^\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*?)\s*$")
-QUICK_TUNNEL = "trycloudflare.com"
-_ENV_KEYS = frozenset({"NODE_TOKEN", "GATEWAY_API_KEY", "HEADY_GATEWAY_URL"})
+_ENV_KEYS = frozenset({"NODE_TOKEN", "GATEWAY_API_KEY", "GATEWAY_API_KEYS", "HEADY_GATEWAY_URL"})
 
 
 class CliError(Exception):
@@ -19,22 +19,20 @@ class CliError(Exception):
 
 
 def parse_dev_vars(text: str) -> dict[str, str]:
-    """KEY=value / KEY="value" / KEY='value' lines, # comments and blank lines, as wrangler dev
-    reads them. Unquoted values lose a trailing ` # comment`."""
-    out: dict[str, str] = {}
-    for n, raw in enumerate(text.splitlines(), 1):
-        if not raw.strip() or raw.lstrip().startswith("#"):
-            continue
-        m = _LINE.match(raw)
-        if not m:
-            raise CliError(f".dev.vars line {n} is not KEY=value: {raw.strip()[:40]!r}")
-        key, value = m.group(1), m.group(2)
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
-            value = value[1:-1].replace("\\n", "\n") if value[0] == '"' else value[1:-1]
-        else:
-            value = re.split(r"\s+#", value, maxsplit=1)[0].strip()
-        out[key] = value
-    return out
+    """`.dev.vars` read exactly as the gateway's harness reads it (heady_shared.devvars)."""
+    try:
+        return devvars.parse_dev_vars(text)
+    except devvars.DevVarsError as exc:
+        raise CliError(str(exc)) from None
+
+
+def gateway_key(values: Mapping[str, str]) -> str:
+    """The client key for `heady status`: GATEWAY_API_KEY, else the first of the gateway's
+    own GATEWAY_API_KEYS (the name `.dev.vars` carries for `wrangler dev`)."""
+    if values.get("GATEWAY_API_KEY", "").strip():
+        return values["GATEWAY_API_KEY"].strip()
+    keys = values.get("GATEWAY_API_KEYS", "").replace("\n", ",").split(",")
+    return next((k.strip() for k in keys if k.strip()), "")
 
 
 def load_vars(path: str | None, env: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -67,36 +65,12 @@ def endpoints(values: Mapping[str, str]) -> dict[int, str]:
 
 
 def validate_url(url: str) -> str:
-    """Normalised endpoint URL or ValueError saying why it cannot be a node endpoint."""
-    if not url or any(c.isspace() for c in url) or any(c in url for c in "\"'<>"):
-        raise ValueError("empty or contains spaces/quotes")
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError as exc:
-        raise ValueError(f"not a URL ({exc})") from exc
-    host = (parts.hostname or "").lower()
-    if parts.scheme not in ("https", "http"):
-        raise ValueError(f"scheme must be https, got {parts.scheme or 'none'!r}")
-    if not host:
-        raise ValueError("no host")
-    if parts.username is not None or parts.password is not None:
-        raise ValueError("credentials in the URL; the gateway sends NODE_TOKEN itself")
-    local = host in ("localhost", "127.0.0.1", "::1")
-    if parts.scheme == "http" and not local:
-        raise ValueError("plain http is only allowed for localhost; tunnels give https")
-    if parts.query or parts.fragment:
-        raise ValueError("no query string or fragment allowed")
-    if host.endswith(QUICK_TUNNEL):
-        raise ValueError(
-            "quick tunnels (trycloudflare.com) do not carry SSE; use ngrok or a named tunnel"
-        )
-    if "." not in host and not local:
-        raise ValueError(f"host {host!r} has no domain")
-    netloc = host if port is None else f"{host}:{port}"
-    if ":" in host:
-        netloc = f"[{host}]" if port is None else f"[{host}]:{port}"
-    return f"{parts.scheme}://{netloc}{parts.path.rstrip('/')}"
+    """Normalised endpoint URL, or ValueError saying why the gateway would refuse it: the
+    very verdict the gateway gives (heady_shared.endpoints), so both always agree."""
+    ep = parse_endpoint(url)
+    if ep.state != "configured" or ep.base_url is None:
+        raise ValueError(ep.reason or "not set")
+    return ep.base_url
 
 
 def mask_url(url: str) -> str:

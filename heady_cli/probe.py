@@ -13,8 +13,10 @@ from dataclasses import dataclass
 import httpx
 
 from heady_cli.config import mask_url, validate_url
-from heady_node.roles import NODE_COUNT, ROLES, role_for_node
-from heady_node.status import parse_metrics
+from heady_node.roles import ROLES, role_for_node
+from heady_shared.failures import EXPLAIN, HEAD_FIELDS, match
+from heady_shared.metrics import WAITING, gauge, parse_metrics
+from heady_shared.routes import NODE_NUMBERS
 
 NGROK_SKIP = {"ngrok-skip-browser-warning": "1"}
 
@@ -39,12 +41,13 @@ class NodeResult:
 def diagnose(status: int, headers: Mapping[str, str], body: str) -> str | None:
     """Why an HTTP answer is not a usable node answer (None when it is fine)."""
     h = {k.lower(): v for k, v in headers.items()}
-    if code := h.get("ngrok-error-code"):
-        if code == "ERR_NGROK_3200":
-            return "ngrok endpoint offline (ERR_NGROK_3200): the Colab tab's tunnel is gone"
-        return f"ngrok error {code}"
-    if status == 530 or "error code: 1033" in body:
-        return "Cloudflare Tunnel has no live origin (1033): runtime or cloudflared stopped"
+    # The gateway's own failure rules first, so `heady probe` and the gateway agree.
+    rule = match(status, {f: h.get(f) for f in HEAD_FIELDS})
+    if rule is not None:
+        code = h.get("ngrok-error-code")
+        return f"{rule.explain} ({code or status})"
+    if "error code: 1033" in body:
+        return EXPLAIN["tunnel_down"] + " (1033)"
     if "text/html" in h.get("content-type", "") and "ngrok" in body.lower():
         return "ngrok browser-warning page: ngrok-skip-browser-warning header not honoured"
     if status in (401, 403):
@@ -99,8 +102,7 @@ async def probe_node(
         try:  # queue depth is informative only: a node without /metrics is still up
             metrics = await client.get(f"{url}/metrics", headers=headers, timeout=timeout)
             if metrics.status_code == 200:
-                waiting = parse_metrics(metrics.text).get("vllm:num_requests_waiting")
-                queue = None if waiting is None else int(waiting)
+                queue = gauge(parse_metrics(metrics.text), WAITING)
         except httpx.HTTPError:
             pass
         return NodeResult(node, role, "up", url, latency, model, queue)
@@ -112,7 +114,7 @@ def plan(raw: Mapping[int, str]) -> tuple[dict[int, str], list[NodeResult]]:
     """Split configured nodes into probe targets and results known without the network."""
     targets: dict[int, str] = {}
     fixed: list[NodeResult] = []
-    for node in range(1, NODE_COUNT + 1):
+    for node in NODE_NUMBERS:
         role = role_for_node(node)
         if node not in raw:
             fixed.append(NodeResult(node, role, "unconfigured", reason="COLAB_ENDPOINT not set"))

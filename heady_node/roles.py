@@ -1,20 +1,23 @@
-"""Node number -> role. Shared by the notebook and the operator CLI so both agree."""
+"""Node number <-> role for the node side, from the one route table in heady_shared.routes."""
 
 from typing import Final
 
-ROLES: Final = ("reasoning", "code", "vision", "batch")
-NODE_COUNT: Final = 8
+from heady_shared.routes import DEFAULT_POOLS, NODE_COUNT, role_of
+from heady_shared.routes import nodes_for_role as _nodes_for_role
+
+ROLES: Final = tuple(DEFAULT_POOLS)
+__all__ = ["NODE_COUNT", "ROLES", "nodes_for_role", "role_for_node"]
 
 
 def role_for_node(node: int) -> str:
-    """Nodes 1-2 reasoning, 3-4 code, 5-6 vision, 7-8 batch."""
+    """The role of a node's own pair (nodes 1-2 reasoning, 3-4 code, 5-6 vision, 7-8 batch)."""
     if not isinstance(node, int) or isinstance(node, bool) or not 1 <= node <= NODE_COUNT:
         raise ValueError(f"node must be an integer 1..{NODE_COUNT}, got {node!r}")
-    return ROLES[(node - 1) // 2]
+    role = role_of(node)
+    if role is None:  # unreachable with the default table, which pairs every node
+        raise ValueError(f"node {node} is in no role's pair")
+    return role
 
 
-def nodes_for_role(role: str) -> tuple[int, int]:
-    if role not in ROLES:
-        raise ValueError(f"unknown role {role!r}; expected one of {', '.join(ROLES)}")
-    first = ROLES.index(role) * 2 + 1
-    return (first, first + 1)
+def nodes_for_role(role: str) -> tuple[int, ...]:
+    return _nodes_for_role(role)

@@ -1,11 +1,10 @@
 """Read the engine's Prometheus /metrics and turn it into the notebook's periodic status line."""
 
-import math
-import re
 from dataclasses import dataclass
 
-# name, optional {labels} (may contain spaces inside quotes), value, optional timestamp
-_SAMPLE = re.compile(r"^([A-Za-z_:][A-Za-z0-9_:]*)(?:\{.*\})?\s+(\S+)(?:\s+\S+)?$")
+from heady_shared.metrics import parse_metrics
+
+__all__ = ["Snapshot", "parse_metrics", "snapshot", "status_line"]
 
 
 @dataclass(frozen=True)
@@ -13,22 +12,6 @@ class Snapshot:
     served: int | None  # finished requests since start
     running: int | None
     waiting: int | None  # queue depth
-
-
-def parse_metrics(text: str) -> dict[str, float]:
-    """Metric name -> value summed over label sets (vLLM labels by model and finish reason)."""
-    totals: dict[str, float] = {}
-    for line in text.splitlines():
-        m = _SAMPLE.match(line.strip())
-        if not m:
-            continue
-        try:
-            value = float(m.group(2))
-        except ValueError:
-            continue
-        if not math.isnan(value):
-            totals[m.group(1)] = totals.get(m.group(1), 0.0) + value
-    return totals
 
 
 def snapshot(metrics: dict[str, float]) -> Snapshot:

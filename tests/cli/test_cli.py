@@ -70,12 +70,12 @@ def test_valid_urls(url: str, ok: str) -> None:
     [
         ("ab12.ngrok-free.app", "scheme"),
         ("ftp://x.example.com", "scheme"),
-        ("https://", "no host"),
+        ("https://", "no valid host"),
         ("https://user:pw@x.ngrok-free.app", "credentials"),
         ("http://x.ngrok-free.app", "plain http"),
         ("https://x.trycloudflare.com", "SSE"),
         ("https://x.example.com/?a=1", "query"),
-        ("https://x.example.com:99999", "not a URL"),
+        ("https://x.example.com:99999", "invalid port"),
         ("https://exa mple.com", "spaces"),
         ("https://localhostish", "no domain"),
     ],
@@ -210,8 +210,11 @@ def test_secrets_from_args_and_file_to_output(tmp_path: Path, capsys) -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["1=https://user:pw@x.ngrok-free.app"], "COLAB_ENDPOINT_1: credentials"),
-        (["2=x.ngrok-free.app"], "COLAB_ENDPOINT_2: scheme"),
+        (
+            ["1=https://user:pw@x.ngrok-free.app"],
+            "COLAB_ENDPOINT_1: URL must not carry credentials",
+        ),
+        (["2=x.ngrok-free.app"], "COLAB_ENDPOINT_2: URL needs a scheme"),
         (["9=https://x.example.com"], "out of range"),
         (["https://x.example.com"], "expected N=URL"),
         ([], "no endpoint URLs"),
@@ -329,3 +332,47 @@ def test_status_missing_key_or_url(capsys) -> None:
     assert "no gateway URL" in capsys.readouterr().err
     assert main(["status", "--key", "k", "--gateway", "heady.example.com"]) == 2
     assert "must start with https://" in capsys.readouterr().err
+
+
+# --- one verdict: `heady probe`/`heady secrets` and the gateway judge endpoints alike ----
+
+VERDICT_TABLE = [
+    "https://ab12.ngrok-free.app",
+    "https://node3.example.com/",
+    "https://node3.example.com/base//path/",
+    "HTTPS://Node3.Example.COM",
+    "http://127.0.0.1:8000",
+    "http://localhost:8000",
+    "http://[::1]:8000",
+    "http://x.ngrok-free.app",
+    "https://x.trycloudflare.com",
+    "https://user:pw@x.ngrok-free.app",
+    "https://x.example.com/?a=1",
+    "https://x.example.com/#f",
+    "https://x.example.com:99999",
+    "https://x.example.com:0",
+    "https://exa mple.com",
+    "https://localhostish",
+    "ftp://x.example.com",
+    "x.example.com",
+    "https://",
+    "https://x.example.com/../y",
+    "https://x.example.com/%2e%2e",
+    "https://bücher.example.com",
+    "https://.example.com",
+    "",
+]
+
+
+@pytest.mark.parametrize("url", VERDICT_TABLE)
+def test_cli_and_gateway_give_the_same_verdict(url: str) -> None:
+    from config import load_config  # the Worker's own config module (src/ on the path)
+
+    node = load_config({"COLAB_ENDPOINT_1": url}).node(1)
+    try:
+        cli = validate_url(url)
+    except ValueError as exc:
+        assert node.config in ("invalid", "unconfigured"), url
+        assert node.reason == str(exc)
+    else:
+        assert node.config == "configured" and node.base_url == cli
