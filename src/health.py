@@ -21,6 +21,14 @@ RECORD_VERSION = 1
 LOAD_TTL_S = 900.0  # a load older than this no longer steers balancing
 FORGET_AFTER_S = 86400.0  # a record older than this says nothing any more
 MIN_KV_TTL_S = 60  # KV rejects expirationTtl below 60 s
+# Bounds for every number in the shared KV record: anything another isolate (or a corrupt or
+# hostile write) put there is clamped into these before it is trusted or written back. Each
+# stays far below 2**53, so it crosses into JS as a Number, never a BigInt.
+MAX_COOLDOWN_S = 86400.0  # the largest COOLDOWN_MAX_S setting (src/settings.py)
+MAX_FAILURES = 64  # cooldown_s stops growing long before this
+MAX_LATENCY_MS = 3_600_000.0
+MAX_LOAD = 1_000_000
+MAX_CLOCK_SKEW_S = 5.0  # a write stamped further ahead than this is not believed
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,12 +199,15 @@ def encode(view: HealthView, now: float) -> tuple[str, int]:
     """The KV value for the whole fleet and its expirationTtl.
 
     Each node record carries its own `until`; the key expires after the longest remaining
-    cooldown plus a day, so a forgotten mark heals itself even if nobody writes again.
+    cooldown plus a day, so a forgotten mark heals itself even if nobody writes again. Every
+    number is passed through the same bounds as `decode`, so what is written is finite JSON
+    that reads back unchanged (strict JSON: no NaN/Infinity) and the TTL is a small int.
     """
     nodes = {}
     for n, h in sorted(view.nodes.items()):
         if h.at == 0.0 and h.checked_at is None:
             continue
+        h = bounded(h, now)  # the same bounds decode applies: what is written reads back as is
         nodes[str(n)] = {
             "s": h.state,
             "since": h.since,
@@ -210,30 +221,69 @@ def encode(view: HealthView, now: float) -> tuple[str, int]:
             "chk": h.checked_at,
         }
     body = json.dumps(
-        {"v": RECORD_VERSION, "written_at": now, "nodes": nodes}, separators=(",", ":")
+        {"v": RECORD_VERSION, "written_at": now, "nodes": nodes},
+        separators=(",", ":"),
+        allow_nan=False,
     )
     longest = max((h.until - now for h in view.nodes.values() if h.until), default=0.0)
+    longest = min(longest, MAX_COOLDOWN_S) if math.isfinite(longest) else MAX_COOLDOWN_S
     ttl = max(MIN_KV_TTL_S, math.ceil(longest + FORGET_AFTER_S))
     return body, ttl
 
 
+def bounded(h: HealthState, latest: float) -> HealthState:
+    """The record with every number clamped into range.
+
+    `at` (when it was observed) is never after `latest`; the other times never after `at`
+    (every transition stamps them no later than `at`), and a cooldown ends at most
+    MAX_COOLDOWN_S after it; counts and measurements stay within their bounds. An
+    out-of-range optional value says nothing (None) rather than something absurd.
+    """
+    at = min(h.at, latest) if math.isfinite(h.at) and h.at > 0 else 0.0
+    return replace(
+        h,
+        since=_time(h.since, at),
+        until=_time(h.until, at + MAX_COOLDOWN_S),
+        failures=min(max(h.failures, 0), MAX_FAILURES),
+        reason=h.reason[:64] if h.reason else None,
+        at=at,
+        latency_ms=_in_range(h.latency_ms, 0.0, MAX_LATENCY_MS),
+        load=h.load if h.load is not None and 0 <= h.load <= MAX_LOAD else None,
+        load_at=_time(h.load_at, at),
+        checked_at=_time(h.checked_at, at),
+    )
+
+
 def decode(raw: str | None, now: float) -> tuple[dict[int, HealthState], float]:
-    """Parse a KV value; anything unreadable or stale is ignored rather than trusted."""
+    """Parse a KV value; anything unreadable or stale is ignored rather than trusted.
+
+    Never raises, and every number it returns is within the bounds `encode` writes. Time
+    stamps from the future are not believed: a record is taken as observed no later than the
+    write that stored it (`written_at`, itself at most `now`), so a stamp far ahead can never
+    outrank what this isolate observes after reading it. A write stamped more than
+    MAX_CLOCK_SKEW_S ahead vouches for nothing: its future records are dropped.
+    """
     if not raw:
         return {}, 0.0
     try:
         data = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
         return {}, 0.0
     if not isinstance(data, dict) or data.get("v") != RECORD_VERSION:
         return {}, 0.0
-    out: dict[int, HealthState] = {}
     nodes = data.get("nodes")
     if not isinstance(nodes, dict):
         return {}, 0.0
+    written = _time(_opt_float(data.get("written_at")), math.inf)
+    if written is not None and written > now + MAX_CLOCK_SKEW_S:
+        written = None
+    latest = now if written is None else min(written, now)
+    out: dict[int, HealthState] = {}
     for key, rec in nodes.items():
+        if not (isinstance(key, str) and key.isascii() and key.isdigit() and len(key) == 1):
+            continue
+        n = int(key)
         try:
-            n = int(key)
             h = HealthState(
                 state=rec["s"] if rec["s"] in ("up", "down", "unknown") else "unknown",
                 since=_opt_float(rec.get("since")),
@@ -248,10 +298,14 @@ def decode(raw: str | None, now: float) -> tuple[dict[int, HealthState], float]:
             )
         except (KeyError, TypeError, ValueError, AttributeError, OverflowError):
             continue
-        if 1 <= n <= 8 and math.isfinite(h.at) and now - h.at < FORGET_AFTER_S:
+        if not 1 <= n <= 8 or not math.isfinite(h.at) or h.at <= 0:
+            continue
+        if written is None and h.at > now:
+            continue  # from the future, and no sane write time to pin it to
+        h = bounded(h, latest)
+        if now - h.at < FORGET_AFTER_S:
             out[n] = h
-    written_at = _opt_float(data.get("written_at")) or 0.0
-    return out, written_at
+    return out, (0.0 if written is None else latest)
 
 
 def _opt_float(value: object) -> float | None:
@@ -260,3 +314,17 @@ def _opt_float(value: object) -> float | None:
     if isinstance(value, int | float) and math.isfinite(value):
         return float(value)
     return None
+
+
+def _in_range(value: float | None, lo: float, hi: float) -> float | None:
+    """A finite value inside [lo, hi] as it is; anything else says nothing (None)."""
+    if value is None or not math.isfinite(value) or not lo <= value <= hi:
+        return None
+    return float(value)
+
+
+def _time(value: float | None, latest: float) -> float | None:
+    """An epoch time: None unless finite and positive; never later than `latest`."""
+    if value is None or not math.isfinite(value) or value <= 0:
+        return None
+    return float(min(value, latest))

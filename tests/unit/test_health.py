@@ -15,10 +15,16 @@ from health import (
     FORGET_AFTER_S,
     KV_KEY,
     LOAD_TTL_S,
+    MAX_CLOCK_SKEW_S,
+    MAX_COOLDOWN_S,
+    MAX_FAILURES,
+    MAX_LATENCY_MS,
+    MAX_LOAD,
     MIN_KV_TTL_S,
     RECORD_VERSION,
     HealthState,
     HealthView,
+    bounded,
     cooldown_s,
     covers,
     decode,
@@ -358,24 +364,27 @@ def test_encode_ttl():
     assert encode(v, NOW)[1] == MIN_KV_TTL_S
 
 
-finite = st.floats(NOW - 80_000, NOW + 10_000, allow_nan=False)
-opt_finite = st.one_of(st.none(), finite)
-states = st.builds(
-    HealthState,
-    state=st.sampled_from(["up", "down", "unknown"]),
-    since=opt_finite,
-    until=opt_finite,
-    failures=st.integers(0, 50),
-    reason=st.one_of(st.none(), st.text(min_size=1, max_size=64)),
-    at=st.floats(NOW - 80_000, NOW, allow_nan=False).filter(bool),
-    latency_ms=st.one_of(st.none(), st.floats(0, 1e6)),
-    load=st.one_of(st.none(), st.integers(0, 10**6)),
-    load_at=opt_finite,
-    checked_at=opt_finite,
-)
+@st.composite
+def states(draw, lo: float = NOW - 80_000):
+    """Records as the transitions produce them: every time at or before `at`, a cooldown
+    ending at most MAX_COOLDOWN_S after it."""
+    at = draw(st.floats(lo, NOW, allow_nan=False).filter(bool))
+    before = st.one_of(st.none(), st.floats(lo / 2, at, allow_nan=False).filter(bool))
+    return HealthState(
+        state=draw(st.sampled_from(["up", "down", "unknown"])),
+        since=draw(before),
+        until=draw(st.one_of(st.none(), st.floats(lo / 2, at + MAX_COOLDOWN_S).filter(bool))),
+        failures=draw(st.integers(0, MAX_FAILURES)),
+        reason=draw(st.one_of(st.none(), st.text(min_size=1, max_size=64))),
+        at=at,
+        latency_ms=draw(st.one_of(st.none(), st.floats(0, MAX_LATENCY_MS))),
+        load=draw(st.one_of(st.none(), st.integers(0, MAX_LOAD))),
+        load_at=draw(before),
+        checked_at=draw(before),
+    )
 
 
-@given(st.dictionaries(st.integers(1, 8), states, max_size=8))
+@given(st.dictionaries(st.integers(1, 8), states(), max_size=8))
 @settings(max_examples=200, deadline=None)
 def test_encode_decode_round_trip(nodes):
     v = HealthView()
@@ -466,8 +475,9 @@ def test_decode_sanitises_fields():
     raw = json.dumps({"v": 1, "written_at": "later", "nodes": {"4": rec}})
     records, written_at = decode(raw, NOW)
     assert written_at == 0.0
+    # load_at may not be later than the observation that set it: clamped to `at`
     assert records[4] == HealthState(
-        state="unknown", failures=0, reason="x" * 64, at=NOW - 1, load=3, load_at=NOW
+        state="unknown", failures=0, reason="x" * 64, at=NOW - 1, load=3, load_at=NOW - 1
     )
 
 
@@ -543,3 +553,256 @@ def test_event_sequences_keep_the_state_sane(seq):
             h = with_probe(h, t, 1, 2.0)
             assert h.state == before.state and h.checked_at == t
         assert h.at <= t
+
+
+# ---- corrupt or hostile KV records (issue 9) -------------------------------------------
+
+JS_SAFE = 2**53  # beyond this a Python int crosses into JS as a BigInt
+
+
+def _numbers(value):
+    if isinstance(value, bool):
+        return
+    if isinstance(value, int | float):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _numbers(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _numbers(v)
+
+
+def _strict(body: str):
+    """JSON as JS's JSON.parse reads it: NaN / Infinity are not JSON."""
+
+    def refuse(name):
+        raise ValueError(f"not JSON: {name}")
+
+    return json.loads(body, parse_constant=refuse)
+
+
+def assert_writable(records: dict[int, HealthState], now: float) -> None:
+    """What `encode` accepts: strict finite JSON, JS-safe numbers, an int TTL KV takes, and
+    a value that reads back as exactly these records."""
+    v = HealthView()
+    v.nodes.update(records)
+    body, ttl = encode(v, now)
+    data = _strict(body)
+    for x in _numbers(data):
+        assert math.isfinite(x) and abs(x) < JS_SAFE
+    assert isinstance(ttl, int) and MIN_KV_TTL_S <= ttl <= MAX_COOLDOWN_S + FORGET_AFTER_S + 1
+    assert decode(body, now)[0] == {n: h for n, h in records.items() if h.at}
+
+
+HUGE = 1e300
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "expect"),
+    [
+        ("f", HUGE, {"failures": MAX_FAILURES}),
+        ("f", 10**40, {"failures": MAX_FAILURES}),
+        ("f", -5, {"failures": 0}),
+        ("lat", HUGE, {"latency_ms": None}),
+        ("lat", -1.0, {"latency_ms": None}),
+        ("load", 10**30, {"load": None}),
+        ("load", HUGE, {"load": None}),
+        ("load", -3, {"load": None}),
+        ("until", HUGE, {"until": NOW - 5 + MAX_COOLDOWN_S}),
+        ("since", HUGE, {"since": NOW - 5}),
+        ("since", -1.0, {"since": None}),
+        ("load_at", HUGE, {"load_at": NOW - 5}),
+        ("chk", HUGE, {"checked_at": NOW - 5}),
+    ],
+)
+def test_decode_bounds_every_number(field, value, expect):
+    rec = {"s": "down", "at": NOW - 5, field: value}
+    raw = json.dumps({"v": 1, "written_at": NOW, "nodes": {"3": rec}})
+    records, _ = decode(raw, NOW)
+    h = records[3]
+    for name, want in expect.items():
+        assert getattr(h, name) == want
+    assert_writable(records, NOW)
+
+
+def test_decode_of_the_reported_record_keeps_status_and_writes_working():
+    """The shape found by the chaos run: huge numbers and stamps far in the future."""
+    rec = {
+        "s": "down",
+        "since": 1e308,
+        "until": 1e308,
+        "f": 1e308,
+        "r": "refused",
+        "at": 1e308,
+        "lat": 1e308,
+        "load": 10**300,
+        "load_at": 1e308,
+        "chk": 1e308,
+    }
+    raw = json.dumps({"v": 1, "written_at": 1e308, "nodes": {str(n): rec for n in range(1, 9)}})
+    records, written_at = decode(raw, NOW)
+    # A write stamped in the far future vouches for nothing: its future records go, and it
+    # does not hold back this isolate's own writes.
+    assert records == {} and written_at == 0.0
+    v = HealthView()
+    v.merge(records, written_at, NOW)
+    v.apply(1, on_failure(v.get(1), NOW, "refused", P))
+    assert v.may_write(NOW, P)
+
+
+def test_future_stamp_within_a_sane_write_is_pinned_to_the_write():
+    raw = json.dumps(
+        {
+            "v": 1,
+            "written_at": NOW - 10,
+            "nodes": {"2": {"s": "down", "until": NOW + 10**6, "at": NOW + 10**6}},
+        }
+    )
+    records, written_at = decode(raw, NOW)
+    assert written_at == NOW - 10
+    assert records[2].at == NOW - 10 and records[2].until == NOW - 10 + MAX_COOLDOWN_S
+
+
+def test_future_stamp_never_outranks_a_fresh_local_observation():
+    """Issue 9: a record stamped in the future must not keep beating what this isolate sees
+    after reading it, on this read or any later re-read of the same value."""
+    raw = json.dumps(
+        {
+            "v": 1,
+            "written_at": NOW - 10,
+            "nodes": {"2": {"s": "down", "until": NOW + 10**9, "at": NOW + 10**9}},
+        }
+    )
+    v = HealthView()
+    v.merge(*decode(raw, NOW), NOW)
+    assert v.is_down(2, NOW + 1)
+    v.apply(2, on_success(v.get(2), NOW + 1, 5.0))
+    for later in (NOW + 2, NOW + 60, NOW + 3600):
+        v.merge(*decode(raw, later), later)
+        assert v.get(2).state == "up", later
+
+
+def test_small_clock_skew_is_tolerated_not_dropped():
+    ahead = NOW + MAX_CLOCK_SKEW_S / 2
+    raw = json.dumps({"v": 1, "written_at": ahead, "nodes": {"1": {"s": "up", "at": ahead}}})
+    records, written_at = decode(raw, NOW)
+    assert records[1].at == NOW and written_at == NOW
+
+
+@pytest.mark.parametrize("written_at", [NOW + MAX_CLOCK_SKEW_S + 1, 1e308, None, "x"])
+def test_future_records_without_a_sane_write_time_are_dropped(written_at):
+    raw = json.dumps(
+        {
+            "v": 1,
+            "written_at": written_at,
+            "nodes": {"1": {"s": "down", "at": NOW + 100}, "2": {"s": "up", "at": NOW - 100}},
+        }
+    )
+    records, got = decode(raw, NOW)
+    assert set(records) == {2} and got == 0.0
+
+
+@pytest.mark.parametrize("key", ["٣", "03", "+3", " 3", "3 ", "10"])
+def test_decode_node_keys_are_plain_digits(key):
+    raw = json.dumps({"v": 1, "nodes": {key: GOOD}})
+    assert decode(raw, NOW)[0] == {}
+
+
+@pytest.mark.parametrize("depth", [10_000, 200_000])
+def test_decode_survives_deep_nesting(depth):
+    assert decode("[" * depth + "]" * depth, NOW) == ({}, 0.0)
+    assert decode('{"v": 1, "nodes": ' + "[" * depth, NOW) == ({}, 0.0)
+
+
+def test_decode_survives_huge_integer_literals():
+    raw = '{"v": 1, "written_at": ' + "9" * 5000 + ', "nodes": {"1": {"s": "up", "at": 1}}}'
+    assert decode(raw, NOW) == ({}, 0.0)
+
+
+wild_numbers = st.one_of(
+    st.floats(),
+    st.integers(-(10**40), 10**40),
+    st.floats(NOW - 100_000, NOW + 100_000),
+    st.sampled_from([0, -1, 1e308, -1e308, 2**53 + 1, NOW, NOW + 1e6]),
+)
+wild_json = st.recursive(
+    st.none() | st.booleans() | wild_numbers | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+FIELDS = ("s", "since", "until", "f", "r", "at", "lat", "load", "load_at", "chk")
+wild_record = st.fixed_dictionaries(
+    {},
+    optional={
+        k: (st.sampled_from(["up", "down", "unknown"]) if k == "s" else wild_numbers) | wild_json
+        for k in FIELDS
+    },
+)
+
+
+@given(
+    st.dictionaries(
+        st.sampled_from([str(n) for n in range(0, 10)] + ["x"]), wild_record | wild_json, max_size=8
+    ),
+    wild_numbers | wild_json,
+    st.floats(NOW - 10**6, NOW + 10**6),
+)
+@settings(max_examples=500, deadline=None)
+def test_decode_of_any_json_gives_what_encode_accepts(nodes, written_at, now):
+    """Issue 9's property: decode(any JSON) never raises, and whatever it returns is bounded,
+    not from the future, and written back by encode unchanged."""
+    raw = json.dumps({"v": 1, "written_at": written_at, "nodes": nodes})
+    records, got_written = decode(raw, now)
+    assert isinstance(got_written, float) and 0.0 <= got_written <= now
+    for n, h in records.items():
+        assert 1 <= n <= 8
+        assert 0 < h.at <= now and now - h.at < FORGET_AFTER_S
+        for t in (h.since, h.load_at, h.checked_at):
+            assert t is None or 0 < t <= h.at
+        assert h.until is None or 0 < h.until <= h.at + MAX_COOLDOWN_S
+        assert 0 <= h.failures <= MAX_FAILURES and isinstance(h.failures, int)
+        assert h.latency_ms is None or 0 <= h.latency_ms <= MAX_LATENCY_MS
+        assert h.load is None or (0 <= h.load <= MAX_LOAD and isinstance(h.load, int))
+        assert bounded(h, now) == h
+    assert_writable(records, now)
+
+
+@given(st.dictionaries(st.integers(1, 8), wild_record, max_size=8), st.floats(allow_nan=False))
+@settings(max_examples=300, deadline=None)
+def test_decode_never_raises_on_any_text_shape(nodes, now):
+    raw = json.dumps({"v": 1, "nodes": {str(k): v for k, v in nodes.items()}})
+    decode(raw, now)
+
+
+@given(
+    st.builds(
+        HealthState,
+        state=st.sampled_from(["up", "down", "unknown"]),
+        since=st.one_of(st.none(), st.floats()),
+        until=st.one_of(st.none(), st.floats()),
+        failures=st.integers(-(10**30), 10**30),
+        reason=st.one_of(st.none(), st.text(max_size=64)),
+        at=st.floats(NOW - 80_000, NOW + 10**9).filter(bool),
+        latency_ms=st.one_of(st.none(), st.floats()),
+        load=st.one_of(st.none(), st.integers(-(10**30), 10**30)),
+        load_at=st.one_of(st.none(), st.floats()),
+        checked_at=st.one_of(st.none(), st.floats()),
+    )
+)
+@settings(max_examples=300, deadline=None)
+def test_encode_never_emits_a_number_that_cannot_round_trip(h):
+    """Even a state built from garbage (as a bug might produce) is written as strict JSON with
+    JS-safe numbers, and reads back as its bounded self."""
+    v = HealthView()
+    v.nodes[4] = h
+    body, ttl = encode(v, NOW)
+    data = _strict(body)
+    for x in _numbers(data):
+        assert math.isfinite(x) and abs(x) < JS_SAFE
+    assert isinstance(ttl, int) and MIN_KV_TTL_S <= ttl <= MAX_COOLDOWN_S + FORGET_AFTER_S + 1
+    back = decode(body, NOW)[0]
+    expected = bounded(h, NOW)
+    assert back == ({4: expected} if NOW - expected.at < FORGET_AFTER_S and expected.at else {})
