@@ -9,7 +9,8 @@ In-process (pytest)::
 Stand-alone (``make dev``, subprocess tests)::
 
     python -m sim.fleet [--count 8] [--host 127.0.0.1] [--base-port 0] [--api-key KEY]
-                        [--control-port 0] [--exit-on-stdin-eof]
+                        [--control-port 0] [--exit-on-stdin-eof] [--dev-mode]
+                        [--served-model-name N=NAME[,NAME...]]...
 
 prints one JSON line ``{"nodes": {"1": url, ...}, "control": url}`` once everything listens.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.util
 import json
 import os
 import re
@@ -29,15 +31,63 @@ import sys
 import threading
 import urllib.error
 import urllib.request
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
+from types import ModuleType, TracebackType
 from typing import Any, Self, TypeVar
 
-from sim.node import Node, RecordedRequest, parse_mode
+from sim.node import DEFAULT_MODEL, Node, RecordedRequest, parse_mode
 from sim.server import HTTPServer, Request, Response
 
-__all__ = ["Fleet", "FleetProcess", "FleetProcessError", "main"]
+__all__ = [
+    "NODE_MODELS",
+    "Fleet",
+    "FleetProcess",
+    "FleetProcessError",
+    "default_served_names",
+    "main",
+]
+
+
+def _routes() -> ModuleType:
+    """heady_shared.routes: the route table the gateway and the node side use. Importable as a
+    package where src/ is on the path (pytest, the Worker); else loaded from the checkout."""
+    try:
+        import heady_shared.routes as routes  # type: ignore[import-not-found]
+    except ModuleNotFoundError:
+        path = Path(__file__).resolve().parents[1] / "src" / "heady_shared" / "routes.py"
+        spec = importlib.util.spec_from_file_location("_heady_shared_routes", path)
+        assert spec is not None and spec.loader is not None
+        routes = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = routes  # dataclasses resolve annotations through sys.modules
+        spec.loader.exec_module(routes)
+    return routes
+
+
+ROUTES = _routes()
+
+# The checkpoint each node of the default fleet serves: the node side's presets
+# (heady_node/presets.py) for a T4 on odd nodes and an L4 on even ones, so the two nodes of a
+# pair serve different models, as they do whenever Colab hands them different GPUs.
+NODE_MODELS: dict[int, str] = {
+    1: "Qwen/Qwen2.5-7B-Instruct-AWQ",
+    2: "Qwen/Qwen2.5-14B-Instruct-AWQ",
+    3: "Qwen/Qwen2.5-Coder-7B-Instruct-AWQ",
+    4: "Qwen/Qwen2.5-Coder-14B-Instruct-AWQ",
+    5: "Qwen/Qwen2-VL-2B-Instruct",
+    6: "Qwen/Qwen2.5-VL-7B-Instruct-AWQ",
+    7: "Qwen/Qwen2.5-3B-Instruct",
+    8: "Qwen/Qwen2.5-7B-Instruct-AWQ",
+}
+
+
+def default_served_names(n: int, pools: Mapping[str, Any] | None = None) -> tuple[str, ...]:
+    """What node ``n`` answers to, exactly as the node side starts it: its checkpoint's repo id,
+    then every role whose pair or fallback chain contains it (``roles_served_by``), so a
+    request that says ``"model": "<role>"`` succeeds on every node the plan may send it to."""
+    pools = ROUTES.DEFAULT_POOLS if pools is None else pools
+    return (NODE_MODELS.get(n, DEFAULT_MODEL), *ROUTES.roles_served_by(n, pools))
+
 
 T = TypeVar("T")
 _JSON = ("content-type", "application/json")
@@ -58,16 +108,29 @@ class Fleet:
         *,
         base_port: int = 0,
         control_port: int | None = None,
-        model: str = "sim-model",
+        served_names: Mapping[int, Sequence[str]] | None = None,
+        dev_mode: bool = False,
     ) -> None:
+        """``served_names`` overrides what node n answers to (default:
+        ``default_served_names(n)``); ``dev_mode`` is vLLM's ``VLLM_SERVER_DEV_MODE=1``."""
         if count < 1:
             raise ValueError("count must be >= 1")
         self.count = count
         self.host = host
+        names = dict(served_names or {})
         self.nodes: dict[int, Node] = {
-            n: Node(n, host, base_port + n - 1 if base_port else 0, api_key=api_key, model=model)
+            n: Node(
+                n,
+                host,
+                base_port + n - 1 if base_port else 0,
+                api_key=api_key,
+                model=NODE_MODELS.get(n, DEFAULT_MODEL),
+                served_names=names.get(n) or default_served_names(n),
+                dev_mode=dev_mode,
+            )
             for n in range(1, count + 1)
         }
+        self._served = names  # what reset() restores
         self._control_port = control_port
         self._control: HTTPServer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -192,6 +255,13 @@ class Fleet:
     def set_api_key(self, n: int, api_key: str | None) -> None:
         self.node(n).api_key = api_key
 
+    def set_served_names(self, n: int, names: Sequence[str] | None) -> None:
+        """Node ``n`` answers to ``names`` from now on (None: ``default_served_names(n)``)."""
+        self.node(n).set_served_names(names or default_served_names(n))
+
+    def served_names(self, n: int) -> tuple[str, ...]:
+        return self.node(n).served_names
+
     def mode(self, n: int) -> str:
         return self.node(n).mode
 
@@ -204,12 +274,13 @@ class Fleet:
             node.clear_requests()
 
     def reset(self) -> None:
-        """All nodes healthy, load 0, request logs cleared."""
+        """All nodes healthy, load 0, served names as started, request logs cleared."""
         self._call(self._reset())
 
     async def _reset(self) -> None:
-        for node in self.nodes.values():
+        for n, node in self.nodes.items():
             await node.reset()
+            node.set_served_names(self._served.get(n) or default_served_names(n))
 
     def state(self) -> dict[str, Any]:
         return {str(n): node.state() for n, node in self.nodes.items()}
@@ -263,14 +334,25 @@ class Fleet:
             raise ValueError("body must be a JSON object")
         load = body.pop("load", None)
         mode = body.pop("mode", None)
+        names = body.pop("served_names", None)
         if mode is None and body:
             raise ValueError(f"parameters {sorted(body)} given without a 'mode'")
-        if mode is None and load is None:
-            raise ValueError("expected 'mode' and/or 'load'")
+        if mode is None and load is None and names is None:
+            raise ValueError("expected 'mode', 'load' and/or 'served_names'")
         if mode is not None and not isinstance(mode, str):
             raise ValueError("'mode' must be a string")
+        if names is not None and (
+            not isinstance(names, list)
+            or not names
+            or not all(isinstance(x, str) and x for x in names)
+        ):
+            raise ValueError("'served_names' must be a non-empty list of non-empty strings")
+        if mode is not None:
+            parse_mode(mode, body)  # validated first: a bad change must not half-apply
         if load is not None:
-            node.set_load(load)  # validated first: a bad load must not half-apply the change
+            node.set_load(load)
+        if names is not None:
+            node.set_served_names(names)
         if mode is not None:
             parse_mode(mode, body)
             await node.set_mode(mode, **body)
@@ -308,6 +390,8 @@ class FleetProcess:
         api_key: str | None = None,
         host: str = "127.0.0.1",
         base_port: int = 0,
+        served_names: Mapping[int, Sequence[str]] | None = None,
+        dev_mode: bool = False,
         args: Sequence[str] = (),
         start_timeout: float = 30.0,
         cwd: str | os.PathLike[str] | None = None,
@@ -318,6 +402,10 @@ class FleetProcess:
         self._argv += ["--base-port", str(base_port)]
         if api_key is not None:
             self._argv += ["--api-key", api_key]
+        for n, names in (served_names or {}).items():
+            self._argv += ["--served-model-name", f"{n}={','.join(names)}"]
+        if dev_mode:
+            self._argv.append("--dev-mode")
         self._argv += list(args)
         self._start_timeout = start_timeout
         self._cwd = Path(cwd) if cwd is not None else Path(__file__).resolve().parents[1]
@@ -416,8 +504,12 @@ class FleetProcess:
         self.url(n)
         return self._call("POST", f"/nodes/{n}", {"load": load})
 
+    def set_served_names(self, n: int, names: Sequence[str]) -> dict[str, Any]:
+        self.url(n)
+        return self._call("POST", f"/nodes/{n}", {"served_names": list(names)})
+
     def reset(self) -> dict[str, Any]:
-        """Every node healthy, load 0, request logs cleared."""
+        """Every node healthy, load 0, default served names, request logs cleared."""
         return self._call("POST", "/reset", {})
 
     def state(self) -> dict[str, Any]:
@@ -450,7 +542,19 @@ def main(argv: list[str] | None = None) -> int:
         "--base-port", type=int, default=0, help="node n listens on BASE+n-1 (0: OS-chosen)"
     )
     parser.add_argument("--api-key", default=None)
-    parser.add_argument("--model", default="sim-model", help="served model name")
+    parser.add_argument(
+        "--served-model-name",
+        action="append",
+        default=[],
+        metavar="N=NAME[,NAME...]",
+        help="what node N answers to (repeatable; default: its repo id and role names)",
+    )
+    parser.add_argument(
+        "--dev-mode",
+        action="store_true",
+        default=os.environ.get("VLLM_SERVER_DEV_MODE", "0") not in ("", "0"),
+        help="serve vLLM's dev-mode endpoints too (/sleep, /collective_rpc, ...)",
+    )
     parser.add_argument("--control-port", type=int, default=0)
     parser.add_argument(
         "--exit-on-stdin-eof",
@@ -458,6 +562,12 @@ def main(argv: list[str] | None = None) -> int:
         help="exit when stdin closes (so a dying parent never leaves this process behind)",
     )
     args = parser.parse_args(argv)
+    served: dict[int, list[str]] = {}
+    for item in args.served_model_name:
+        node, sep, names = item.partition("=")
+        if not sep or not node.isdigit() or not names:
+            parser.error(f"--served-model-name expects N=NAME[,NAME...], got {item!r}")
+        served[int(node)] = names.split(",")
 
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -480,7 +590,8 @@ def main(argv: list[str] | None = None) -> int:
         args.api_key,
         base_port=args.base_port,
         control_port=args.control_port,
-        model=args.model,
+        served_names=served,
+        dev_mode=args.dev_mode,
     )
     fleet.start()
     try:

@@ -1,16 +1,38 @@
 """One simulated GPU node: a vLLM-like OpenAI server whose failure mode can be switched live.
 
+Healthy, it behaves like ``vllm serve`` wherever the gateway's behaviour depends on it (each
+rule cites the vLLM source it mirrors; "vLLM" below is vllm-project/vllm, 0.2x-0.3x):
+
+- served names: ``--served-model-name a b c`` makes the engine answer to each name; a request
+  whose ``model`` is none of them gets 404 ``The model `x` does not exist.`` (NotFoundError),
+  a request without ``model`` is served by the first name
+  (vllm/entrypoints/openai/models/serving.py ``check_model``/``show_available_models``,
+  vllm/entrypoints/openai/engine/serving.py ``_check_model``/``_is_model_supported``);
+- ``--api-key`` is checked only for paths starting with ``/v1``, ``/v2``, ``/inference`` or
+  ``/cohere`` and never for OPTIONS; a miss is 401 ``{"error": "Unauthorized"}``
+  (vllm/entrypoints/serve/utils/server_utils.py ``AuthenticationMiddleware``; the limits are
+  documented in docs/usage/security.md "API Key Authentication Limitations");
+- the endpoints beside ``/v1``: ``/health``, ``/ping``, ``/version``, ``/load``, ``/metrics``,
+  ``/tokenize``, ``/detokenize``, ``/invocations`` (inference, unauthenticated), ``/pause``,
+  ``/resume``, ``/is_paused``; with ``VLLM_SERVER_DEV_MODE=1`` also ``/sleep``, ``/wake_up``,
+  ``/is_sleeping``, ``/reset_prefix_cache``, ``/reset_mm_cache``, ``/collective_rpc`` and
+  ``/server_info`` (vllm/entrypoints/serve/*/api_router.py; docs/usage/security.md lists them);
+- any other path is FastAPI's 404 ``{"detail":"Not Found"}``, a known path with the wrong
+  method its 405 ``{"detail":"Method Not Allowed"}``;
+- errors use vLLM's ``ErrorResponse``: ``{"error": {"message", "type", "param", "code"}}``
+  (vllm/entrypoints/openai/engine/protocol.py ``ErrorInfo``);
+- streams are ``text/event-stream; charset=utf-8`` and end with ``data: [DONE]``.
+
 Run alone as a stand-in for ``vllm serve``::
 
     python -m sim.node [serve] [MODEL] --port P [--host H] [--node N] [--api-key K]
-                       [--served-model-name M] [--model M] [...ignored vLLM flags]
+                       [--served-model-name A [B ...]] [--model M] [...ignored vLLM flags]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import hashlib
 import json
 import math
@@ -20,15 +42,26 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from sim.server import HTTPConnection, HTTPServer, Request, Response
 
-__all__ = ["MODES", "ModeConfig", "Node", "RecordedRequest", "main", "parse_mode"]
+__all__ = [
+    "DEFAULT_MODEL",
+    "MODES",
+    "VLLM_VERSION",
+    "ModeConfig",
+    "Node",
+    "RecordedRequest",
+    "main",
+    "parse_mode",
+]
 
-DEFAULT_MODEL = "sim-model"
+DEFAULT_MODEL = "sim-org/Sim-Model-1B-Instruct"
+VLLM_VERSION = "0.33.0"  # what /version reports: the vLLM release this simulator follows
+MAX_MODEL_LEN = 8192
 HISTORY = 1000
 MODES = (
     "healthy",
@@ -39,24 +72,41 @@ MODES = (
     "ngrok_offline",
     "cf_tunnel_down",
     "sse",
+    "stream_reset",
+    "stream_eof",
+    "body_cut",
 )
+# vLLM's AuthenticationMiddleware guards exactly these prefixes (str.startswith, so "/v1x" too).
+GUARDED_PREFIX = ("/v1", "/v2", "/inference", "/cohere")
+# How long a dying node lingers after its last byte before the RST: long enough for the peer
+# to have read what was sent (an RST can make the peer's kernel drop unread data).
+_RST_GRACE_S = 0.05
 _JSON = ("content-type", "application/json")
-_SSE = (("content-type", "text/event-stream"), ("cache-control", "no-cache"))
+_SSE_TYPE = "text/event-stream; charset=utf-8"
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RecordedRequest:
-    """A request as it reached a node (kept even when the node then hangs or fails it)."""
+    """A request as it reached a node, recorded as soon as its head arrived (so also when the
+    node then hangs or fails it, or the body never completes).
+
+    ``closed`` is when the connection that carried it closed (``time.monotonic()``; None while
+    open): after a client gives up, it shows how promptly the gateway let go of the node.
+    ``declared``/``received``/``complete`` say whether the body arrived whole."""
 
     node: int
     method: str
     path: str
     query: str
     headers: tuple[tuple[str, str], ...]  # (lower-cased name, value) in arrival order
-    body: bytes
-    arrived: float  # time.monotonic()
+    body: bytes  # the whole body once complete; b"" before
+    arrived: float  # time.monotonic() when the head was parsed
     wall: float  # time.time()
+    declared: int | None = 0  # Content-Length; None for a chunked body
+    received: int = 0  # body bytes that arrived
+    complete: bool = False  # the whole body arrived
+    closed: float | None = None  # time.monotonic() when the connection closed
 
     def header(self, name: str, default: str | None = None) -> str | None:
         name = name.lower()
@@ -84,6 +134,10 @@ class RecordedRequest:
             "body": text,
             "arrived": self.arrived,
             "wall": self.wall,
+            "declared": self.declared,
+            "received": self.received,
+            "complete": self.complete,
+            "closed": self.closed,
         }
 
 
@@ -109,7 +163,21 @@ def _header_text(value: Any, what: str) -> str:
 
 
 def parse_mode(mode: str, params: Mapping[str, Any] | None = None) -> ModeConfig:
-    """Validate a mode and its parameters (raises ValueError with a readable message)."""
+    """Validate a mode and its parameters (raises ValueError with a readable message).
+
+    Streaming failures (what a node that dies mid-answer looks like):
+
+    - ``stream_reset`` (``after`` events, ``interval`` s between them): a streamed completion
+      sends ``after`` SSE events, then the connection is reset (TCP RST), as when the engine
+      process or the runtime dies;
+    - ``stream_eof`` (``after``, ``interval``): ``after`` events, then a clean end of the
+      chunked body without ``data: [DONE]``, as ``transformers serve`` ends every stream;
+    - ``body_cut`` (``size`` bytes): a non-streamed JSON answer of ``size`` bytes is cut
+      half-way (Content-Length promises all of it, then RST).
+
+    Anything else the node serves (health, metrics, ...) stays healthy in these modes, so the
+    gateway's probes still pass: only answers in flight fail.
+    """
     params = dict(params or {})
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
@@ -134,6 +202,14 @@ def parse_mode(mode: str, params: Mapping[str, Any] | None = None) -> ModeConfig
     elif mode == "sse":
         out["events"] = int(_number("events", params.pop("events", 200), integer=True))
         out["interval"] = _number("interval", params.pop("interval", 0.01))
+    elif mode in ("stream_reset", "stream_eof"):
+        out["after"] = int(_number("after", params.pop("after", 2), integer=True))
+        out["interval"] = _number("interval", params.pop("interval", 0.0))
+    elif mode == "body_cut":
+        size = int(_number("size", params.pop("size", 256 * 1024), integer=True))
+        if size < 1024:
+            raise ValueError(f"size must be at least 1024 bytes, got {size}")
+        out["size"] = size
     if params:
         raise ValueError(f"mode {mode!r} takes no parameter(s) {', '.join(sorted(params))}")
     return ModeConfig(mode, out)
@@ -156,15 +232,60 @@ _CF_HTML = """<!DOCTYPE html>
 <p>error code: 1033</p><p>Cloudflare Ray ID: {ray}</p></body></html>
 """
 
+# path -> allowed methods. FastAPI answers 405 for a known path with another method (its
+# APIRoute adds no implicit HEAD) and 404 for an unknown path.
+_ROUTES: dict[str, tuple[str, ...]] = {
+    "/health": ("GET",),
+    "/ping": ("GET", "POST"),  # SageMaker's health check
+    "/version": ("GET",),
+    "/load": ("GET",),
+    "/tokenize": ("POST",),
+    "/detokenize": ("POST",),
+    "/invocations": ("POST",),  # SageMaker: the same inference as /v1, without the API key
+    "/pause": ("POST",),
+    "/resume": ("POST",),
+    "/is_paused": ("GET",),
+    "/v1/models": ("GET",),
+    "/v1/chat/completions": ("POST",),
+    "/v1/completions": ("POST",),
+}
+# Only with VLLM_SERVER_DEV_MODE=1 (vllm/entrypoints/serve/sleep/api_router.py and siblings
+# attach their routers only then).
+_DEV_ROUTES: dict[str, tuple[str, ...]] = {
+    "/sleep": ("POST",),
+    "/wake_up": ("POST",),
+    "/is_sleeping": ("GET",),
+    "/reset_prefix_cache": ("POST",),
+    "/reset_mm_cache": ("POST",),
+    "/collective_rpc": ("POST",),
+    "/server_info": ("GET",),
+}
+
 
 def _words(text: str) -> int:
     return len(text.split())
 
 
+def _bearer_ok(header: str | None, key: str) -> bool:
+    # vLLM: scheme, _, param = value.partition(" "); scheme.lower() == "bearer"; param == key
+    if not header:
+        return False
+    scheme, _, param = header.partition(" ")
+    return scheme.lower() == "bearer" and param == key
+
+
+def error_body(message: str, kind: str, code: int, param: str | None = None) -> dict[str, Any]:
+    """vLLM's ErrorResponse (vllm/entrypoints/openai/engine/protocol.py ErrorInfo)."""
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
 class Node:
     """A single simulated node on one port. All methods run on the node's event loop,
-    except ``set_load``/``requests``/``clear_requests`` and the read-only properties,
-    which are safe from any thread."""
+    except ``set_load``/``set_served_names``/``requests``/``clear_requests`` and the read-only
+    properties, which are safe from any thread.
+
+    ``model`` is the checkpoint path (the ``root`` of every model card); ``served_names`` the
+    names the engine answers to (vLLM's ``--served-model-name``; default: ``model``)."""
 
     def __init__(
         self,
@@ -174,13 +295,22 @@ class Node:
         *,
         api_key: str | None = None,
         model: str = DEFAULT_MODEL,
+        served_names: Sequence[str] | None = None,
+        dev_mode: bool = False,
         history: int = HISTORY,
     ) -> None:
         self.number = number
         self.model = model
+        self.served_names = _names(served_names or (model,))
         self.api_key = api_key
+        self.dev_mode = dev_mode
         self.load = 0
-        self._server = HTTPServer(self._handle, host, port)
+        self.paused = False
+        self.sleeping = False
+        self._resumed: asyncio.Event | None = None
+        self._server = HTTPServer(
+            self._handle, host, port, on_head=self._record, on_close=self._closed
+        )
         self._mode = _HEALTHY
         self._log: deque[RecordedRequest] = deque(maxlen=history)
         self._log_lock = threading.Lock()
@@ -223,6 +353,8 @@ class Node:
     # -- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
         self._started = True
+        self._resumed = asyncio.Event()
+        self._resumed.set()
         if self._mode.name != "refuse":
             await self._server.start()
 
@@ -252,6 +384,10 @@ class Node:
     def set_load(self, load: int) -> None:
         self.load = int(_number("load", load, integer=True))
 
+    def set_served_names(self, names: Sequence[str] | None) -> None:
+        """Answer to these model names from now on (None: the checkpoint path only)."""
+        self.served_names = _names(names or (self.model,))
+
     def requests(self) -> list[RecordedRequest]:
         with self._log_lock:
             return list(self._log)
@@ -264,6 +400,8 @@ class Node:
     async def reset(self) -> None:
         await self.set_mode("healthy")
         self.load = 0
+        self._set_paused(False)
+        self.sleeping = False
         self.clear_requests()
 
     def state(self) -> dict[str, Any]:
@@ -276,9 +414,20 @@ class Node:
             "requests": self.request_count,
             "api_key": self.api_key is not None,
             "model": self.model,
+            "served_names": list(self.served_names),
+            "dev_mode": self.dev_mode,
+            "paused": self.paused,
         }
 
-    # -- request handling ---------------------------------------------------------------------
+    def _set_paused(self, paused: bool) -> None:
+        self.paused = paused
+        if self._resumed is not None:
+            if paused:
+                self._resumed.clear()
+            else:
+                self._resumed.set()
+
+    # -- bookkeeping (server hooks, loop thread) ----------------------------------------------
     def _record(self, req: Request) -> None:
         rec = RecordedRequest(
             self.number,
@@ -286,19 +435,32 @@ class Node:
             req.path,
             req.query,
             tuple(req.headers),
-            req.body,
+            b"",
             req.arrived,
             time.time(),
+            req.declared,
         )
+        req.meta = rec
         with self._log_lock:
             self._log.append(rec)
             self._total += 1
 
+    def _closed(self, reqs: list[Request]) -> None:
+        now = time.monotonic()
+        for req in reqs:
+            rec = req.meta
+            if isinstance(rec, RecordedRequest):
+                rec.received = req.received
+                rec.closed = now
+
+    # -- request handling ---------------------------------------------------------------------
     async def _handle(self, req: Request, resp: Response) -> None:
-        self._record(req)
+        rec = req.meta
+        if isinstance(rec, RecordedRequest):
+            rec.body, rec.received, rec.complete = req.body, req.received, True
         mode = self._mode
         name = mode.name
-        if name == "healthy":
+        if name in ("healthy", "stream_reset", "stream_eof", "body_cut"):
             await self._serve(req, resp)
         elif name == "slow_headers":
             await asyncio.sleep(mode.params["delay"])
@@ -348,8 +510,7 @@ class Node:
         ctype = "application/json"
         if body is None:
             message = f"simulated HTTP {status} from sim node {self.number}"
-            data = _dumps({"error": {"message": message, "type": "sim_error", "code": status}})
-            payload = data.encode()
+            payload = _dumps(error_body(message, "sim_error", status)).encode()
         elif isinstance(body, bytes):
             payload, ctype = body, "application/octet-stream"
         elif isinstance(body, str):
@@ -364,12 +525,7 @@ class Node:
 
     async def _sse(self, resp: Response, events: int, interval: float) -> None:
         resp.start(
-            200,
-            [
-                ("content-type", "text/event-stream"),
-                ("cache-control", "no-cache"),
-                self._node_header,
-            ],
+            200, [("content-type", _SSE_TYPE), ("cache-control", "no-cache"), self._node_header]
         )
         for k in range(events):
             if k and interval:
@@ -381,31 +537,113 @@ class Node:
     def _json(self, resp: Response, status: int, obj: Any) -> None:
         resp.send(status, [_JSON, self._node_header], _dumps(obj).encode())
 
+    def _error(
+        self, resp: Response, status: int, message: str, kind: str, param: str | None = None
+    ) -> None:
+        self._json(resp, status, error_body(message, kind, status, param))
+
+    def _detail(
+        self, resp: Response, status: int, detail: str, extra: Sequence[tuple[str, str]] = ()
+    ) -> None:
+        # Starlette/FastAPI's own answers (unknown route, wrong method): {"detail": ...}
+        resp.send(status, [_JSON, *extra, self._node_header], _dumps({"detail": detail}).encode())
+
+    def _empty(self, resp: Response) -> None:
+        resp.send(200, [self._node_header])
+
     async def _serve(self, req: Request, resp: Response) -> None:
-        """The healthy, vLLM-like behaviour."""
+        """The healthy, vLLM-like behaviour (middleware, then routing)."""
         path, method = req.path, req.method
-        if path == "/health" and method in ("GET", "HEAD"):
-            resp.send(200, [self._node_header])
+        if (
+            method == "OPTIONS"
+            and req.header("origin")
+            and req.header("access-control-request-method")
+        ):
+            # vLLM installs CORSMiddleware (allow_origins ["*"] by default): it answers a
+            # preflight itself, before authentication (which skips OPTIONS anyway).
+            headers = [
+                ("access-control-allow-origin", "*"),
+                ("access-control-allow-methods", "DELETE, GET, HEAD, OPTIONS, PATCH, POST, PUT"),
+                ("access-control-max-age", "600"),
+                ("vary", "Origin"),
+                ("content-type", "text/plain; charset=utf-8"),
+                self._node_header,
+            ]
+            resp.send(200, headers, b"OK")
             return
-        if path == "/metrics" and method in ("GET", "HEAD"):
+        if (
+            self.api_key is not None
+            and method != "OPTIONS"
+            and path.startswith(GUARDED_PREFIX)
+            and not _bearer_ok(req.header("authorization"), self.api_key)
+        ):
+            self._json(resp, 401, {"error": "Unauthorized"})
+            return
+        if path == "/metrics" or path.startswith("/metrics/"):
+            # A mounted prometheus ASGI app: it answers any method.
             resp.send(
                 200,
                 [("content-type", "text/plain; version=0.0.4; charset=utf-8"), self._node_header],
                 self._metrics().encode(),
             )
             return
-        if self.api_key is not None and req.header("authorization") != f"Bearer {self.api_key}":
-            self._json(resp, 401, {"error": "Unauthorized"})
+        methods = _ROUTES.get(path) or (_DEV_ROUTES.get(path) if self.dev_mode else None)
+        if methods is None:
+            self._detail(resp, 404, "Not Found")
             return
-        if method == "GET" and path == "/v1/models":
+        if method not in methods:
+            self._detail(resp, 405, "Method Not Allowed", [("allow", ", ".join(methods))])
+            return
+        await self._route(req, resp, path)
+
+    async def _route(self, req: Request, resp: Response, path: str) -> None:
+        if path in ("/health", "/ping"):
+            self._empty(resp)
+        elif path == "/version":
+            self._json(resp, 200, {"version": VLLM_VERSION})
+        elif path == "/load":
+            self._json(resp, 200, {"server_load": self._running})
+        elif path == "/v1/models":
             self._json(resp, 200, self._models())
-        elif method == "POST" and path in ("/v1/chat/completions", "/v1/completions"):
-            await self._completion(req, resp, chat=path == "/v1/chat/completions")
-        else:
-            self._json(resp, 200, self._echo(req))
+        elif path in ("/v1/chat/completions", "/v1/completions"):
+            payload = self._payload(req, resp)
+            if payload is not None:
+                await self._completion(payload, resp, chat=path == "/v1/chat/completions")
+        elif path == "/invocations":
+            payload = self._payload(req, resp)
+            if payload is not None:
+                await self._invocations(payload, resp)
+        elif path == "/tokenize":
+            self._tokenize(req, resp)
+        elif path == "/detokenize":
+            self._detokenize(req, resp)
+        elif path == "/pause":
+            self._set_paused(True)
+            self._json(resp, 200, {"status": "paused"})
+        elif path == "/resume":
+            self._set_paused(False)
+            self._json(resp, 200, {"status": "resumed"})
+        elif path == "/is_paused":
+            self._json(resp, 200, {"is_paused": self.paused})
+        elif path == "/sleep":
+            self.sleeping = True
+            self._empty(resp)
+        elif path == "/wake_up":
+            self.sleeping = False
+            self._empty(resp)
+        elif path == "/is_sleeping":
+            self._json(resp, 200, {"is_sleeping": self.sleeping})
+        elif path in ("/reset_prefix_cache", "/reset_mm_cache"):
+            self._empty(resp)
+        elif path == "/collective_rpc":
+            self._json(resp, 200, {"results": [None]})
+        else:  # /server_info
+            self._json(
+                resp, 200, {"vllm_config": f"model={self.model!r}, served={self.served_names}"}
+            )
 
     def _metrics(self) -> str:
-        m = f'model_name="{self.model}"'
+        m = f'model_name="{self.served_names[0]}"'
         return (
             "# HELP vllm:num_requests_running Number of requests currently running on GPU.\n"
             "# TYPE vllm:num_requests_running gauge\n"
@@ -422,48 +660,113 @@ class Node:
         )
 
     def _models(self) -> dict[str, Any]:
-        card = {
-            "id": self.model,
-            "object": "model",
-            "created": int(time.time()),
-            "owned_by": "vllm",
-            "root": self.model,
-            "parent": None,
-            "max_model_len": 8192,
-            "permission": [],
-        }
-        return {"object": "list", "data": [card]}
+        # One card per served name, root = the checkpoint
+        # (OpenAIModelRegistry.show_available_models).
+        created = int(time.time())
+        cards = [
+            {
+                "id": name,
+                "object": "model",
+                "created": created,
+                "owned_by": "vllm",
+                "root": self.model,
+                "parent": None,
+                "max_model_len": MAX_MODEL_LEN,
+                "permission": [
+                    {
+                        "id": f"modelperm-sim{self.number}",
+                        "object": "model_permission",
+                        "created": created,
+                        "allow_create_engine": False,
+                        "allow_sampling": True,
+                        "allow_logprobs": True,
+                        "allow_search_indices": False,
+                        "allow_view": True,
+                        "allow_fine_tuning": False,
+                        "organization": "*",
+                        "group": None,
+                        "is_blocking": False,
+                    }
+                ],
+            }
+            for name in self.served_names
+        ]
+        return {"object": "list", "data": cards}
 
-    def _echo(self, req: Request) -> dict[str, Any]:
-        body = req.body
-        out: dict[str, Any] = {
-            "node": self.number,
-            "method": req.method,
-            "path": req.path,
-            "query": req.query,
-            "headers": [list(h) for h in req.headers],
-            "body_len": len(body),
-            "body_sha256": hashlib.sha256(body).hexdigest(),
-        }
-        try:
-            out["body"] = body.decode("utf-8")
-        except UnicodeDecodeError:
-            out["body_b64"] = base64.b64encode(body).decode("ascii")
-        return out
-
-    def _error(self, resp: Response, status: int, message: str, kind: str) -> None:
-        # vLLM's ErrorResponse shape.
-        err = {"object": "error", "message": message, "type": kind, "param": None, "code": status}
-        self._json(resp, status, err)
-
-    async def _completion(self, req: Request, resp: Response, *, chat: bool) -> None:
+    def _payload(self, req: Request, resp: Response) -> dict[str, Any] | None:
         try:
             payload = json.loads(req.body)
         except (ValueError, UnicodeDecodeError):
             self._error(resp, 400, "request body is not valid JSON", "BadRequestError")
-            return
+            return None
         if not isinstance(payload, dict):
             self._error(resp, 400, "request body must be a JSON object", "BadRequestError")
+            return None
+        return payload
+
+    def _model_error(self, payload: Mapping[str, Any], resp: Response) -> str | None:
+        """The name the answer reports, or None after answering vLLM's 404 for an unknown one."""
+        model = payload.get("model")
+        if not model:  # absent/empty/null: served by the first name (_is_model_supported)
+            return self.served_names[0]
+        if not isinstance(model, str) or model not in self.served_names:
+            self._error(resp, 404, f"The model `{model}` does not exist.", "NotFoundError", "model")
+            return None
+        return model
+
+    def _tokenize(self, req: Request, resp: Response) -> None:
+        payload = self._payload(req, resp)
+        if payload is None or self._model_error(payload, resp) is None:
+            return
+        prompt = payload.get("prompt")
+        if not isinstance(prompt, str):
+            messages = payload.get("messages")
+            if not isinstance(messages, list):
+                self._error(resp, 400, "'prompt' or 'messages' is required", "BadRequestError")
+                return
+            prompt = "".join(str(m.get("content", "")) for m in messages if isinstance(m, dict))
+        tokens = list(prompt.encode("utf-8"))  # one token per byte: invertible, like a tokenizer
+        self._json(
+            resp,
+            200,
+            {
+                "count": len(tokens),
+                "max_model_len": MAX_MODEL_LEN,
+                "tokens": tokens,
+                "token_strs": None,
+            },
+        )
+
+    def _detokenize(self, req: Request, resp: Response) -> None:
+        payload = self._payload(req, resp)
+        if payload is None or self._model_error(payload, resp) is None:
+            return
+        tokens = payload.get("tokens")
+        if not isinstance(tokens, list) or not all(
+            isinstance(t, int) and 0 <= t < 256 for t in tokens
+        ):
+            self._error(resp, 400, "'tokens' must be a list of token ids", "BadRequestError")
+            return
+        self._json(resp, 200, {"prompt": bytes(tokens).decode("utf-8", "replace")})
+
+    async def _invocations(self, payload: dict[str, Any], resp: Response) -> None:
+        # vLLM picks the handler by the body's shape (api_server.py `invocations`).
+        if "messages" in payload:
+            await self._completion(payload, resp, chat=True)
+        elif "prompt" in payload:
+            await self._completion(payload, resp, chat=False)
+        else:
+            self._error(
+                resp,
+                400,
+                "Cannot find suitable handler for request. Expected one of: "
+                "ChatCompletionRequest, CompletionRequest",
+                "BadRequestError",
+            )
+
+    async def _completion(self, payload: dict[str, Any], resp: Response, *, chat: bool) -> None:
+        model = self._model_error(payload, resp)
+        if model is None:
             return
         if chat:
             messages = payload.get("messages")
@@ -484,21 +787,25 @@ class Node:
             else:
                 self._error(resp, 400, "'prompt' is required", "BadRequestError")
                 return
-        model = payload.get("model") or self.model
+        if self._resumed is not None and not self._resumed.is_set():
+            await self._resumed.wait()  # a paused engine holds new requests until /resume
+        mode = self._mode
         words = f"Hello from sim node {self.number}.".split(" ")
+        if mode.name in ("stream_reset", "stream_eof"):
+            # A long answer, so the cut comes before its natural end.
+            words += [f"w{i}" for i in range(mode.params["after"] + 4)]
         max_tokens = payload.get("max_tokens", payload.get("max_completion_tokens"))
         finish = "stop"
         if isinstance(max_tokens, int) and 0 < max_tokens < len(words):
             words, finish = words[:max_tokens], "length"
         self._seq += 1
         rid = f"{'chatcmpl' if chat else 'cmpl'}-sim{self.number}-{self._seq}"
-        created = int(time.time())
         usage = {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": len(words),
             "total_tokens": prompt_tokens + len(words),
         }
-        base = {"id": rid, "created": created, "model": model, "node": self.number}
+        base = {"id": rid, "created": int(time.time()), "model": model, "node": self.number}
         self._running += 1
         try:
             if payload.get("stream") is True:
@@ -507,6 +814,8 @@ class Node:
                 await self._stream(resp, base, words, finish, usage if with_usage else None, chat)
                 return
             text = " ".join(words)
+            if mode.name == "body_cut":
+                text += " " + "x" * mode.params["size"]  # a large answer, to be cut half-way
             if chat:
                 message = {"role": "assistant", "content": text}
                 choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
@@ -514,9 +823,27 @@ class Node:
             else:
                 choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
                 obj = "text_completion"
-            self._json(resp, 200, {**base, "object": obj, "choices": [choice], "usage": usage})
+            body = _dumps({**base, "object": obj, "choices": [choice], "usage": usage}).encode()
+            if mode.name == "body_cut":
+                await self._cut_body(resp, body)
+            else:
+                resp.send(200, [_JSON, self._node_header], body)
         finally:
             self._running -= 1
+
+    async def _die(self, resp: Response) -> None:
+        """Let what was written reach the peer, then reset the connection (a dead node)."""
+        conn = resp.connection
+        while conn.write_buffer_size and not conn.closed:
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(_RST_GRACE_S)
+        conn.reset()
+
+    async def _cut_body(self, resp: Response, body: bytes) -> None:
+        # Content-Length promises the whole body; half of it arrives, then the node dies.
+        resp.start_fixed(200, [_JSON, self._node_header], len(body))
+        await resp.write(body[: len(body) // 2])
+        await self._die(resp)
 
     async def _stream(
         self,
@@ -528,12 +855,7 @@ class Node:
         chat: bool,
     ) -> None:
         resp.start(
-            200,
-            [
-                ("content-type", "text/event-stream"),
-                ("cache-control", "no-cache"),
-                self._node_header,
-            ],
+            200, [("content-type", _SSE_TYPE), ("cache-control", "no-cache"), self._node_header]
         )
         obj = "chat.completion.chunk" if chat else "text_completion"
 
@@ -550,16 +872,36 @@ class Node:
             data = {**base, "object": obj, "choices": [choice]}
             return b"data: %b\n\n" % _dumps(data).encode()
 
-        if chat:
-            await resp.write(chunk(None, None, role=True))
-        for i, word in enumerate(words):
-            await resp.write(chunk(word if i == 0 else " " + word, None))
-        await resp.write(chunk("" if not chat else None, finish))
+        events: list[bytes] = [chunk(None, None, role=True)] if chat else []
+        events += [chunk(w if i == 0 else " " + w, None) for i, w in enumerate(words)]
+        events.append(chunk("" if not chat else None, finish))
         if usage is not None:
             tail = {**base, "object": obj, "choices": [], "usage": usage}
-            await resp.write(b"data: %b\n\n" % _dumps(tail).encode())
-        await resp.write(b"data: [DONE]\n\n")
-        await resp.end()
+            events.append(b"data: %b\n\n" % _dumps(tail).encode())
+        mode = self._mode
+        cut = mode.params["after"] if mode.name in ("stream_reset", "stream_eof") else None
+        interval = mode.params.get("interval", 0.0) if cut is not None else 0.0
+        for i, event in enumerate(events):
+            if i == cut:
+                break
+            if i and interval:
+                await asyncio.sleep(interval)
+            await resp.write(event)
+        else:
+            await resp.write(b"data: [DONE]\n\n")
+            await resp.end()
+            return
+        if mode.name == "stream_reset":
+            await self._die(resp)
+        else:  # stream_eof: a clean end of the chunked body, no [DONE]
+            await resp.end()
+
+
+def _names(names: Sequence[str]) -> tuple[str, ...]:
+    out = tuple(dict.fromkeys(names))
+    if not out or not all(isinstance(n, str) and n for n in out):
+        raise ValueError(f"served names must be non-empty strings, got {names!r}")
+    return out
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -583,15 +925,21 @@ def main(argv: list[str] | None = None) -> int:
     positional = list(args.positional)
     if positional and positional[0] == "serve":
         positional.pop(0)
-    model = (
-        (args.served_model_name or [None])[0]
-        or args.model
-        or (positional[0] if positional else None)
-        or DEFAULT_MODEL
-    )
+    model = args.model or (positional[0] if positional else None) or DEFAULT_MODEL
+    # vLLM reads VLLM_API_KEY when --api-key is absent, and VLLM_SERVER_DEV_MODE=1 adds routes.
+    api_key = args.api_key or os.environ.get("VLLM_API_KEY") or None
+    dev_mode = os.environ.get("VLLM_SERVER_DEV_MODE", "0") not in ("", "0")
 
     async def run() -> None:
-        node = Node(args.node, args.host, args.port, api_key=args.api_key, model=model)
+        node = Node(
+            args.node,
+            args.host,
+            args.port,
+            api_key=api_key,
+            model=model,
+            served_names=args.served_model_name,
+            dev_mode=dev_mode,
+        )
         await node.start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

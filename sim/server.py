@@ -12,7 +12,9 @@ import asyncio
 import contextlib
 import json
 import socket
+import struct
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from http import HTTPStatus
 
@@ -44,9 +46,27 @@ class HTTPError(Exception):
 
 
 class Request:
-    """One parsed request; header names are lower-cased, values kept verbatim."""
+    """One request; header names are lower-cased, values kept verbatim.
 
-    __slots__ = ("arrived", "body", "headers", "keep_alive", "method", "path", "query", "target")
+    Created when its head has arrived (``arrived``); ``body`` is filled in and ``complete`` set
+    once the whole body is in. A request whose connection dies mid-body never becomes complete:
+    ``received`` then says how much of the ``declared`` length (None: chunked) arrived.
+    """
+
+    __slots__ = (
+        "arrived",
+        "body",
+        "complete",
+        "declared",
+        "headers",
+        "keep_alive",
+        "meta",
+        "method",
+        "path",
+        "query",
+        "received",
+        "target",
+    )
 
     def __init__(
         self,
@@ -55,6 +75,7 @@ class Request:
         headers: list[tuple[str, str]],
         body: bytes,
         keep_alive: bool,
+        declared: int | None = 0,
     ) -> None:
         self.method = method
         self.target = target
@@ -65,6 +86,10 @@ class Request:
         self.body = body
         self.keep_alive = keep_alive
         self.arrived = time.monotonic()
+        self.declared = declared
+        self.received = len(body)
+        self.complete = False
+        self.meta: object = None  # for the server's user (the simulated node's record)
 
     def header(self, name: str, default: str | None = None) -> str | None:
         """First value of header ``name`` (case-insensitive)."""
@@ -128,6 +153,13 @@ class Response:
             framing = "transfer-encoding: chunked\r\n"
         self._conn.write(self._head(status, headers, framing))
 
+    def start_fixed(self, status: int, headers: Iterable[tuple[str, str]], length: int) -> None:
+        """Send the head of a response whose ``length`` bytes follow through ``write``."""
+        if self.started:
+            raise RuntimeError("response already started")
+        self.started = True
+        self._conn.write(self._head(status, headers, f"content-length: {length}\r\n"))
+
     async def write(self, data: bytes) -> None:
         """Write one chunk and flush it (each call is its own chunk on the wire)."""
         if not self.started or self.finished:
@@ -180,6 +212,8 @@ class HTTPConnection(asyncio.Protocol):
         self._keep_alive = True
         self._remaining = 0
         self._body = bytearray()
+        self._current: Request | None = None  # head parsed, body still arriving
+        self._seen: deque[Request] = deque(maxlen=64)  # told to on_close with the close time
 
     # -- asyncio.Protocol -------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -195,6 +229,15 @@ class HTTPConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
         self._server.connections.discard(self)
+        current = self._current
+        if current is not None:  # died mid-body: how much of it made it?
+            current.received = (
+                min(len(self._buf), self._remaining)
+                if self._phase == _BODY_LENGTH
+                else len(self._body)
+            )
+        if self._server.on_close is not None:
+            self._server.on_close(list(self._seen))
         if self._task is not None and not self._task.done():
             self._task.cancel()  # e.g. a hung or streaming handler whose client went away
         waiter = self._drain_waiter
@@ -256,6 +299,21 @@ class HTTPConnection(asyncio.Protocol):
         self._closing = True
         if self._transport is not None and not self._closed:
             self._transport.abort()
+
+    def reset(self) -> None:
+        """Send a TCP RST (SO_LINGER 0, then close), as a crashed or killed server does: the
+        peer sees ECONNRESET, never a clean end of stream."""
+        sock = None if self._transport is None else self._transport.get_extra_info("socket")
+        if sock is not None and not self._closed:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.abort()
+
+    @property
+    def write_buffer_size(self) -> int:
+        if self._transport is None or self._closed:
+            return 0
+        return self._transport.get_write_buffer_size()
 
     # -- parsing ------------------------------------------------------------------------------
     def _process(self) -> None:
@@ -418,13 +476,25 @@ class HTTPConnection(asyncio.Protocol):
         else:
             self._remaining = 0
             self._phase = _BODY_LENGTH
+        declared = None if chunked else self._remaining
+        request = Request(method, target, headers, b"", self._keep_alive, declared)
+        self._current = request
+        self._seen.append(request)
+        if self._server.on_head is not None:
+            self._server.on_head(request)
         body_pending = chunked or self._remaining > len(self._buf)
         if expect and body_pending and not http10:
             self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def _finish_request(self, body: bytes) -> Request:
         self._phase = _HEAD
-        return Request(self._method, self._target, self._headers, body, self._keep_alive)
+        request = self._current
+        assert request is not None
+        self._current = None
+        request.body = body
+        request.received = len(body)
+        request.complete = True
+        return request
 
     def _fail(self, status: int, message: str) -> None:
         body = json.dumps({"error": message}).encode()
@@ -474,8 +544,21 @@ class HTTPConnection(asyncio.Protocol):
 class HTTPServer:
     """Listening socket + its connections; ``start``/``close_listener`` may alternate."""
 
-    def __init__(self, handler: Handler, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self,
+        handler: Handler,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        on_head: Callable[[Request], None] | None = None,
+        on_close: Callable[[list[Request]], None] | None = None,
+    ) -> None:
+        """``on_head(request)`` runs as soon as a request's head is parsed (before its body);
+        ``on_close(requests)`` when a connection closes, with the requests it carried (the
+        last 64)."""
         self.handler = handler
+        self.on_head = on_head
+        self.on_close = on_close
         self.host = host
         self.port = port
         self.connections: set[HTTPConnection] = set()

@@ -28,8 +28,8 @@ def test_fleet_process_runs_and_controls_the_nodes() -> None:
         assert c.get(fleet.url(2) + "/v1/models", headers=auth).status_code == 429
         fleet.set_all("refuse")
         for n in (1, 2):
-            with pytest.raises(httpx.ConnectError):
-                c.get(fleet.url(n) + "/health")
+            with pytest.raises(httpx.ConnectError):  # a new connection (no pooled one)
+                httpx.get(fleet.url(n) + "/health", timeout=5)
         assert fleet.set_load(1, 3)["load"] == 3
         state = fleet.reset()
         assert {s["mode"] for s in state.values()} == {"healthy"}

@@ -1,4 +1,7 @@
-"""Wire-level behaviour of sim.server, driven through raw sockets against a real node."""
+"""Wire-level behaviour of sim.server, driven through raw sockets against a real node.
+
+The node answers like vLLM (unknown paths are 404), so what the parser made of a request is
+read from the node's own record of it (``fleet.requests``)."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ import time
 import httpx
 
 from sim.fleet import Fleet
+from sim.node import VLLM_VERSION
 
 
 def _connect(fleet: Fleet, n: int = 1) -> socket.socket:
@@ -71,18 +75,27 @@ def test_keep_alive_and_pipelining(fleet: Fleet) -> None:
         assert reader.response()[0] == 200
         # Three pipelined requests in one segment come back in order on the same connection.
         sock.sendall(
-            b"GET /a HTTP/1.1\r\nhost: x\r\n\r\n"
+            b"GET /version HTTP/1.1\r\nhost: x\r\n\r\n"
             b"POST /b HTTP/1.1\r\nhost: x\r\ncontent-length: 3\r\n\r\nxyz"
-            b"GET /c?q=1 HTTP/1.1\r\nhost: x\r\n\r\n"
+            b"GET /load?q=1 HTTP/1.1\r\nhost: x\r\n\r\n"
         )
-        paths = []
+        answers = []
         for _ in range(3):
             status, headers, body = reader.response()
-            assert status == 200
             assert headers["x-sim-node"] == "1"
-            paths.append(json.loads(body)["path"])
-        assert paths == ["/a", "/b", "/c"]
-    assert [r.path for r in fleet.requests(1)] == ["/health", "/a", "/b", "/c"]
+            answers.append((status, json.loads(body)))
+        assert answers == [
+            (200, {"version": VLLM_VERSION}),
+            (404, {"detail": "Not Found"}),
+            (200, {"server_load": 0}),
+        ]
+    recs = fleet.requests(1)
+    assert [(r.path, r.query, r.body) for r in recs] == [
+        ("/health", "", b""),
+        ("/version", "", b""),
+        ("/b", "", b"xyz"),
+        ("/load", "q=1", b""),
+    ]
 
 
 def test_request_split_across_many_segments(fleet: Fleet) -> None:
@@ -93,10 +106,10 @@ def test_request_split_across_many_segments(fleet: Fleet) -> None:
             if i % 16 == 0:
                 time.sleep(0.001)
         status, _, body = _Reader(sock).response()
-    echo = json.loads(body)
-    assert status == 200
-    assert (echo["method"], echo["path"], echo["query"]) == ("PUT", "/split", "x=y")
-    assert echo["body"] == "0123456789"
+    assert (status, json.loads(body)) == (404, {"detail": "Not Found"})
+    rec = fleet.requests(1)[-1]
+    assert (rec.method, rec.path, rec.query, rec.body) == ("PUT", "/split", "x=y", b"0123456789")
+    assert (rec.declared, rec.received, rec.complete) == (10, 10, True)
 
 
 def test_chunked_upload_with_extensions_and_trailers(fleet: Fleet) -> None:
@@ -108,10 +121,10 @@ def test_chunked_upload_with_extensions_and_trailers(fleet: Fleet) -> None:
         )
         time.sleep(0.02)  # the rest arrives later: the parser must resume mid-body
         sock.sendall(b"5\r\nworld\r\n0\r\nx-trailer: t\r\n\r\n")
-        status, _, body = _Reader(sock).response()
-    assert status == 200
-    assert json.loads(body)["body"] == "hello world"
-    assert fleet.requests(1)[-1].body == b"hello world"
+        status, _, _ = _Reader(sock).response()
+    assert status == 404
+    rec = fleet.requests(1)[-1]
+    assert (rec.body, rec.declared, rec.complete) == (b"hello world", None, True)
 
 
 def test_connection_close_is_honoured(fleet: Fleet) -> None:
@@ -167,17 +180,18 @@ def test_expect_100_continue(fleet: Fleet) -> None:
         )
         assert reader.response()[0] == 100
         sock.sendall(b"data")
-        status, _, body = reader.response()
-    assert status == 200
-    assert json.loads(body)["body"] == "data"
+        status, _, _ = reader.response()
+    assert status == 404
+    assert fleet.requests(1)[-1].body == b"data"
 
 
 def test_head_has_no_body(fleet: Fleet) -> None:
     with _connect(fleet) as sock:
         reader = _Reader(sock)
-        sock.sendall(b"HEAD /v1/models HTTP/1.1\r\nhost: x\r\n\r\n")
+        sock.sendall(b"HEAD /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
         head = reader._until(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200")
+        assert b"content-length: 0" not in head
         # The next response follows immediately: no body bytes were sent for the HEAD.
         sock.sendall(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
         assert reader.response()[0] == 200
@@ -197,10 +211,9 @@ def test_accepted_sockets_have_tcp_nodelay(fleet: Fleet) -> None:
 def test_large_binary_body_round_trip(fleet: Fleet, client: httpx.Client) -> None:
     body = bytes(range(256)) * 8192  # 2 MiB, not valid UTF-8
     r = client.post(fleet.url(3) + "/blob", content=body)
-    echo = r.json()
-    assert echo["body_len"] == len(body)
-    assert "body" not in echo
-    assert fleet.requests(3)[-1].body == body
+    assert r.status_code == 404
+    rec = fleet.requests(3)[-1]
+    assert (rec.body, rec.declared, rec.received) == (body, len(body), len(body))
 
 
 def test_pipelining_behind_async_handlers(fleet: Fleet) -> None:
@@ -214,6 +227,8 @@ def test_pipelining_behind_async_handlers(fleet: Fleet) -> None:
     fleet.set(1, "slow_headers", delay=0.05)
     with _connect(fleet) as sock:
         reader = _Reader(sock)
-        sock.sendall(b"GET /a HTTP/1.1\r\nhost: x\r\n\r\nGET /b HTTP/1.1\r\nhost: x\r\n\r\n")
-        paths = [json.loads(reader.response()[2])["path"] for _ in range(2)]
-    assert paths == ["/a", "/b"]
+        sock.sendall(
+            b"GET /version HTTP/1.1\r\nhost: x\r\n\r\nGET /load HTTP/1.1\r\nhost: x\r\n\r\n"
+        )
+        bodies = [json.loads(reader.response()[2]) for _ in range(2)]
+    assert bodies == [{"version": VLLM_VERSION}, {"server_load": 0}]
