@@ -1,4 +1,4 @@
-"""attempt.py: response/error classification, Retry-After, next_step, Attempt.public."""
+"""attempt.py: what a node's response head (or its absence) means, Retry-After, Attempt."""
 
 from __future__ import annotations
 
@@ -11,11 +11,10 @@ from hypothesis import strategies as st
 from attempt import (
     MAX_RETRY_AFTER_S,
     Attempt,
-    Verdict,
-    classify_error,
-    classify_response,
+    Head,
     error_kind,
-    next_step,
+    judge,
+    no_response,
     parse_retry_after,
 )
 
@@ -26,92 +25,108 @@ def http_date(ts: float) -> str:
     return email.utils.formatdate(ts, usegmt=True)
 
 
-@pytest.mark.parametrize(
-    "status",
-    [
-        200,
-        201,
-        204,
-        206,
-        301,
-        302,
-        304,
-        400,
-        401,
-        403,
-        404,
-        405,
-        409,
-        413,
-        422,
-        500,
-        501,
-        505,
-        507,
-        599,
-    ],
-)
+def head(status: int, ngrok: str | None = None, retry_after: str | None = None) -> Head:
+    return Head(status, {"ngrok-error-code": ngrok, "retry-after": retry_after})
+
+
+# ---- judge: the model server's answers pass through ------------------------------------
+
+
+PASSING = (200, 201, 204, 206, 301, 302, 304, 400, 401, 403, 404, 405, 409, 413, 422, 500, 501)
+
+
+@pytest.mark.parametrize("status", [*PASSING, 505, 507, 599])
 def test_model_server_answers_pass_through(status):
-    v = classify_response(status, None, None, NOW)
-    assert v == Verdict("pass", "ok")
-    assert not v.node_failed
+    a = judge(5, head(status), 12.5, NOW)
+    assert a == Attempt(5, "pass", "ok", status, 12.5, None)
+    assert not a.node_failed
 
 
 @pytest.mark.parametrize("status", [400, 401, 404, 422, 500])
 def test_pass_through_ignores_retry_after(status):
-    assert classify_response(status, None, "30", NOW) == Verdict("pass", "ok", None)
+    assert judge(1, head(status, retry_after="30"), 1.0, NOW).retry_after_s is None
+
+
+def test_head_without_the_rule_fields_passes():
+    # the shell may hand over fewer fields than HEAD_FIELDS: a missing key reads as absent
+    assert judge(2, Head(200, {}), 0.0, NOW) == Attempt(2, "pass", "ok", 200, 0.0)
+    assert judge(2, Head(503, {}), 0.0, NOW) == Attempt(2, "failover", "busy", 503, 0.0)
+
+
+# ---- judge: the node failing -----------------------------------------------------------
 
 
 @pytest.mark.parametrize(
-    ("status", "reason"), [(502, "http_502"), (503, "busy"), (504, "http_504")]
+    ("status", "reason"), [(502, "http_502"), (503, "busy"), (504, "http_504"), (429, "busy")]
 )
-def test_gateway_statuses_fail_over(status, reason):
-    v = classify_response(status, None, None, NOW)
-    assert v == Verdict("failover", reason, None)
-    assert v.node_failed
+def test_gateway_and_busy_statuses_fail_over(status, reason):
+    a = judge(3, head(status), 40.0, NOW)
+    assert a == Attempt(3, "failover", reason, status, 40.0, None)
+    assert a.node_failed
 
 
-def test_503_with_retry_after_keeps_it():
-    assert classify_response(503, None, "45", NOW) == Verdict("failover", "busy", 45.0)
-    assert classify_response(502, None, "45", NOW).retry_after_s == 45.0
-
-
-def test_429_is_busy_with_retry_after_seconds():
-    assert classify_response(429, None, "7", NOW) == Verdict("failover", "busy", 7.0)
-    assert classify_response(429, None, None, NOW) == Verdict("failover", "busy", None)
+@pytest.mark.parametrize("status", [429, 502, 503, 504])
+def test_retry_after_seconds_is_kept_where_the_rule_reads_it(status):
+    assert judge(1, head(status, retry_after="45"), 1.0, NOW).retry_after_s == 45.0
 
 
 def test_429_with_retry_after_http_date():
-    v = classify_response(429, None, http_date(NOW + 120), NOW)
-    assert v.outcome == "failover" and v.reason == "busy"
-    assert v.retry_after_s == pytest.approx(120, abs=1)
+    a = judge(1, head(429, retry_after=http_date(NOW + 120)), 1.0, NOW)
+    assert (a.outcome, a.reason) == ("failover", "busy")
+    assert a.retry_after_s == pytest.approx(120, abs=1)
+
+
+def test_retry_after_date_is_measured_from_the_now_given():
+    a = judge(1, head(503, retry_after=http_date(NOW + 600)), 1.0, NOW + 100)
+    assert a.retry_after_s == pytest.approx(500, abs=1)
 
 
 @pytest.mark.parametrize("status", [520, 521, 522, 523, 524, 525, 526, 530])
-def test_cloudflare_tunnel_statuses_fail_over(status):
-    assert classify_response(status, None, None, NOW) == Verdict("failover", "tunnel_down")
+def test_cloudflare_origin_errors_are_tunnel_down(status):
+    assert judge(7, head(status), 3.0, NOW) == Attempt(7, "failover", "tunnel_down", status, 3.0)
 
 
 def test_tunnel_down_carries_no_retry_after():
-    assert classify_response(530, None, "100", NOW).retry_after_s is None
+    assert judge(1, head(530, retry_after="100"), 1.0, NOW).retry_after_s is None
 
 
 @pytest.mark.parametrize("status", [200, 404, 429, 502, 503, 530])
 def test_ngrok_error_code_header_means_tunnel_offline(status):
-    assert classify_response(status, "ERR_NGROK_3200", None, NOW) == Verdict(
-        "failover", "tunnel_offline"
-    )
+    a = judge(4, head(status, ngrok="ERR_NGROK_3200", retry_after="9"), 2.0, NOW)
+    assert a == Attempt(4, "failover", "tunnel_offline", status, 2.0, None)
 
 
 def test_empty_ngrok_error_code_is_ignored():
-    assert classify_response(200, "", None, NOW) == Verdict("pass", "ok")
+    assert judge(1, head(200, ngrok=""), 1.0, NOW).outcome == "pass"
+
+
+@given(
+    st.integers(100, 999),
+    st.one_of(st.none(), st.text(max_size=10)),
+    st.one_of(st.none(), st.text(max_size=20)),
+    st.floats(0, 1e6),
+)
+@settings(max_examples=300, deadline=None)
+def test_judge_never_raises_and_keeps_the_head(status, ngrok, retry_after, ms):
+    a = judge(6, head(status, ngrok, retry_after), ms, NOW)
+    assert (a.node, a.status, a.ms) == (6, status, ms)
+    assert a.outcome in ("pass", "failover")
+    if a.outcome == "pass":
+        assert a.reason == "ok" and a.retry_after_s is None
+        assert not ngrok and status not in (429, 502, 503, 504, *range(520, 527), 530)
+    if a.retry_after_s is not None:
+        assert status in (429, 502, 503, 504) and not ngrok
+        assert 1.0 <= a.retry_after_s <= MAX_RETRY_AFTER_S
+
+
+# ---- no response -----------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("kind", ["timeout", "refused", "error"])
-def test_errors_always_fail_over(kind):
-    v = classify_error(kind)
-    assert v == Verdict("failover", kind)
-    assert v.node_failed
+def test_no_response_always_fails_over(kind):
+    a = no_response(8, kind, 99.5)
+    assert a == Attempt(8, "failover", kind, None, 99.5, None)
+    assert a.node_failed
 
 
 @pytest.mark.parametrize(
@@ -129,6 +144,40 @@ def test_errors_always_fail_over(kind):
 )
 def test_error_kind(message, kind):
     assert error_kind(message) == kind
+
+
+# ---- Attempt ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("outcome", "failed"), [("pass", False), ("failover", True), ("cut", True), ("gone", False)]
+)
+def test_only_failover_and_cut_count_against_the_node(outcome, failed):
+    assert Attempt(1, outcome, "x").node_failed is failed
+
+
+def test_attempt_public_has_no_timing_or_url():
+    a = Attempt(3, "failover", "http_502", status=502, ms=12.5, retry_after_s=9.0)
+    assert a.public() == {"node": 3, "reason": "http_502", "status": 502}
+    assert Attempt(4, "failover", "refused").public() == {"node": 4, "reason": "refused"}
+
+
+def test_attempt_log_line():
+    a = Attempt(3, "failover", "busy", status=503, ms=12.5, retry_after_s=9.0)
+    assert a.log() == {
+        "node": 3,
+        "outcome": "failover",
+        "reason": "busy",
+        "status": 503,
+        "ms": 12.5,
+    }
+    assert Attempt(2, "gone", "client_gone").log() == {
+        "node": 2,
+        "outcome": "gone",
+        "reason": "client_gone",
+        "status": None,
+        "ms": None,
+    }
 
 
 # ---- Retry-After -----------------------------------------------------------------------
@@ -178,7 +227,7 @@ def test_retry_after_http_date_far_future_is_capped():
 
 
 def test_retry_after_obsolete_date_formats():
-    # RFC 850 and asctime forms are still valid HTTP-dates
+    # RFC 850 and asctime forms are still valid HTTP-dates (RFC 9110 §5.6.7)
     rfc850 = "Tuesday, 14-Nov-23 22:15:00 GMT"
     expected = email.utils.parsedate_to_datetime(rfc850).timestamp() - (NOW - 3600)
     got = parse_retry_after(rfc850, NOW - 3600)
@@ -201,44 +250,3 @@ def test_retry_after_never_raises_and_is_bounded(value):
 @settings(max_examples=100, deadline=None)
 def test_retry_after_integers(n):
     assert parse_retry_after(str(n), NOW) == min(max(float(n), 1.0), MAX_RETRY_AFTER_S)
-
-
-@given(
-    st.integers(100, 999),
-    st.one_of(st.none(), st.text(max_size=10)),
-    st.one_of(st.none(), st.text(max_size=20)),
-)
-@settings(max_examples=300, deadline=None)
-def test_classify_response_never_raises(status, ngrok, retry_after):
-    v = classify_response(status, ngrok, retry_after, NOW)
-    assert v.outcome in ("pass", "failover")
-    if v.outcome == "pass":
-        assert v.reason == "ok" and v.retry_after_s is None
-    if v.retry_after_s is not None:
-        assert status in (429, 502, 503, 504)
-
-
-# ---- next_step and Attempt -------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("made", "length", "elapsed", "deadline", "step"),
-    [
-        (1, 4, 0.0, 900.0, "try"),
-        (3, 4, 100.0, 900.0, "try"),
-        (4, 4, 0.0, 900.0, "stop"),
-        (5, 4, 0.0, 900.0, "stop"),
-        (1, 4, 900.0, 900.0, "stop"),
-        (1, 4, 901.0, 900.0, "stop"),
-        (1, 4, 899.9, 900.0, "try"),
-        (0, 0, 0.0, 900.0, "stop"),
-    ],
-)
-def test_next_step(made, length, elapsed, deadline, step):
-    assert next_step(made, length, elapsed, deadline) == step
-
-
-def test_attempt_public_has_no_timing_or_url():
-    a = Attempt(3, "failover", "http_502", status=502, ms=12.5, retry_after_s=9.0)
-    assert a.public() == {"node": 3, "reason": "http_502", "status": 502}
-    assert Attempt(4, "failover", "refused").public() == {"node": 4, "reason": "refused"}
