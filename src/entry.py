@@ -10,24 +10,26 @@ import asyncio
 import json
 import time
 import traceback
+from dataclasses import replace
 
 import js
 from pyodide.ffi import create_proxy, to_js
 from workers import Response, WorkerEntrypoint
 
+import body as bd
 import cron
 import forward as fw
 import status_page
 from attempt import Attempt, Head, error_kind
 from config import GatewayConfig, load_config
-from errors import error_body
+from errors import error_body, sse_error_event
+from exchange import Exchange
 from headers import (
     MAX_HEADER_BYTES,
+    auth_problem,
     cors_headers,
     header_bytes,
-    key_matches,
     preflight_headers,
-    presented_key,
     request_headers_for_node,
     request_id,
     response_header_drop,
@@ -79,36 +81,6 @@ def _js_obj(d: dict):
 def _json_response(body: str, status: int, headers: dict[str, str]) -> Response:
     h = {"content-type": "application/json", "cache-control": "no-store", **headers}
     return Response(js.Response.new(body, status=status, headers=_js_obj(h)))
-
-
-class _Exchange:
-    """One client request's bookkeeping for its log line and response headers."""
-
-    def __init__(self, rid: str, method: str, path: str, origin: str | None) -> None:
-        self.rid = rid
-        self.method = method
-        self.path = path
-        self.origin = origin
-        self.started = _clock()
-        self.role: str | None = None
-        self.attempts: list[Attempt] = []
-        self.status = 0
-        self.error: str | None = None
-
-    def log(self) -> None:
-        line = {
-            "msg": "request",
-            "request_id": self.rid,
-            "method": self.method,
-            "route": self.path if not self.path.startswith(HEAVY_PREFIX) else HEAVY_PREFIX + "*",
-            "role": self.role,
-            "status": self.status,
-            "ms": round(max(0.0, _clock() - self.started) * 1000, 1),
-            "attempts": [a.log() for a in self.attempts],
-        }
-        if self.error:
-            line["error"] = self.error
-        _log(line)
 
 
 class _KvStore:
@@ -199,7 +171,9 @@ class Default(WorkerEntrypoint):
             headers = js.Object.fromEntries(js_req.headers).to_py()
         except Exception:  # a runtime that cannot list the headers is still answered in JSON
             headers = {}
-        ex = _Exchange(request_id(headers.get("x-request-id")), method, path, headers.get("origin"))
+        ex = Exchange(
+            request_id(headers.get("x-request-id")), method, path, headers.get("origin"), _clock
+        )
         try:
             response, streaming = await self._handle(js_req, method, path, query, headers, ex)
         except Exception as exc:  # the promise: never a traceback to the client
@@ -207,17 +181,17 @@ class Default(WorkerEntrypoint):
             response, streaming = self._error(ex, 500, "internal error; see the log for this id")
         ex.status = response.status
         if not streaming:
-            ex.log()
+            _log(ex.log_line())
         return response
 
-    def _error(self, ex: _Exchange, status: int, message: str, type_=None, headers=None, **extra):
+    def _error(self, ex: Exchange, status: int, message: str, type_=None, headers=None, **extra):
         config = _ISO.config
         cors = cors_headers(ex.origin, config.cors_origins if config else ("*",))
         h = {"x-request-id": ex.rid, **cors, **(headers or {})}
         body = error_body(status, message, ex.rid, type_, **extra)
         return _json_response(body, status, h), False
 
-    async def _handle(self, js_req, method, path, query, headers, ex: _Exchange):
+    async def _handle(self, js_req, method, path, query, headers, ex: Exchange):
         config = self._config()
         if header_bytes(headers) > MAX_HEADER_BYTES:
             return self._error(ex, 431, "request headers are too large")
@@ -242,22 +216,13 @@ class Default(WorkerEntrypoint):
             ex, 404, "no such endpoint; use /api/heavy/<role>/v1/..., /api/status or /healthz"
         )
 
-    def _denied(self, config: GatewayConfig, headers, ex: _Exchange):
-        if config.auth_disabled:
+    def _denied(self, config: GatewayConfig, headers, ex: Exchange):
+        problem = auth_problem(headers, config.api_keys, config.auth_disabled)
+        if problem is None:
             return None
-        if not config.api_keys:
-            return self._error(
-                ex,
-                503,
-                "gateway not configured: set the GATEWAY_API_KEYS "
-                "secret (or AUTH_DISABLED=true for local use only)",
-                "not_configured",
-            )
-        if not key_matches(presented_key(headers), config.api_keys):
-            return self._error(
-                ex, 401, "missing or invalid API key", headers={"www-authenticate": "Bearer"}
-            )
-        return None
+        status, type_, message = problem
+        challenge = {"www-authenticate": "Bearer"} if status == 401 else None
+        return self._error(ex, status, message, type_, headers=challenge)
 
     # ---- the request path -------------------------------------------------------------
 
@@ -276,9 +241,10 @@ class Default(WorkerEntrypoint):
         body = None
         if method not in _NO_BODY_METHODS:
             body = await _read_body(js_req, headers, config)
-            if isinstance(body, tuple):
-                status, type_, message = body
-                return self._error(ex, status, message, type_)
+            if isinstance(body, bd.BodyError):
+                return self._error(ex, body.status, body.message, body.type)
+        # A client key sent in the query string is the gateway's, never the node's.
+        route = replace(route, query=bd.strip_key_params(route.query, config.api_keys))
 
         store = self._store()
         sync = _ISO.sync
@@ -314,7 +280,7 @@ class Default(WorkerEntrypoint):
         resp = upstream.responses[result.node]
         return self._relay(resp, result.node, plan.is_fallback(result.node), ex, config), True
 
-    def _relay(self, resp, n: int, fallback: bool, ex: _Exchange, config) -> Response:
+    def _relay(self, resp, n: int, fallback: bool, ex: Exchange, config) -> Response:
         upstream = js.Object.fromEntries(resp.headers).to_py()
         for name in response_header_drop(list(upstream), upstream.get("connection")):
             del upstream[name]
@@ -332,7 +298,7 @@ class Default(WorkerEntrypoint):
         init = {"status": status, "statusText": resp.statusText, "headers": _js_obj(upstream)}
         if resp.body is None or ex.method == "HEAD" or status in _NO_BODY_STATUSES:
             ex.status = status
-            ex.log()
+            _log(ex.log_line())
             _discard(resp)
             return Response(js.Response.new(None, **init))
         # The body is piped JS-side into a stream we own, so that if the node's body breaks
@@ -346,7 +312,7 @@ class Default(WorkerEntrypoint):
         self._background(self._finish(piped, relay.writable, sse, n, ex, config))
         return Response(js.Response.new(relay.readable, **init))
 
-    async def _finish(self, piped, writable, sse: bool, n: int, ex: _Exchange, config) -> None:
+    async def _finish(self, piped, writable, sse: bool, n: int, ex: Exchange, config) -> None:
         """Close the client's stream when the node's ended; if the node's broke, mark the node
         and end the client's loudly; if the client left, just stop."""
         started = _clock()
@@ -365,11 +331,11 @@ class Default(WorkerEntrypoint):
                 await _end_loudly(writer, sse, ex.rid)
                 sync.maybe_flush(self._store(), config.health, _clock, self._background, _log)
         finally:
-            ex.log()
+            _log(ex.log_line())
 
     # ---- status and cron --------------------------------------------------------------
 
-    async def _status(self, config: GatewayConfig, ex: _Exchange):
+    async def _status(self, config: GatewayConfig, ex: Exchange):
         sync = _ISO.sync
         await sync.refresh(self._store(), config.health, _clock, self._background, _log)
         body = status_body(config, sync.view, _clock(), ex.rid, VERSION)
@@ -405,22 +371,13 @@ class Default(WorkerEntrypoint):
 
 
 async def _end_loudly(writer, sse: bool, rid: str) -> None:
-    """After a node's body broke: an SSE client gets one final error event in the OpenAI
-    shape (the `openai` SDK raises APIError on an event whose data has an "error" key) and a
-    clean end; any other client gets an aborted body, which every HTTP client reports."""
+    """After a node's body broke: an SSE client gets one final error event and a clean end;
+    any other client an aborted body, which every HTTP client reports as incomplete."""
     if not sse:
         await writer.abort(js.Error.new("upstream disconnected"))
         return
-    error = {
-        "message": "the node's stream broke off; the answer is incomplete",
-        "type": "upstream_disconnected",
-        "code": 502,
-        "request_id": rid,
-    }
-    # The blank lines first end any event the node left half-written.
-    event = "\n\ndata: " + json.dumps({"error": error}, separators=(",", ":")) + "\n\n"
     try:
-        await writer.write(js.TextEncoder.new().encode(event))
+        await writer.write(js.TextEncoder.new().encode(sse_error_event(rid)))
         await writer.close()
     except Exception:  # the client left meanwhile: nothing more to tell it
         pass
@@ -430,14 +387,11 @@ async def _read_body(js_req, headers, config: GatewayConfig):
     """The whole request body, read once under the upload deadline, before any node is
     contacted: a slow or broken upload is the client's fault and must never cost a node a
     mark or GPU time, and a truncated body must never reach a node as if whole.
-    Returns the bytes (an ArrayBuffer or None) or (status, type, message)."""
+    Returns the bytes (a JS buffer, or None) or a BodyError for the client."""
     limit = config.max_body_bytes
-    declared = headers.get("content-length")
-    if declared is not None:
-        if not (declared.isascii() and declared.isdigit()):
-            return 400, "bad_request_body", "invalid Content-Length"
-        if int(declared) > limit:
-            return 413, "payload_too_large", f"request body exceeds the {limit} byte limit"
+    declared = bd.content_length(headers.get("content-length"), limit)
+    if isinstance(declared, bd.BodyError):
+        return declared
     stream = js_req.body
     if stream is None:
         return None
@@ -447,14 +401,16 @@ async def _read_body(js_req, headers, config: GatewayConfig):
         body = await asyncio.wait_for(read, config.timeouts.upload_s)
     except TimeoutError:
         secs = config.timeouts.upload_s
-        return 408, "upload_timeout", f"request body not received within {secs:g} s"
-    except Exception:  # bad chunked framing, a client that dropped mid-upload
-        return 400, "bad_request_body", "the request body could not be read completely"
+        return bd.BodyError(408, "upload_timeout", f"request body not sent within {secs:g} s")
+    except Exception as exc:  # bad chunked framing, a client that dropped mid-upload
+        fault = bd.read_fault(str(exc))
+        if fault is None:
+            raise  # our own misuse of the stream: a logged internal error
+        return bd.body_error(fault)
     if body is None:
-        return 413, "payload_too_large", f"request body exceeds the {limit} byte limit"
-    if declared is not None and body.byteLength != int(declared):
-        return 400, "bad_request_body", "the request body is shorter than its Content-Length"
-    return body
+        return bd.BodyError(413, bd.TOO_LARGE, f"request body exceeds the {limit} byte limit")
+    fault = bd.replay_fault(declared, int(body.byteLength))
+    return bd.body_error(fault) if fault else body
 
 
 async def _read_limited(stream, limit: int):

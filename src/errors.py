@@ -6,6 +6,7 @@ import json
 
 REASON = {
     400: "bad_request",
+    408: "request_timeout",
     401: "unauthorized",
     404: "not_found",
     405: "method_not_allowed",
@@ -29,3 +30,17 @@ def error_body(
     }
     err.update(extra)
     return json.dumps({"error": err}, separators=(",", ":"))
+
+
+def sse_error_event(request_id: str) -> str:
+    """The final event of a stream whose node broke off, in the OpenAI error shape: the
+    official `openai` SDK raises APIError on an event whose data has an "error" key
+    (openai/_streaming.py). The leading blank lines end any event the node left half-written.
+    """
+    error = {
+        "message": "the node's stream broke off; the answer is incomplete",
+        "type": "upstream_disconnected",
+        "code": 502,
+        "request_id": request_id,
+    }
+    return "\n\ndata: " + json.dumps({"error": error}, separators=(",", ":")) + "\n\n"

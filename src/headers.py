@@ -138,3 +138,21 @@ def preflight_headers(origin: str | None, allowed: tuple[str, ...]) -> dict[str,
             "access-control-max-age": "86400",
         }
     return out
+
+
+def auth_problem(
+    headers: dict[str, str], keys: tuple[str, ...], disabled: bool
+) -> tuple[int, str, str] | None:
+    """(status, type, message) when the request may not pass, else None."""
+    if disabled:
+        return None
+    if not keys:
+        return (
+            503,
+            "not_configured",
+            "gateway not configured: set the GATEWAY_API_KEYS secret "
+            "(or AUTH_DISABLED=true for local use only)",
+        )
+    if not key_matches(presented_key(headers), keys):
+        return 401, "unauthorized", "missing or invalid API key"
+    return None
