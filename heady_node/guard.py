@@ -1,0 +1,137 @@
+"""The node guard: the only HTTP surface the tunnel publishes is /v1/*, /health and /metrics.
+
+vLLM's own `--api-key` check covers only paths under /v1 (and /v2, /inference, /cohere:
+vllm/entrypoints/serve/middleware/authenticate.py, GUARDED_PREFIX, vLLM 0.33.0), so through a
+tunnel anyone could reach /invocations (inference), /pause, /tokenize, /metrics and the dev-mode
+endpoints. This guard answers everything else with 404 and demands the node token on every
+exposed path except /health (the gateway's and the tunnels' liveness probe).
+
+It runs inside vLLM's API server process: `vllm serve ... --middleware heady_node.guard.NodeGuard`.
+vLLM 0.33 applies `--middleware` in `init_entrypoints_middleware`
+(vllm/entrypoints/serve/middleware/register.py): a class is added with `app.add_middleware(cls)`
+after vLLM's own middlewares, so Starlette makes it the outermost layer and it sees every request
+first. The class gets no arguments, so the token comes from the environment (TOKEN_ENV); without
+one the guard refuses to start and vLLM with it: fail closed, never open.
+
+Pure ASGI on purpose: Starlette's BaseHTTPMiddleware re-wraps response bodies, while this passes
+`send` through untouched, so streamed (SSE) answers leave as the engine writes them. It imports
+nothing beyond the standard library, so vLLM's process needs nothing extra installed.
+"""
+
+import hashlib
+import hmac
+import json
+import os
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
+from typing import Any
+
+TOKEN_ENV = "HEADY_NODE_TOKEN"
+IMPORT_PATH = "heady_node.guard.NodeGuard"
+# Marks the guard's own refusals, so the launcher can tell "guard answered" from a route's 404.
+MARK_HEADER = "x-heady-guard"
+PUBLIC_PATHS = frozenset({"/health"})
+TOKEN_PATHS = frozenset({"/metrics"})
+TOKEN_PREFIXES = ("/v1/",)
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Denial:
+    status: int
+    kind: str
+    message: str
+
+
+NOT_EXPOSED = Denial(404, "not_found", "not found")
+NO_TOKEN = Denial(401, "unauthorized", "missing or invalid node token")
+
+
+def token_digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+def _exposed(path: str) -> bool:
+    # Dot segments never reach a route, but a proxy in front might resolve them: refuse outright.
+    segments = path.split("/")
+    if "." in segments or ".." in segments or "\\" in path or "\x00" in path:
+        return False
+    return path in PUBLIC_PATHS or path in TOKEN_PATHS or path.startswith(TOKEN_PREFIXES)
+
+
+def bearer_matches(authorization: str | None, digest: bytes) -> bool:
+    """Constant-time check of `Authorization: Bearer <token>` (digests have a fixed length, so
+    the comparison time does not depend on how much of a guess is right)."""
+    if not authorization:
+        return False
+    scheme, _, value = authorization.partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    return hmac.compare_digest(token_digest(value.strip()), digest)
+
+
+def decide(path: str, authorization: str | None, digest: bytes) -> Denial | None:
+    """None lets the request through; otherwise the answer the guard gives instead."""
+    if not _exposed(path):
+        return NOT_EXPOSED
+    if path in PUBLIC_PATHS:
+        return None
+    return None if bearer_matches(authorization, digest) else NO_TOKEN
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers") or ():
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return None
+
+
+def _route_path(scope: Scope) -> str:
+    # As vLLM's own auth middleware does: the path the router sees, without --root-path.
+    path: str = scope.get("path") or "/"
+    root: str = scope.get("root_path") or ""
+    return path.removeprefix(root) if root else path
+
+
+class NodeGuard:
+    def __init__(self, app: ASGIApp, token: str | None = None) -> None:
+        token = token if token is not None else os.environ.get(TOKEN_ENV, "")
+        if not token.strip():
+            raise RuntimeError(
+                f"{TOKEN_ENV} is not set: the node guard refuses to start without the node token"
+            )
+        self.app = app
+        self._digest = token_digest(token.strip())
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)  # lifespan
+            return
+        denial = decide(_route_path(scope), _header(scope, b"authorization"), self._digest)
+        if denial is None:
+            await self.app(scope, receive, send)
+        elif scope["type"] == "websocket":
+            # Closing before accept makes the server answer the handshake with 403.
+            await send({"type": "websocket.close", "code": 1008})
+        else:
+            await _send_denial(send, denial)
+
+
+async def _send_denial(send: Send, denial: Denial) -> None:
+    body = json.dumps(
+        {"error": {"message": denial.message, "type": denial.kind, "code": denial.status}}
+    ).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (MARK_HEADER.encode(), b"1"),
+    ]
+    if denial.status == 401:
+        headers.append((b"www-authenticate", b"Bearer"))
+    await send({"type": "http.response.start", "status": denial.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
