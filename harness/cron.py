@@ -5,11 +5,9 @@ does not reach Python Workers)."""
 from __future__ import annotations
 
 import json
-import sys
 import threading
 
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent.parent / "src"))
-from probe import cron_period_s
+from heady_shared.schedule import cron_period_s
 
 
 def cron_loop(gw, crons: list[str], every: float | None, stop: threading.Event) -> None:

@@ -17,8 +17,17 @@ from attempt import Head
 from config import GatewayConfig
 from heady_shared.failures import match
 from heady_shared.metrics import queue_depth
+from heady_shared.schedule import UNKNOWN_PERIOD_S, cron_period_s
 
-UNKNOWN_PERIOD_S = 86400.0
+__all__ = [
+    "UNKNOWN_PERIOD_S",
+    "ProbeResult",
+    "Prober",
+    "cron_period_s",
+    "fold",
+    "probe",
+    "probe_all",
+]
 
 
 class Prober(Protocol):
@@ -43,25 +52,6 @@ class ProbeResult:
             "ms": self.ms,
             "load": self.load,
         }
-
-
-def cron_period_s(cron: str | None) -> float:
-    """Seconds between cron runs for '* * * * *', '*/N * * * *' and 'M * * * *' (hourly).
-
-    Any other form counts as a day: overestimating the period only means healthy nodes are
-    probed on every run (more probes), while underestimating it could skip their slot forever.
-    """
-    fields = (cron or "").split()
-    if len(fields) != 5 or any(f != "*" for f in fields[1:]):
-        return UNKNOWN_PERIOD_S
-    minute = fields[0]
-    if minute == "*":
-        return 60.0
-    if minute.startswith("*/") and minute[2:].isdigit() and 0 < int(minute[2:]) <= 60:
-        return 60.0 * int(minute[2:])
-    if minute.isdigit() and int(minute) < 60:
-        return 3600.0
-    return UNKNOWN_PERIOD_S
 
 
 def nodes_to_probe(

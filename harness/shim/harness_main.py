@@ -2,14 +2,15 @@
 workerd, which only dispatches a top-level `on_fetch`.
 
 Like the current runtime, it builds `Default(ctx, env)` per request and converts the request
-and response with the SDK's `python_from_rpc` / `python_to_rpc`. Two test-only routes exist
-here and nowhere in `src/`:
+and response with the SDK's `python_from_rpc` / `python_to_rpc`. These test-only routes and
+switches exist here and nowhere in `src/`:
   POST /__harness/scheduled  -> awaits Default.scheduled(controller, env, ctx) (cron stand-in)
   GET  /__harness/kv-stats   -> KV calls counted at the binding boundary (?reset=1 zeroes them),
                                 with the options of the last put (its expirationTtl)
   HARNESS_FAULT=<binding>    -> reading that binding raises (tests the 500 path)
   POST /__harness/reset      -> forget the isolate's health memory and the KV record, so each
                                 test starts from a cold gateway without a 3 s restart
+  GET  /__harness/kv-value   -> the raw health record in KV
 """
 
 import json
