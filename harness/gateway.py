@@ -38,6 +38,9 @@ SDK_DIR = CACHE / f"workers-runtime-sdk-{SDK_VERSION}"
 # The offline runtime only knows compatibility dates up to its own build (Nov 2024).
 HARNESS_COMPAT_DATE = "2024-07-01"
 NODE = os.environ.get("HEADY_NODE", "node")
+# Flags newer than the offline workerd (it refuses to start with them); what each changes and
+# what that leaves untested offline is in docs/client-faults.md.
+FLAGS_UNKNOWN_OFFLINE = frozenset({"enable_request_signal"})
 
 
 def ensure_sdk() -> Path:
@@ -105,7 +108,11 @@ def build_config(
         "modulesRoot": str(CACHE / "modules"),
         "modules": _python_modules(SHIM / "harness_main.py", iter(dirs)),
         "compatibilityDate": HARNESS_COMPAT_DATE,
-        "compatibilityFlags": wrangler.get("compatibility_flags", ["python_workers"]),
+        "compatibilityFlags": [
+            f
+            for f in wrangler.get("compatibility_flags", ["python_workers"])
+            if f not in FLAGS_UNKNOWN_OFFLINE
+        ],
         "bindings": merged,
         "kvNamespaces": {ns["binding"]: ns["id"] for ns in wrangler.get("kv_namespaces", [])},
         "kvPersist": persist or False,

@@ -102,21 +102,34 @@ class _Upstream:
     """forward.Upstream: one fetch per node, up to the response head, with the client's
     request body (buffered once, so any node can be sent the same bytes)."""
 
-    def __init__(self, config: GatewayConfig, route, method: str, headers, body) -> None:
+    def __init__(self, config: GatewayConfig, route, method: str, headers, body, client) -> None:
         self._config = config
         self._route = route
         self._method = method
         self._headers = headers
         self._body = body
+        # The incoming request's AbortSignal fires when the client disconnects before our
+        # response (compat flag enable_request_signal; docs/client-faults.md). The runtime
+        # ignores it for subrequests, so each fetch gets a fresh signal that follows it.
+        self._client = client
+        self._tried = 0
         self.responses: dict[int, object] = {}
 
     async def head(self, node: int, timeout_s: float):
+        if self._tried and self._client.aborted:  # gone while the last node failed
+            return "client_gone"
+        self._tried += 1
         url = upstream_url(self._config.node(node).base_url, self._route)
         resp, error = await _fetch_head(
-            url, timeout_s, method=self._method, headers=self._headers, body=self._body
+            url,
+            timeout_s,
+            self._client,
+            method=self._method,
+            headers=self._headers,
+            body=self._body,
         )
         if error:
-            return error
+            return "client_gone" if self._client.aborted else error
         self.responses[node] = resp
         h = resp.headers
         return Head(int(resp.status), {f: h.get(f) for f in HEAD_FIELDS})
@@ -256,7 +269,7 @@ class Default(WorkerEntrypoint):
             return self._error(ex, 503, message, "no_nodes", headers={"retry-after": "60"})
 
         fwd = _js_obj(request_headers_for_node(headers, config.node_token))
-        upstream = _Upstream(config, route, method, fwd, body)
+        upstream = _Upstream(config, route, method, fwd, body, js_req.signal)
         result = await fw.forward(
             plan,
             upstream,
@@ -438,14 +451,18 @@ async def _read_limited(stream, limit: int):
     return joined
 
 
-async def _fetch_head(url: str, timeout_s: float, **init):
+async def _fetch_head(url: str, timeout_s: float, client=None, **init):
     """fetch() until the response head arrives: (response, None), or (None, "timeout" |
     "refused" | "error"). The time-out covers the head only: the controller is aborted on a
-    time-out and never after, so a body that then streams for longer is not cut."""
+    time-out and never after, so a body that then streams for longer is not cut. With the
+    client's signal, the fetch is also aborted when the client leaves."""
     controller = js.AbortController.new()
+    signal = controller.signal
+    if client is not None:
+        signal = js.AbortSignal.any(to_js([signal, client]))
     try:
         resp = await asyncio.wait_for(
-            js.fetch(url, signal=controller.signal, redirect="manual", **init), timeout_s
+            js.fetch(url, signal=signal, redirect="manual", **init), timeout_s
         )
     except TimeoutError:
         controller.abort()
