@@ -1,4 +1,6 @@
-"""config.py: endpoint shapes, ROUTES parsing, numbers, keys, flags and tokens."""
+"""config.py: the Worker's vars and secrets -> GatewayConfig (endpoint verdicts and ROUTES
+come from heady_shared, tested in test_shared.py; here: how load_config uses them, numbers
+within their declared bounds, keys, flags, tokens, paths)."""
 
 from __future__ import annotations
 
@@ -6,18 +8,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from config import (
-    CONFIG_KEYS,
-    DEFAULT_FALLBACK,
-    DEFAULT_ROUTES,
-    NODE_NUMBERS,
-    Pool,
-    load_config,
-    parse_endpoint,
-    parse_routes,
-)
-
-SECRET_URL = "https://secret-tunnel-abc.ngrok-free.app"
+from config import load_config
+from heady_shared.endpoints import parse_endpoint
+from heady_shared.routes import DEFAULT_POOLS, NODE_NUMBERS, Pool, endpoint_key, parse_routes
+from settings import BY_NAME, CONFIG_KEYS, SETTINGS
 
 
 def full_env(**extra: str | None) -> dict[str, str | None]:
@@ -27,217 +21,6 @@ def full_env(**extra: str | None) -> dict[str, str | None]:
     env["GATEWAY_API_KEYS"] = "k1"
     env.update(extra)
     return env
-
-
-# ---- COLAB_ENDPOINT_n ------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("raw", "base"),
-    [
-        ("https://abc.ngrok-free.app", "https://abc.ngrok-free.app"),
-        ("https://abc.ngrok-free.app/", "https://abc.ngrok-free.app"),
-        ("https://abc.ngrok-free.app///", "https://abc.ngrok-free.app"),
-        ("  https://abc.example/  \n", "https://abc.example"),
-        ("https://abc.example/prefix", "https://abc.example/prefix"),
-        ("https://abc.example/a/b/", "https://abc.example/a/b"),
-        ("https://abc.example//a//b", "https://abc.example/a/b"),
-        ("http://127.0.0.1:8000", "http://127.0.0.1:8000"),
-        ("http://127.0.0.1:8000/", "http://127.0.0.1:8000"),
-        ("https://h.example:65535", "https://h.example:65535"),
-        ("https://h.example:1", "https://h.example:1"),
-        ("HTTPS://ABC.Example/Path", "https://abc.example/Path"),
-        ("http://[::1]:8080/v", "http://[::1]:8080/v"),
-        ("http://[::1]", "http://[::1]"),
-    ],
-)
-def test_endpoint_valid_shapes_are_normalised(raw, base):
-    assert parse_endpoint(raw) == ("configured", base, None)
-
-
-@pytest.mark.parametrize("raw", [None, "", "   ", "\n\t"])
-def test_endpoint_missing_is_unconfigured(raw):
-    assert parse_endpoint(raw) == ("unconfigured", None, "secret not set")
-
-
-@pytest.mark.parametrize(
-    ("raw", "words"),
-    [
-        ("ftp://abc.example", "scheme"),
-        ("ws://abc.example", "scheme"),
-        ("abc.example", "scheme"),
-        ("//abc.example", "scheme"),
-        ("https://user:pw@abc.example", "credentials"),
-        ("https://user@abc.example/x", "credentials"),
-        ("https://abc .example", "spaces"),
-        ("https://abc.example/a b", "spaces"),
-        ("https://abc.example/\x00", "spaces"),
-        ("https://abc.example/a\tb", "spaces"),
-        ('https://abc.example/"x"', "not allowed"),
-        ("https://abc.example/a\\b", "not allowed"),
-        ("https://abc.example/{x}", "not allowed"),
-        ("https://abc.example?x=1", "query"),
-        ("https://abc.example/p?x=1", "query"),
-        ("https://abc.example/#frag", "query or fragment"),
-        ("https://abc.example:0", "port"),
-        ("https://abc.example:65536", "port"),
-        ("https://abc.example:99999", "port"),
-        ("https://abc.example:", "port"),
-        ("https://abc.example:http", "port"),
-        ("https://abc.example:-1", "port"),
-        ("https://", "host"),
-        ("https:///path", "host"),
-        ("https://:8080", "host"),
-        ("https://.example", "host"),
-        ("https://example.", "host"),
-        ("https://abc.example/a/../b", "'..'"),
-        ("https://abc.example/./b", "'.'"),
-        ("https://abc.example/" + "a" * 3000, "too long"),
-    ],
-)
-def test_endpoint_invalid_shapes_have_a_reason(raw, words):
-    state, base, reason = parse_endpoint(raw)
-    assert state == "invalid"
-    assert base is None
-    assert reason and words in reason
-
-
-@pytest.mark.parametrize(
-    "raw",
-    ["https://user:hunter2@abc.example", "ftp://hunter2.example", "https://hunter2.example?q"],
-)
-def test_endpoint_reason_never_quotes_the_secret(raw):
-    _, _, reason = parse_endpoint(raw)
-    assert "hunter2" not in reason
-
-
-@given(st.text(max_size=80))
-@settings(max_examples=300, deadline=None)
-def test_endpoint_never_raises_and_is_consistent(raw):
-    state, base, reason = parse_endpoint(raw)
-    if state == "configured":
-        assert reason is None
-        assert base is not None
-        assert base.startswith(("http://", "https://"))
-        assert not base.endswith("/")
-        assert "?" not in base and "#" not in base and "@" not in base
-        assert " " not in base
-        # normalising again is a fixed point
-        assert parse_endpoint(base) == ("configured", base, None)
-    else:
-        assert base is None and reason
-
-
-# ---- ROUTES ----------------------------------------------------------------------------
-
-
-def test_routes_default_when_unset_or_blank():
-    for raw in (None, "", "   "):
-        pools, errors = parse_routes(raw)
-        assert errors == []
-        assert {name: p.pair for name, p in pools.items()} == DEFAULT_ROUTES
-        assert all(p.fallback == DEFAULT_FALLBACK for p in pools.values())
-        assert all(p.role == name for name, p in pools.items())
-
-
-def test_routes_override_roles_and_fallback():
-    pools, errors = parse_routes('{"roles": {"chat": [2, 5], "embed": [6]}, "fallback": [8]}')
-    assert errors == []
-    assert pools == {"chat": Pool("chat", (2, 5), (8,)), "embed": Pool("embed", (6,), (8,))}
-
-
-def test_routes_roles_only_keeps_default_fallback():
-    pools, errors = parse_routes('{"roles": {"x-1": [7, 8]}}')
-    assert errors == []
-    assert pools == {"x-1": Pool("x-1", (7, 8), DEFAULT_FALLBACK)}
-
-
-def test_routes_fallback_only_keeps_default_roles():
-    pools, errors = parse_routes('{"fallback": [3]}')
-    assert errors == []
-    assert set(pools) == set(DEFAULT_ROUTES)
-    assert all(p.fallback == (3,) for p in pools.values())
-
-
-def test_routes_empty_fallback_means_none():
-    pools, errors = parse_routes('{"fallback": []}')
-    assert errors == []
-    assert all(p.fallback == () for p in pools.values())
-
-
-def test_routes_invalid_json_names_position():
-    pools, errors = parse_routes('{"roles": {"code": [3, 4]')
-    assert pools == {}
-    assert len(errors) == 1
-    assert errors[0].startswith("ROUTES: not valid JSON")
-    assert "at char" in errors[0]
-
-
-@pytest.mark.parametrize(
-    ("raw", "fragment"),
-    [
-        ("[1, 2]", 'keys "roles" and/or "fallback"'),
-        ('"code"', 'keys "roles" and/or "fallback"'),
-        ('{"roles": {"code": [3]}, "extra": 1}', 'keys "roles" and/or "fallback"'),
-        ('{"roles": {}}', "ROUTES.roles: expected an object"),
-        ('{"roles": [3, 4]}', "ROUTES.roles: expected an object"),
-        ('{"roles": {"code": [3, 9]}}', "ROUTES.roles.code: 9 is not a node number 1-8"),
-        ('{"roles": {"code": [0]}}', "ROUTES.roles.code: 0 is not a node number"),
-        ('{"roles": {"code": [3, 3]}}', "ROUTES.roles.code: node 3 is listed twice"),
-        ('{"roles": {"code": []}}', "ROUTES.roles.code: expected a non-empty list"),
-        ('{"roles": {"code": 3}}', "ROUTES.roles.code: expected a non-empty list"),
-        ('{"roles": {"code": [true]}}', "ROUTES.roles.code: True is not a node number"),
-        ('{"roles": {"code": [3.0]}}', "ROUTES.roles.code: 3.0 is not a node number"),
-        ('{"roles": {"code": ["3"]}}', "ROUTES.roles.code: '3' is not a node number"),
-        ('{"roles": {"Code": [3]}}', "'Code' is not a valid role name"),
-        ('{"roles": {"co de": [3]}}', "'co de' is not a valid role name"),
-        ('{"roles": {"": [3]}}', "'' is not a valid role name"),
-        ('{"roles": {"' + "a" * 33 + '": [3]}}', "is not a valid role name"),
-        ('{"fallback": [9]}', "ROUTES.fallback: 9 is not a node number"),
-        ('{"fallback": 1}', "ROUTES.fallback: expected a non-empty list"),
-        ('{"fallback": [1, 1]}', "ROUTES.fallback: node 1 is listed twice"),
-    ],
-)
-def test_routes_errors_are_clear(raw, fragment):
-    pools, errors = parse_routes(raw)
-    assert pools == {}
-    assert errors, raw
-    assert any(fragment in e for e in errors), errors
-
-
-def test_routes_reports_every_bad_role_at_once():
-    _, errors = parse_routes('{"roles": {"a": [9], "b": [1, 1], "ok": [2]}, "fallback": [0]}')
-    assert len(errors) == 3
-    assert any("ROUTES.roles.a" in e for e in errors)
-    assert any("ROUTES.roles.b" in e for e in errors)
-    assert any("ROUTES.fallback" in e for e in errors)
-
-
-def test_routes_role_may_share_nodes_with_fallback():
-    pools, errors = parse_routes('{"roles": {"r": [1, 2, 3]}, "fallback": [2, 4]}')
-    assert errors == []
-    assert pools["r"] == Pool("r", (1, 2, 3), (2, 4))
-
-
-@pytest.mark.parametrize(
-    "raw",
-    [
-        '{"roles": {"code": [' + "1" * 5000 + "]}}",  # int too long for int() conversion
-        "[" * 100_000,  # nesting deeper than the decoder's recursion limit
-    ],
-)
-def test_routes_pathological_json_is_an_error_not_an_exception(raw):
-    pools, errors = parse_routes(raw)
-    assert pools == {}
-    assert errors and errors[0].startswith("ROUTES")
-
-
-@given(st.text(max_size=60))
-@settings(max_examples=200, deadline=None)
-def test_routes_never_raises(raw):
-    pools, errors = parse_routes(raw)
-    assert bool(pools) != bool(errors)
-    assert all(e.startswith("ROUTES") for e in errors)
 
 
 # ---- load_config -----------------------------------------------------------------------
@@ -259,8 +42,16 @@ def test_defaults():
     assert cfg.health.cooldown_base_s == 30.0
     assert cfg.health.cooldown_max_s == 600.0
     assert cfg.health.stable_after_s == 1800.0
+    assert cfg.health.refresh_s == 30.0
+    assert cfg.health.min_write_interval_s == 120.0
     assert cfg.health.probe_path == "/health"
     assert cfg.health.metrics_path == "/metrics"
+    assert cfg.health.probe_timeout_s == 5.0
+    assert cfg.health.probe_up_every_s == 1800.0
+    assert cfg.health.kv_timeout_s == 1.0
+    assert cfg.timeouts.upload_s == 60.0
+    assert cfg.upstream_paths == ("/v1/",)
+    assert cfg.pools == dict(DEFAULT_POOLS)
     assert cfg.cors_origins == ("*",)
     assert cfg.auth_disabled is False
     assert cfg.node_token is None
@@ -282,6 +73,65 @@ def test_invalid_endpoint_is_a_problem_without_the_url():
     assert "credentials" in node.reason
     assert any(p.startswith("COLAB_ENDPOINT_3:") for p in cfg.problems)
     assert "topsecret" not in repr(cfg.problems)
+    assert cfg.fatal == ()
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        ("http://node3.example", "plain http"),
+        ("https://abc.trycloudflare.com", "quick tunnels"),
+        ("https://node3", "no domain"),
+        ("https://node3.example/a%20b", "percent-encoded"),
+    ],
+)
+def test_endpoints_the_shared_verdict_rejects_are_invalid_nodes(raw, reason):
+    cfg = load_config(full_env(COLAB_ENDPOINT_3=raw))
+    assert not cfg.node(3).usable and reason in cfg.node(3).reason
+    assert cfg.problems == (f"COLAB_ENDPOINT_3: {cfg.node(3).reason}",)
+
+
+def test_loopback_http_is_a_usable_node():
+    cfg = load_config(full_env(COLAB_ENDPOINT_3="http://127.0.0.1:8003/"))
+    assert cfg.node(3).usable and cfg.node(3).base_url == "http://127.0.0.1:8003"
+    assert cfg.problems == ()
+
+
+endpoint_values = st.one_of(
+    st.none(),
+    st.sampled_from(
+        [
+            "https://a.ngrok-free.app",
+            "http://localhost:8000",
+            "http://a.example",
+            "https://x.trycloudflare.com",
+            "ftp://a.example",
+            "  ",
+        ]
+    ),
+    st.text(max_size=30),
+)
+
+
+@given(st.fixed_dictionaries({endpoint_key(n): endpoint_values for n in NODE_NUMBERS}))
+@settings(max_examples=100, deadline=None)
+def test_every_node_carries_the_shared_endpoint_verdict(env):
+    # one verdict: the gateway's nodes say exactly what heady_shared.endpoints says
+    cfg = load_config(env)
+    for node in cfg.nodes:
+        ep = parse_endpoint(env[endpoint_key(node.number)])
+        assert (node.config, node.base_url, node.reason) == (ep.state, ep.base_url, ep.reason)
+        assert node.usable == (ep.state == "configured")
+    invalid = [n for n in cfg.nodes if n.config == "invalid"]
+    assert cfg.problems == tuple(f"{endpoint_key(n.number)}: {n.reason}" for n in invalid)
+
+
+def test_routes_var_sets_the_pools():
+    raw = '{"roles": {"chat": [2, 5], "embed": [6]}, "fallback": [8]}'
+    cfg = load_config(full_env(ROUTES=raw))
+    assert cfg.pools == parse_routes(raw)[0]
+    assert cfg.roles == ("chat", "embed")
+    assert cfg.pools["chat"] == Pool("chat", (2, 5), (8,))
     assert cfg.fatal == ()
 
 
@@ -369,9 +219,21 @@ NUMBERS = [
     ("KV_MIN_WRITE_INTERVAL_S", lambda c: c.health.min_write_interval_s, 120.0, 1, 86400),
     ("PROBE_TIMEOUT_S", lambda c: c.health.probe_timeout_s, 5.0, 0.5, 60),
     ("PROBE_UP_EVERY_S", lambda c: c.health.probe_up_every_s, 1800.0, 60, 86400),
+    ("KV_TIMEOUT_S", lambda c: c.health.kv_timeout_s, 1.0, 0.05, 30),
+    ("UPLOAD_TIMEOUT_S", lambda c: c.timeouts.upload_s, 60.0, 1, 3600),
     ("MAX_BODY_BYTES", lambda c: c.max_body_bytes, 10 * 1024 * 1024, 0, 100 * 1024 * 1024),
     ("MAX_ATTEMPTS", lambda c: c.max_attempts, 4, 1, 8),
 ]
+
+
+def test_numbers_table_matches_the_declared_settings():
+    # every numeric setting is checked here (COOLDOWN_MAX_S has its own tests: it is tied
+    # to the base), with the default and bounds settings.py declares
+    declared = {s.name for s in SETTINGS if s.kind == "number"}
+    assert {row[0] for row in NUMBERS} | {"COOLDOWN_MAX_S"} == declared
+    for name, _, default, lo, hi in NUMBERS:
+        spec = BY_NAME[name]
+        assert (spec.default, spec.lo, spec.hi) == (default, lo, hi), name
 
 
 @pytest.mark.parametrize(("name", "get", "default", "lo", "hi"), NUMBERS)
@@ -504,6 +366,42 @@ def test_cors_origins(raw, origins):
     assert load_config(full_env(CORS_ORIGINS=raw)).cors_origins == origins
 
 
+@pytest.mark.parametrize(
+    ("raw", "paths", "problems"),
+    [
+        (None, ("/v1/",), 0),
+        ("", ("/v1/",), 0),
+        ("  ", ("/v1/",), 0),
+        ("/v1/", ("/v1/",), 0),
+        (" /v1/ , /tokenize ", ("/v1/", "/tokenize"), 0),
+        ("/v1/,,/health", ("/v1/", "/health"), 0),
+        ("/v1/, v2/", ("/v1/",), 1),  # not absolute
+        ("/v1/, /", ("/v1/",), 1),  # everything: not a prefix
+        ("/v1/, /a//b", ("/v1/",), 1),
+        ("/v1/, /a/../b", ("/v1/",), 1),
+        ("/v1/, /a/./b", ("/v1/",), 1),
+        ("/v1/, /a?b", ("/v1/",), 1),
+        ("/v1/, /a%2fb", ("/v1/",), 1),
+        ("/v1/, /é", ("/v1/",), 1),
+        ("/v1/, /a b", ("/v1/",), 1),
+        ("nope", ("/v1/",), 2),  # ignored, then nothing usable is left
+        (",,", ("/v1/",), 1),
+    ],
+)
+def test_upstream_paths(raw, paths, problems):
+    cfg = load_config(full_env(UPSTREAM_PATHS=raw))
+    assert cfg.upstream_paths == paths
+    found = [p for p in cfg.problems if p.startswith("UPSTREAM_PATHS")]
+    assert len(found) == problems, found
+    assert cfg.fatal == ()
+
+
+def test_upstream_paths_problem_quotes_a_bounded_item():
+    cfg = load_config(full_env(UPSTREAM_PATHS="/v1/," + "x" * 500))
+    (problem,) = cfg.problems
+    assert "x" * 40 in problem and "x" * 41 not in problem
+
+
 def test_config_keys_lists_every_setting():
     assert len(CONFIG_KEYS) == len(set(CONFIG_KEYS))
     for name in ("COLAB_ENDPOINT_1", "COLAB_ENDPOINT_8", "ROUTES", "NODE_TOKEN", "MAX_ATTEMPTS"):
@@ -520,6 +418,9 @@ def test_load_config_never_raises_and_values_stay_in_range(env):
     assert 1 <= cfg.health.cooldown_base_s <= cfg.health.cooldown_max_s
     assert 0 <= cfg.max_body_bytes <= 100 * 1024 * 1024
     assert cfg.health.probe_path.startswith("/")
+    assert 0.05 <= cfg.health.kv_timeout_s <= 30
+    assert 1 <= cfg.timeouts.upload_s <= 3600
+    assert cfg.upstream_paths and all(p.startswith("/") for p in cfg.upstream_paths)
     assert len(cfg.nodes) == 8
     assert all(k and k == k.strip() for k in cfg.api_keys)
     if cfg.node_token is not None:
