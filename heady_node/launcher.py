@@ -10,6 +10,8 @@ from pathlib import Path
 
 import httpx
 
+from heady_node.guard import MARK_HEADER
+
 
 class EngineError(RuntimeError):
     """The engine died or never became healthy; the message carries its log tail."""
@@ -131,3 +133,16 @@ def smoke_test(base_url: str, api_key: str, model: str, timeout: float = 120.0) 
         return str(resp.json()["choices"][0]["message"]["content"]).strip()
     except (ValueError, KeyError, IndexError, TypeError) as exc:
         raise EngineError(f"smoke test got an unexpected body: {resp.text[:200]}") from exc
+
+
+# A path vLLM serves (GET /version) that the guard must hide: its 404 must carry the guard's mark.
+GUARD_PROBE_PATH = "/version"
+
+
+def guard_active(base_url: str) -> bool:
+    """True when the node guard answers for paths outside the published API."""
+    try:
+        resp = httpx.get(f"{base_url}{GUARD_PROBE_PATH}", timeout=10.0)
+    except httpx.HTTPError:
+        return False
+    return resp.status_code == 404 and resp.headers.get(MARK_HEADER) == "1"

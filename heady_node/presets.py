@@ -13,12 +13,26 @@ Memory rule (checked by `memory_estimate` / `fits`, tested for every role x GPU)
     we demand two so a long request never starves the node.
   * overhead = 2 GiB (CUDA context, activations, CUDA graphs), +2 GiB for a vision encoder's
     profiling pass on multimodal models.
+
+Image rule (vision presets): images per prompt x tokens per image <= max_model_len / 2, where a
+Qwen2-VL / Qwen2.5-VL image costs at most max_pixels / (28 x 28) tokens (14-pixel patches merged
+2 x 2), so one large photo can never crowd the text out of the context.
+
+No `--quantization`: vLLM reads the method from the checkpoint's quantization_config
+(ModelConfig._verify_quantization, vllm/config/model.py) and picks the fastest kernel the GPU
+has; naming a method by hand can pin a slower kernel (older vLLM skipped Marlin for an explicit
+`awq`) or clash with the checkpoint. `--dtype half` where the card has no bfloat16 (compute
+capability < 8.0), `auto` (the checkpoint's bf16) elsewhere.
 """
 
-from dataclasses import dataclass, field
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 from heady_node.gpu import GPU_CLASSES, GpuClass
+from heady_node.guard import IMPORT_PATH as GUARD_IMPORT_PATH
 from heady_node.roles import ROLES
+from heady_shared.routes import DEFAULT_POOLS, Pool, roles_served_by
 
 GIB = 1024**3
 GPU_MEMORY_UTILIZATION = 0.90
@@ -73,21 +87,37 @@ MODELS: dict[str, Model] = {
 
 
 @dataclass(frozen=True)
+class VisionLimits:
+    images_per_prompt: int
+    max_pixels: int
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.max_pixels // (28 * 28)
+
+
+# ~1000 x 1000 pixels: 1280 tokens per image at most.
+VISION_MAX_PIXELS = 1280 * 28 * 28
+
+
+@dataclass(frozen=True)
 class Preset:
     role: str
     gpu: GpuClass
     model: Model
     max_model_len: int
     max_num_seqs: int
-    extra_args: tuple[str, ...] = field(default=())
+    bf16: bool  # of the card actually present (an unknown card may differ from its class)
+    vision: VisionLimits | None = None
 
     @property
     def dtype(self) -> str:
-        # Turing/Volta have no bfloat16; Qwen checkpoints default to it, so force float16.
-        return "auto" if self.gpu.bf16 else "half"
+        # Qwen checkpoints are bfloat16; a card without it (T4 and other Turing) must run float16.
+        return "auto" if self.bf16 else "half"
 
     @property
     def quantization(self) -> str | None:
+        """What vLLM will detect from the checkpoint (shown to the operator, never passed)."""
         return None if self.model.quant == "fp16" else self.model.quant
 
 
@@ -95,31 +125,35 @@ class Preset:
 _TABLE: dict[str, dict[str, tuple[str, int, int]]] = {
     "reasoning": {
         "t4": ("Qwen/Qwen2.5-7B-Instruct-AWQ", 16384, 16),
-        "v100": ("Qwen/Qwen2.5-7B-Instruct-GPTQ-Int4", 16384, 16),
         "l4": ("Qwen/Qwen2.5-14B-Instruct-AWQ", 16384, 32),
         "a100-40": ("Qwen/Qwen2.5-32B-Instruct-AWQ", 16384, 64),
         "a100-80": ("Qwen/Qwen2.5-32B-Instruct-AWQ", 32768, 64),
+        "h100": ("Qwen/Qwen2.5-32B-Instruct-AWQ", 32768, 64),
+        "rtx-pro-6000": ("Qwen/Qwen2.5-32B-Instruct-AWQ", 32768, 128),
     },
     "code": {
         "t4": ("Qwen/Qwen2.5-Coder-7B-Instruct-AWQ", 16384, 16),
-        "v100": ("Qwen/Qwen2.5-Coder-7B-Instruct-GPTQ-Int4", 16384, 16),
         "l4": ("Qwen/Qwen2.5-Coder-14B-Instruct-AWQ", 16384, 32),
         "a100-40": ("Qwen/Qwen2.5-Coder-32B-Instruct-AWQ", 16384, 64),
         "a100-80": ("Qwen/Qwen2.5-Coder-32B-Instruct-AWQ", 32768, 64),
+        "h100": ("Qwen/Qwen2.5-Coder-32B-Instruct-AWQ", 32768, 64),
+        "rtx-pro-6000": ("Qwen/Qwen2.5-Coder-32B-Instruct-AWQ", 32768, 128),
     },
     "vision": {
         "t4": ("Qwen/Qwen2-VL-2B-Instruct", 8192, 16),
-        "v100": ("Qwen/Qwen2-VL-2B-Instruct", 8192, 16),
         "l4": ("Qwen/Qwen2.5-VL-7B-Instruct-AWQ", 16384, 16),
         "a100-40": ("Qwen/Qwen2.5-VL-7B-Instruct", 32768, 32),
         "a100-80": ("Qwen/Qwen2.5-VL-7B-Instruct", 32768, 64),
+        "h100": ("Qwen/Qwen2.5-VL-7B-Instruct", 32768, 64),
+        "rtx-pro-6000": ("Qwen/Qwen2.5-VL-7B-Instruct", 32768, 128),
     },
     "batch": {
         "t4": ("Qwen/Qwen2.5-3B-Instruct", 8192, 64),
-        "v100": ("Qwen/Qwen2.5-3B-Instruct", 8192, 64),
         "l4": ("Qwen/Qwen2.5-7B-Instruct-AWQ", 16384, 128),
         "a100-40": ("Qwen/Qwen2.5-7B-Instruct", 16384, 256),
         "a100-80": ("Qwen/Qwen2.5-14B-Instruct", 16384, 256),
+        "h100": ("Qwen/Qwen2.5-14B-Instruct", 16384, 256),
+        "rtx-pro-6000": ("Qwen/Qwen2.5-14B-Instruct", 32768, 256),
     },
 }
 
@@ -143,48 +177,91 @@ def fits(model: Model, max_model_len: int, gpu: GpuClass, memory_gib: float | No
     return memory_estimate(model, max_model_len) <= budget(gpu, memory_gib)
 
 
-def kernels_supported(model: Model, gpu: GpuClass) -> bool:
-    return model.quant != "awq" or gpu.awq
+def vision_limits(max_model_len: int) -> VisionLimits:
+    """As many ~1-megapixel images as fit in half the context, at most 4."""
+    per_image = VISION_MAX_PIXELS // (28 * 28)
+    images = max(1, min(4, (max_model_len // 2) // per_image))
+    return VisionLimits(images_per_prompt=images, max_pixels=VISION_MAX_PIXELS)
 
 
-def preset_for(role: str, gpu: GpuClass, model: str | None = None) -> Preset:
-    """The role's preset on this GPU; `model` overrides the checkpoint but keeps the limits."""
+def preset_for(
+    role: str, gpu: GpuClass, model: str | None = None, *, bf16: bool | None = None
+) -> Preset:
+    """The role's preset on this GPU class; `model` overrides the checkpoint but keeps the
+    limits; `bf16` is the real card's (defaults to the class's reference card)."""
     if role not in _TABLE:
         raise PresetError(f"unknown role {role!r}; expected one of {', '.join(ROLES)}")
     repo, max_len, seqs = _TABLE[role][gpu.key]
     chosen = MODELS[repo]
     if model:
         chosen = MODELS.get(model) or Model(model, 0.0, 0, "fp16", vision=role == "vision")
-        if chosen.params_b and not kernels_supported(chosen, gpu):
-            raise PresetError(f"{model} is AWQ, which vLLM cannot run on {gpu.label}")
         if chosen.params_b and not fits(chosen, max_len, gpu):
             need = memory_estimate(chosen, max_len)
             raise PresetError(
                 f"{model} needs ~{need:.1f} GiB at {max_len} tokens; "
                 f"{gpu.label} allows {budget(gpu):.1f} GiB"
             )
-    return Preset(role=role, gpu=gpu, model=chosen, max_model_len=max_len, max_num_seqs=seqs)
+    return Preset(
+        role=role,
+        gpu=gpu,
+        model=chosen,
+        max_model_len=max_len,
+        max_num_seqs=seqs,
+        bf16=gpu.bf16 if bf16 is None else bf16,
+        vision=vision_limits(max_len) if chosen.vision else None,
+    )
+
+
+def served_model_names(
+    repo: str, node: int, pools: Mapping[str, Pool] = DEFAULT_POOLS
+) -> tuple[str, ...]:
+    """The repo id first (vLLM reports the first name in answers), then every role this node may
+    answer for, its own and those it is a fallback for: vLLM answers 404 to any other `model`."""
+    return tuple(dict.fromkeys((repo, *roles_served_by(node, pools))))
 
 
 def engine_argv(
-    preset: Preset, *, port: int, api_key: str, engine: list[str], host: str = "127.0.0.1"
+    preset: Preset,
+    *,
+    port: int,
+    api_key: str,
+    engine: Sequence[str],
+    served_names: Sequence[str] = (),
+    media_domains: Sequence[str] = (),
+    host: str = "127.0.0.1",
 ) -> list[str]:
-    """`vllm serve MODEL ...` arguments; `engine` is the command prefix (stand-in in tests)."""
+    """`vllm serve MODEL ...` arguments; `engine` is the command prefix (stand-in in tests).
+    The guard reads the token from the environment (guard.TOKEN_ENV, set by the caller)."""
     argv = [
         *engine,
         preset.model.repo,
         "--host", host,
         "--port", str(port),
         "--api-key", api_key,
-        "--served-model-name", preset.model.repo,
+        "--served-model-name", *(served_names or (preset.model.repo,)),
         "--max-model-len", str(preset.max_model_len),
         "--max-num-seqs", str(preset.max_num_seqs),
         "--gpu-memory-utilization", f"{GPU_MEMORY_UTILIZATION:.2f}",
         "--dtype", preset.dtype,
+        "--middleware", GUARD_IMPORT_PATH,
     ]  # fmt: skip
-    if preset.quantization:
-        argv += ["--quantization", preset.quantization]
-    return argv + list(preset.extra_args)
+    if preset.vision:
+        limits = {"image": preset.vision.images_per_prompt, "video": 0}
+        argv += [
+            "--limit-mm-per-prompt", json.dumps(limits),
+            "--mm-processor-kwargs", json.dumps({"max_pixels": preset.vision.max_pixels}),
+            # Only data: URLs unless the operator names hosts: a URL the node fetches is an SSRF
+            # path into the host's network. `.invalid` never resolves (RFC 6761), and an empty
+            # list would mean "any domain" to vLLM.
+            "--allowed-media-domains", *(media_domains or (NO_MEDIA_DOMAIN,)),
+        ]  # fmt: skip
+    return argv
+
+
+NO_MEDIA_DOMAIN = "no-remote-media.invalid"
+# vLLM follows redirects when fetching media unless told not to (vllm/envs.py); a redirect
+# would walk around the domain list.
+VISION_ENV = {"VLLM_MEDIA_URL_ALLOW_REDIRECTS": "0"}
 
 
 def redact_argv(argv: list[str]) -> list[str]:
@@ -196,22 +273,25 @@ def redact_argv(argv: list[str]) -> list[str]:
     return out
 
 
+def quant_label(preset: Preset) -> str:
+    if preset.model.quant == "fp16":
+        return "none (" + ("bf16" if preset.bf16 else "fp16") + ")"
+    return preset.model.quant.upper() + " 4-bit"
+
+
 def table_rows() -> list[tuple[str, str, str, int, str, float, float]]:
     """(role, gpu label, model, context, quantisation, estimate GiB, budget GiB) for docs/tests."""
     rows = []
     for role in ROLES:
         for gpu in GPU_CLASSES.values():
             p = preset_for(role, gpu)
-            quant = {"fp16": "none (" + ("bf16" if gpu.bf16 else "fp16") + ")"}.get(
-                p.model.quant, p.model.quant.upper() + " 4-bit"
-            )
             rows.append(
                 (
                     role,
                     gpu.label,
                     p.model.repo,
                     p.max_model_len,
-                    quant,
+                    quant_label(p),
                     round(memory_estimate(p.model, p.max_model_len), 1),
                     round(budget(gpu), 1),
                 )

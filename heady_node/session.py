@@ -1,16 +1,20 @@
-"""The notebook's imperative shell: one object that walks a Colab runtime to a live node.
+"""The node's imperative shell: walks any Linux GPU host (a Colab runtime, a rented box) to a live
+node. `heady-node serve` and the notebook both drive this one object.
 
-Everything it decides is delegated to the pure modules (roles, gpu, presets, tunnel, status,
-wrangler); this file only sequences processes and prints. `dry_run=True` swaps the GPU, the
-engine and the tunnel for offline stand-ins (sim.node and heady_node.fake_tunnel) so CI can run
-the very notebook the operator uploads.
+Order matters: `preflight` checks everything that can be checked without the model (GPU, preset,
+token, every tunnel setting) so a typo costs seconds, not a 10-minute weight download. A tunnel
+failure never touches the engine: it is reported and `open_tunnel` can simply be run again.
+`dry_run=True` swaps the GPU, the engine and the tunnel agent for offline stand-ins (sim.node and
+heady_node.dry_run_tunnel) so CI runs the very code and notebook the operator runs.
 """
 
+import contextlib
+import shlex
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -18,21 +22,34 @@ from pathlib import Path
 import httpx
 
 from heady_node import gpu as gpu_mod
-from heady_node import launcher, presets, status, tunnel, wrangler
+from heady_node import guard, launcher, presets, settings, status, tunnel, wrangler
 from heady_node.colab import get_secret
 from heady_node.roles import role_for_node
 
-DRY_RUN_GPU = "Tesla T4, 15360 MiB\n"
+DRY_RUN_GPU = "Tesla T4, 15360 MiB, 7.5, 550.54.15\n"
 DRY_RUN_TOKEN = "dry-run-node-token"
+
+
+def dry_run_secrets(node: int) -> dict[str, str]:
+    """What a dry run uses when a secret is not set: fake, but shaped like the real ones."""
+    return {
+        "NODE_TOKEN": DRY_RUN_TOKEN,
+        f"{settings.CF_TOKEN}_{node}": "dry-run-tunnel-token",
+        f"{settings.CF_HOSTNAME}_{node}": f"node{node}.example.com",
+        f"{settings.NGROK_TOKEN}_{node}": "dry-run-authtoken",
+        f"{settings.NGROK_DOMAIN}_{node}": f"heady-dry-run-node{node}.ngrok-free.dev",
+    }
 
 
 @dataclass
 class NodeSession:
     node: int
     model: str | None = None
-    tunnel_kind: str = "ngrok"  # or "cloudflare"
+    tunnel_kind: str = "cloudflare"  # or "ngrok", or "none" (expose it yourself)
     dry_run: bool = False
     port: int = 8000
+    media_domains: Sequence[str] = ()  # vision: hosts image URLs may come from (default: none)
+    ngrok_api: str = tunnel.NGROK_API
     health_timeout: float = 1800.0  # first start downloads the weights: minutes, not seconds
     tunnel_timeout: float = 60.0
     status_interval: float = 60.0
@@ -44,31 +61,36 @@ class NodeSession:
     out: Callable[[str], None] = print
 
     role: str = field(init=False)
+    gpu: gpu_mod.Gpu | None = field(init=False, default=None)
+    preset: presets.Preset | None = field(init=False, default=None)
+    served_names: tuple[str, ...] = field(init=False, default=())
+    tunnel_settings: settings.TunnelSettings | None = field(init=False, default=None)
     engine_proc: subprocess.Popen | None = field(init=False, default=None)
     tunnel_proc: subprocess.Popen | None = field(init=False, default=None)
     public_url: str | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.role = role_for_node(self.node)
-        if self.tunnel_kind not in ("ngrok", "cloudflare"):
-            raise ValueError("tunnel must be 'ngrok' or 'cloudflare'")
+        if self.tunnel_kind not in settings.TUNNEL_KINDS:
+            raise ValueError(f"tunnel must be one of {', '.join(settings.TUNNEL_KINDS)}")
         if self.dry_run:
-            self.engine = self.engine or [
-                sys.executable,
-                "-m",
-                "sim.node",
-                "--node",
-                str(self.node),
-            ]
+            real, fake = self.secret, dry_run_secrets(self.node)
+            self.secret = lambda name: real(name) or fake.get(name, "")
+            sim = [sys.executable, "-m", "sim.node", "--node", str(self.node)]
+            self.engine = self.engine or sim
             self.gpu_runner = self.gpu_runner or (lambda _argv: DRY_RUN_GPU)
             self.port = _free_port() if self.port == 8000 else self.port
-            fake_url = f"https://heady-dry-run-node{self.node}.ngrok-free.app"
-            self.tunnel_command = self.tunnel_command or [
-                sys.executable, "-m", "heady_node.fake_tunnel",
-                "--kind", self.tunnel_kind, "--url", fake_url,
-            ]  # fmt: skip
             self.health_timeout = min(self.health_timeout, 60.0)
             self.status_interval = min(self.status_interval, 0.5)
+            if self.tunnel_command is None and self.tunnel_kind != "none":
+                api_port = _free_port()
+                self.ngrok_api = f"http://127.0.0.1:{api_port}"
+                url = f"https://{fake[f'{settings.NGROK_DOMAIN}_{self.node}']}"
+                self.tunnel_command = [
+                    sys.executable, "-m", "heady_node.dry_run_tunnel",
+                    "--kind", self.tunnel_kind, "--url", url,
+                    "--api-port", str(api_port), "--addr", f"http://127.0.0.1:{self.port}",
+                ]  # fmt: skip
         self.engine = self.engine or ["vllm", "serve"]
 
     @property
@@ -76,40 +98,67 @@ class NodeSession:
         return f"http://127.0.0.1:{self.port}"
 
     def _token(self) -> str:
-        token = self.secret("NODE_TOKEN") or (DRY_RUN_TOKEN if self.dry_run else "")
+        token = self.secret("NODE_TOKEN").strip()
         if not token:
-            raise RuntimeError(
-                "NODE_TOKEN is missing: add the cluster's shared token in Colab's Secrets panel "
-                "(the same value as `npx wrangler secret put NODE_TOKEN`)"
+            raise settings.SettingsError(
+                "NODE_TOKEN is missing: the cluster's shared node token (Colab: Secrets panel; "
+                "elsewhere: the environment), the value of `npx wrangler secret put NODE_TOKEN`"
             )
         return token
 
-    def plan(self) -> presets.Preset:
-        gpu = gpu_mod.detect_gpu(self.gpu_runner) if self.gpu_runner else gpu_mod.detect_gpu()
-        preset = presets.preset_for(self.role, gpu.gpu_class, self.model)
+    def preflight(self) -> presets.Preset:
+        """GPU, preset, node token and tunnel settings: everything checkable before the model."""
+        self.gpu = gpu_mod.detect_gpu(self.gpu_runner) if self.gpu_runner else gpu_mod.detect_gpu()
+        preset = presets.preset_for(self.role, self.gpu.gpu_class, self.model, bf16=self.gpu.bf16)
+        self._token()
+        self.tunnel_settings = settings.tunnel_settings(self.tunnel_kind, self.node, self.secret)
         self.preset = preset
-        self.out(f"GPU: {gpu.name} ({gpu.memory_gib:.1f} GiB) -> preset class {gpu.gpu_class.key}")
+        self.served_names = presets.served_model_names(preset.model.repo, self.node)
+        self.out(self.gpu.describe())
         self.out(f"Node {self.node}: role {self.role}, model {preset.model.repo}")
+        self.out("Answers to model names: " + ", ".join(self.served_names))
         if preset.model.params_b:
             need = presets.memory_estimate(preset.model, preset.max_model_len)
+            allowed = presets.budget(self.gpu.gpu_class, self.gpu.memory_gib)
             self.out(
                 f"Context {preset.max_model_len} tokens, dtype {preset.dtype}, quantisation "
-                f"{preset.quantization or 'none'}; memory ~{need:.1f} of "
-                f"{presets.budget(gpu.gpu_class, gpu.memory_gib):.1f} GiB allowed"
+                f"{preset.quantization or 'none'} (vLLM reads it from the checkpoint); "
+                f"memory ~{need:.1f} of {allowed:.1f} GiB allowed"
             )
         else:
             self.out("Custom model: not in the preset catalogue, memory not checked")
+        if preset.vision:
+            hosts = ", ".join(self.media_domains) or "none (data: URLs only)"
+            self.out(
+                f"Images: at most {preset.vision.images_per_prompt} per prompt, "
+                f"{preset.vision.max_pixels} pixels each; image URLs allowed from: {hosts}"
+            )
+        ts = self.tunnel_settings
+        if ts.kind == "none":
+            self.out("Tunnel: none (expose the port yourself, behind HTTPS)")
+        else:
+            where = ts.address.value or "the account's dev domain"
+            self.out(f"Tunnel: {ts.kind} via {ts.token.source}, address {where}")
         return preset
 
     def start_engine(self) -> None:
-        preset = getattr(self, "preset", None) or self.plan()
-        token = self._token()
-        assert self.engine is not None
-        argv = presets.engine_argv(preset, port=self.port, api_key=token, engine=self.engine)
+        if self.preset is None:
+            self.preflight()
+        preset, token = self.preset, self._token()
+        assert preset is not None and self.engine is not None
+        argv = presets.engine_argv(
+            preset,
+            port=self.port,
+            api_key=token,
+            engine=self.engine,
+            served_names=self.served_names,
+            media_domains=self.media_domains,
+        )
+        env = {guard.TOKEN_ENV: token, **(presets.VISION_ENV if preset.vision else {})}
         log = self.log_dir / f"engine-node{self.node}.log"
-        self.out("Starting: " + " ".join(presets.redact_argv(argv)))
+        self.out("Starting: " + shlex.join(presets.redact_argv(argv)))
         self.out(f"(engine log: {log})")
-        self.engine_proc = launcher.spawn(argv, log_path=log)
+        self.engine_proc = launcher.spawn(argv, log_path=log, env=env)
         try:
             waited = launcher.wait_healthy(
                 self.local_url,
@@ -119,36 +168,48 @@ class NodeSession:
                 on_wait=lambda s: self.out(f"... still loading ({s:.0f}s)"),
             )
             reply = launcher.smoke_test(self.local_url, token, preset.model.repo)
+            guarded = launcher.guard_active(self.local_url)
         except launcher.EngineError:
             self.stop()
             raise
         self.out(f"Engine healthy after {waited:.1f}s; test answer: {reply[:60]!r}")
-
-    def open_tunnel(self) -> str:
-        log = self.log_dir / f"tunnel-node{self.node}.log"
-        if self.tunnel_kind == "ngrok":
-            plan = tunnel.ngrok_plan(
-                self.port,
-                self.secret("NGROK_AUTHTOKEN") or ("dry-run" if self.dry_run else ""),
-                domain=self.secret("NGROK_DOMAIN") or None,
-            )
+        if guarded:
+            self.out("Guard active: only /v1/*, /health and /metrics answer, with the token")
+        elif self.dry_run:
+            self.out("Guard not loaded: the dry-run stand-in engine is not vLLM")
         else:
-            host = self.secret("CF_TUNNEL_HOSTNAME") or (
-                f"node{self.node}.example.com" if self.dry_run else ""
+            self.stop()
+            raise launcher.EngineError(
+                "the engine answers paths the node guard must hide (is heady_node importable in "
+                "vLLM's environment?); stopped it rather than publish it"
             )
-            if not host:
-                raise tunnel.TunnelError(
-                    "CF_TUNNEL_HOSTNAME is missing: the public hostname routed to "
-                    f"http://localhost:{self.port} in the tunnel's dashboard"
-                )
-            token = self.secret("CF_TUNNEL_TOKEN") or ("dry-run" if self.dry_run else "")
-            plan = tunnel.cloudflare_plan(token, host)
+
+    def open_tunnel(self) -> str | None:
+        """Start (or restart) the tunnel; on failure the engine keeps running and this can be run
+        again. Returns the public URL, or None for tunnel 'none'."""
+        ts = self.tunnel_settings
+        if ts is None:
+            raise settings.SettingsError("run preflight() first")
+        plan = ts.plan(self.port, ngrok_api=self.ngrok_api)
+        if plan is None:
+            self.out(f"No tunnel: the gateway must reach {self.local_url} through your own HTTPS")
+            return None
+        if self.tunnel_proc is not None:
+            launcher.stop(self.tunnel_proc, grace=5.0)
+            self.tunnel_proc = None
+        log = self.log_dir / f"tunnel-node{self.node}.log"
         try:
             self.tunnel_proc, url = tunnel.open_tunnel(
                 plan, log_path=log, timeout=self.tunnel_timeout, command=self.tunnel_command
             )
-        except tunnel.TunnelError:
-            self.stop()
+        except tunnel.TunnelError as exc:
+            self.public_url = None
+            running = self.engine_proc is not None and self.engine_proc.poll() is None
+            self.out(
+                f"Tunnel failed: {exc}\n"
+                + (f"The engine keeps running at {self.local_url}; " if running else "")
+                + "fix the tunnel settings and open the tunnel again."
+            )
             raise
         self.public_url = url
         self.out("")
@@ -160,7 +221,11 @@ class NodeSession:
     def status_once(self) -> str:
         clock = datetime.now().strftime("%H:%M:%S")
         try:
-            resp = httpx.get(f"{self.local_url}/metrics", timeout=5.0)
+            resp = httpx.get(
+                f"{self.local_url}/metrics",
+                headers={"Authorization": f"Bearer {self._token()}"},
+                timeout=5.0,
+            )
             resp.raise_for_status()
             snap = status.snapshot(status.parse_metrics(resp.text))
             line = status.status_line(clock, self.node, self.role, snap)
@@ -169,17 +234,25 @@ class NodeSession:
         for name, proc in (("engine", self.engine_proc), ("tunnel", self.tunnel_proc)):
             if proc is not None and proc.poll() is not None:
                 line += f" | {name} EXITED ({proc.returncode})"
+        if self.tunnel_kind != "none" and self.public_url is None:
+            line += " | tunnel DOWN"
         return line
 
-    def keep_alive(self, rounds: int | None = None) -> None:
+    def keep_alive(self, rounds: int | None = None, retry_tunnel: bool = False) -> None:
         """Print a status line every `status_interval` s until stopped (Colab's stop button
-        raises KeyboardInterrupt), then shut everything down. `rounds` bounds it for dry runs."""
+        raises KeyboardInterrupt), then shut everything down. `retry_tunnel` reopens a failed or
+        exited tunnel each round. `rounds` bounds it for dry runs."""
         if self.dry_run and rounds is None:
             rounds = 2
-        self.out("Serving. Keep this tab open; stop this cell to shut the node down.")
+        self.out("Serving. Stop this cell (or press Ctrl+C) to shut the node down.")
         done = 0
         try:
             while rounds is None or done < rounds:
+                tunnel_gone = self.tunnel_proc is None or self.tunnel_proc.poll() is not None
+                if retry_tunnel and self.tunnel_kind != "none" and tunnel_gone:
+                    # open_tunnel reports the failure; the next round tries again.
+                    with contextlib.suppress(tunnel.TunnelError):
+                        self.open_tunnel()
                 self.out(self.status_once())
                 done += 1
                 if rounds is None or done < rounds:
@@ -194,6 +267,7 @@ class NodeSession:
             if proc is not None:
                 launcher.stop(proc, grace=10.0)
         self.tunnel_proc = self.engine_proc = None
+        self.public_url = None
         self.out(f"Node {self.node} stopped.")
 
 

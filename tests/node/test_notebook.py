@@ -1,4 +1,4 @@
-"""Run the operator's notebook top to bottom in dry-run mode (sim.node + fake tunnel)."""
+"""Run the operator's notebook top to bottom in dry-run mode (sim.node + dry-run tunnel)."""
 
 import os
 from pathlib import Path
@@ -25,6 +25,7 @@ def _outputs(nb: nbformat.NotebookNode) -> str:
 def test_notebook_dry_run_prints_wrangler_lines(monkeypatch, tmp_path: Path) -> None:
     monkeypatch.setenv("HEADY_DRY_RUN", "1")
     monkeypatch.setenv("HEADY_NODE", "4")
+    monkeypatch.delenv("HEADY_TUNNEL", raising=False)
     monkeypatch.delenv("NODE_TOKEN", raising=False)
     # The kernel must import heady_node and sim from this checkout even without an install.
     monkeypatch.setenv(
@@ -41,10 +42,16 @@ def test_notebook_dry_run_prints_wrangler_lines(monkeypatch, tmp_path: Path) -> 
     )
     client.execute()
     out = _outputs(nb)
+    # install: driver and CUDA first, then the pinned vLLM the documented way (not run here)
+    assert "NVIDIA driver 550.54.15, supports CUDA up to 12.4" in out
+    assert "uv pip install --python" in out and "vllm==0.33.0 --torch-backend=auto" in out
+    assert "cloudflared-linux-amd64" in out
     assert "Node 4: role code, model Qwen/Qwen2.5-Coder-7B-Instruct-AWQ" in out
+    assert "Answers to model names: Qwen/Qwen2.5-Coder-7B-Instruct-AWQ, code" in out
+    assert "Tunnel: cloudflare via CF_TUNNEL_TOKEN_4, address node4.example.com" in out
     assert "\n  npx wrangler secret put COLAB_ENDPOINT_4\n" in out
-    url = "https://heady-dry-run-node4.ngrok-free.app"
+    url = "https://node4.example.com"
     assert f"  echo {url} | npx wrangler secret put COLAB_ENDPOINT_4" in out
-    assert '  COLAB_ENDPOINT_4="https://heady-dry-run-node4.ngrok-free.app"' in out
-    assert "node 4 (code) up | served" in out
+    assert f'  COLAB_ENDPOINT_4="{url}"' in out
+    assert "node 4 (code) up | " in out
     assert out.rstrip().endswith("Node 4 stopped.")

@@ -25,22 +25,44 @@ def test_metrics_to_status_line() -> None:
     assert "served ?" in status.status_line("t", 1, "r", status.snapshot({}))
 
 
-def test_ngrok_url_from_log() -> None:
-    line = (
-        't=2025-01-01T00:00:00+0000 lvl=info msg="started tunnel" obj=tunnels '
-        "name=command_line addr=http://127.0.0.1:8000 url=https://ab12-34-56.ngrok-free.app"
-    )
-    assert tunnel.parse_ngrok_url(line) == "https://ab12-34-56.ngrok-free.app"
-    assert tunnel.parse_ngrok_url('lvl=info msg="client session established"') is None
-    assert tunnel.scan_log("ngrok", "x\n" + line, None) == "https://ab12-34-56.ngrok-free.app"
+def test_ngrok_url_from_the_agents_api() -> None:
+    # Shape of GET http://127.0.0.1:4040/api/tunnels (https://ngrok.com/docs/agent/api/).
+    payload = {
+        "tunnels": [
+            {
+                "public_url": "https://other.ngrok-free.dev",
+                "config": {"addr": "http://localhost:9"},
+            },
+            {
+                "name": "command_line",
+                "public_url": "https://ab12.ngrok-free.dev",
+                "proto": "https",
+                "config": {"addr": "http://127.0.0.1:8000", "inspect": True},
+            },
+        ],
+        "uri": "/api/tunnels",
+    }
+    assert tunnel.ngrok_url_from_api(payload, 8000, None) == "https://ab12.ngrok-free.dev"
+    assert tunnel.ngrok_url_from_api(payload, 8001, None) is None  # another agent's tunnel
+    assert tunnel.ngrok_url_from_api({"tunnels": []}, 8000, None) is None
+    for junk in (None, [], {"tunnels": "x"}, {"tunnels": [1, {"public_url": 5}]}):
+        assert tunnel.ngrok_url_from_api(junk, 8000, None) is None
+    with pytest.raises(tunnel.TunnelError, match="not the configured"):
+        tunnel.ngrok_url_from_api(payload, 8000, "https://mine.ngrok-free.dev")
+
+
+def test_ngrok_error_codes_become_reasons() -> None:
+    log = 'lvl=eror msg="failed to start tunnel" err="... ERR_NGROK_334 ..."'
+    assert "another node" in tunnel.explain("ngrok", log)
+    assert "own account" in tunnel.explain("ngrok", "ERR_NGROK_108")
+    assert tunnel.explain("ngrok", "all fine") == ""
+    assert tunnel.explain("cloudflare", "ERR_NGROK_334") == ""
 
 
 def test_cloudflare_ready_uses_known_hostname() -> None:
     plan = tunnel.cloudflare_plan("tok", "node3.example.com")
     assert plan.url == "https://node3.example.com"
     assert "tok" not in plan.argv and plan.env == {"TUNNEL_TOKEN": "tok"}
-    assert tunnel.scan_log("cloudflare", "starting", plan.url) is None
-    assert tunnel.scan_log("cloudflare", "INF Registered tunnel connection", plan.url) == plan.url
 
 
 def test_quick_tunnels_and_bad_urls_are_refused() -> None:
@@ -54,12 +76,18 @@ def test_quick_tunnels_and_bad_urls_are_refused() -> None:
         tunnel.cloudflare_plan("", "node.example.com")
 
 
-def test_ngrok_plan_keeps_token_out_of_argv() -> None:
-    plan = tunnel.ngrok_plan(8000, "secret-token", domain="me.ngrok-free.app")
+def test_ngrok_plan_uses_url_flag_and_keeps_token_out_of_argv() -> None:
+    plan = tunnel.ngrok_plan(8000, "secret-token", domain="me.ngrok-free.dev")
     assert "secret-token" not in " ".join(plan.argv)
     assert plan.env["NGROK_AUTHTOKEN"] == "secret-token"
     assert plan.argv[:3] == ["ngrok", "http", "http://127.0.0.1:8000"]
-    assert plan.argv[-2:] == ["--domain", "me.ngrok-free.app"]
+    assert plan.argv[-2:] == ["--url", "https://me.ngrok-free.dev"]
+    assert "--domain" not in plan.argv
+    assert (plan.url, plan.port, plan.api_url) == (
+        "https://me.ngrok-free.dev",
+        8000,
+        "http://127.0.0.1:4040",
+    )
 
 
 def test_paste_block() -> None:
