@@ -9,7 +9,8 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from config import NODE_NUMBERS, Pool, load_config
+from config import load_config
+from heady_shared.routes import NODE_NUMBERS, Pool
 from health import LOAD_TTL_S, HealthState, HealthView
 from routing import Plan, make_plan
 
@@ -64,7 +65,7 @@ def plan(pool=CODE, cfg=CFG, states=None, turn=0, now=NOW) -> Plan:
 
 
 def test_healthy_fleet_pair_then_fallback():
-    assert plan(turn=0) == Plan("code", (3, 4, 1, 2), (3, 4), last_resort=False)
+    assert plan(turn=0) == Plan("code", (3, 4, 1, 2), (3, 4))
     assert plan(turn=1).nodes == (4, 3, 1, 2)
 
 
@@ -85,7 +86,6 @@ def test_pair_down_goes_to_fallback_first():
     p = plan(CFG.pools["vision"], states={5: down(), 6: down()})
     assert p.nodes == (1, 2, 5, 6)
     assert p.is_fallback(1) and p.is_fallback(2)
-    assert not p.last_resort
 
 
 def test_one_pair_node_down_goes_behind_everything():
@@ -98,11 +98,11 @@ def test_expired_cooldown_is_available_again():
     assert plan(states={3: down(until_in=0)}, turn=0).nodes == (3, 4, 1, 2)
 
 
-def test_all_down_is_last_resort_in_the_same_order():
+def test_all_down_are_still_tried_in_the_same_order():
+    # rather than failing fast: a cooldown is a guess, the node may be back
     states = {n: down() for n in NODE_NUMBERS}
-    p = plan(states=states, turn=0)
-    assert p.nodes == (3, 4, 1, 2)
-    assert p.last_resort is True
+    assert plan(states=states, turn=0).nodes == (3, 4, 1, 2)
+    assert plan(states=states, turn=1).nodes == (4, 3, 1, 2)
 
 
 def test_max_attempts_truncates():
@@ -116,14 +116,12 @@ def test_invalid_and_unconfigured_nodes_are_never_planned():
     assert p.nodes == (1, 2)
     assert p.pair == (3, 4)  # the role's own nodes, even if unusable: 1 and 2 are fallbacks
     assert p.is_fallback(1)
-    assert not p.last_resort
 
 
 def test_no_usable_node_gives_an_empty_plan():
     cfg = config(states={n: "unconfigured" for n in (1, 2, 3, 4)})
     p = plan(cfg.pools["code"], cfg)
     assert p.nodes == ()
-    assert p.last_resort is False
 
 
 def test_custom_fallback_chain_order_is_kept():
@@ -231,11 +229,10 @@ def test_plan_invariants(states, pair, fallback, health, max_attempts, turn):
     # down nodes after every available one
     flags = [is_down[n] for n in p.nodes]
     assert flags == sorted(flags)
-    # last resort exactly when every candidate is down; then they are all still tried
+    # when every candidate is down they are all still tried (up to max_attempts)
     available = [n for n in candidates if not is_down[n]]
-    assert p.last_resort == (bool(candidates) and not available)
-    if p.last_resort:
-        assert all(is_down[n] for n in p.nodes) and p.nodes
+    if candidates and not available:
+        assert p.nodes and all(is_down[n] for n in p.nodes)
     # available nodes are never cut in favour of down ones
     usable_pair = [n for n in pair if n in usable]
     avail_part = [n for n in p.nodes if not is_down[n]]

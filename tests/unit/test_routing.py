@@ -1,4 +1,5 @@
-"""routing.py: split_url, parse_route, upstream_url, route_table."""
+"""routing.py: split_url, parse_route (and which node paths are forwarded), upstream_url,
+route_table."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from config import Pool
+from heady_shared.routes import Pool
 from routing import (
     ALLOWED_METHODS,
     MAX_PATH_BYTES,
@@ -16,6 +17,7 @@ from routing import (
     Route,
     RouteError,
     parse_route,
+    path_allowed,
     route_table,
     split_url,
     upstream_url,
@@ -24,8 +26,8 @@ from routing import (
 ROLES = ("reasoning", "code", "vision", "batch")
 
 
-def route(path: str, query: str = "", method: str = "POST", roles=ROLES):
-    return parse_route(method, path, query, roles)
+def route(path: str, query: str = "", method: str = "POST", roles=ROLES, paths=("/v1/",)):
+    return parse_route(method, path, query, roles, paths)
 
 
 @pytest.mark.parametrize(
@@ -54,9 +56,19 @@ def test_each_valid_role(role):
     assert r == Route(role, "/v1/chat/completions", "")
 
 
-def test_role_without_rest_routes_to_root():
-    assert route("/api/heavy/code") == Route("code", "/", "")
-    assert route("/api/heavy/code/") == Route("code", "/", "")
+def test_role_without_rest_is_the_node_root_which_is_not_forwarded():
+    for path in ("/api/heavy/code", "/api/heavy/code/"):
+        r = route(path)
+        assert isinstance(r, RouteError) and (r.status, r.type) == (404, "not_forwarded")
+    assert route("/api/heavy/code", paths=("/",)) == Route("code", "/", "")
+    assert route("/api/heavy/code/", paths=("/",)) == Route("code", "/", "")
+
+
+def test_default_upstream_paths_argument_is_v1():
+    assert parse_route("GET", "/api/heavy/code/v1/models", "", ROLES) == Route(
+        "code", "/v1/models", ""
+    )
+    assert isinstance(parse_route("GET", "/api/heavy/code/tokenize", "", ROLES), RouteError)
 
 
 def test_rest_keeps_percent_encoding_and_query_is_raw():
@@ -70,7 +82,7 @@ def test_trailing_slash_in_rest_is_kept():
 
 @pytest.mark.parametrize("method", sorted(ALLOWED_METHODS))
 def test_allowed_methods(method):
-    assert isinstance(route("/api/heavy/code/x", method=method), Route)
+    assert isinstance(route("/api/heavy/code/v1/x", method=method), Route)
 
 
 @pytest.mark.parametrize("method", ["TRACE", "CONNECT", "get", "PROPFIND", "", "X" * 100])
@@ -163,7 +175,7 @@ def test_dot_segments_are_400(rest):
     "rest", ["/a.b", "/.well-known/x", "/...", "/a..b", "/v1.0/x", "/%2e%2e%2e"]
 )
 def test_dots_inside_names_are_fine(rest):
-    assert route("/api/heavy/code" + rest) == Route("code", rest, "")
+    assert route("/api/heavy/code/v1" + rest) == Route("code", "/v1" + rest, "")
 
 
 def test_control_characters_in_query_are_400():
@@ -172,11 +184,12 @@ def test_control_characters_in_query_are_400():
 
 
 def test_encoded_things_in_query_are_fine():
-    assert route("/api/heavy/code/x", "a=%2F%5C%00&b=..&c=//").query == "a=%2F%5C%00&b=..&c=//"
+    r = route("/api/heavy/code/v1/x", "a=%2F%5C%00&b=..&c=//")
+    assert r.query == "a=%2F%5C%00&b=..&c=//"
 
 
 def test_too_long_path_is_414():
-    ok = "/api/heavy/code/" + "a" * (MAX_PATH_BYTES - len("/api/heavy/code/"))
+    ok = "/api/heavy/code/v1/" + "a" * (MAX_PATH_BYTES - len("/api/heavy/code/v1/"))
     assert len(ok) == MAX_PATH_BYTES
     assert isinstance(route(ok), Route)
     r = route(ok + "a")
@@ -184,8 +197,8 @@ def test_too_long_path_is_414():
 
 
 def test_too_long_query_is_414():
-    assert isinstance(route("/api/heavy/code/x", "q" * MAX_QUERY_BYTES), Route)
-    r = route("/api/heavy/code/x", "q" * (MAX_QUERY_BYTES + 1))
+    assert isinstance(route("/api/heavy/code/v1/x", "q" * MAX_QUERY_BYTES), Route)
+    r = route("/api/heavy/code/v1/x", "q" * (MAX_QUERY_BYTES + 1))
     assert isinstance(r, RouteError) and r.status == 414
 
 
@@ -202,10 +215,10 @@ def test_length_is_checked_before_role():
 @given(st.text(max_size=60), st.text(max_size=30))
 @settings(max_examples=300, deadline=None)
 def test_parse_route_never_raises_and_routes_stay_inside_the_role(rest, query):
-    r = route("/api/heavy/code/" + rest, query)
+    r = route("/api/heavy/code/v1/" + rest, query)
     if isinstance(r, Route):
         assert r.role == "code"
-        assert r.rest.startswith("/")
+        assert r.rest.startswith("/v1/")
         assert "//" not in r.rest
         low = r.rest.lower()
         assert "%2f" not in low and "%5c" not in low and "\\" not in r.rest
@@ -214,6 +227,84 @@ def test_parse_route_never_raises_and_routes_stay_inside_the_role(rest, query):
         assert r.query == query
     else:
         assert r.status in (400, 414)
+
+
+# ---- which node paths are forwarded -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "rest",
+    [
+        "/invocations",
+        "/pause",
+        "/tokenize",
+        "/metrics",
+        "/health",
+        "/V1/models",  # compared case-sensitively, as vLLM routes
+        "/v1x",
+        "/v10/models",
+        "/x/v1/models",
+    ],
+)
+def test_node_paths_outside_upstream_paths_are_404(rest):
+    r = route("/api/heavy/code" + rest)
+    assert isinstance(r, RouteError) and (r.status, r.type) == (404, "not_forwarded")
+    assert r.message == "only these node paths are served here: /v1/"
+
+
+@pytest.mark.parametrize("rest", ["/v1", "/v1/", "/v1/models", "/v1/chat/completions"])
+def test_v1_and_below_are_forwarded(rest):
+    assert route("/api/heavy/code" + rest) == Route("code", rest, "")
+
+
+def test_bad_paths_are_400_before_the_forwarding_check():
+    for rest in ("/a%2fb", "/..", "/a//b"):
+        r = route("/api/heavy/code" + rest)
+        assert isinstance(r, RouteError) and r.status == 400, rest
+
+
+def test_unknown_role_is_404_before_the_forwarding_check():
+    r = route("/api/heavy/nope/invocations")
+    assert isinstance(r, RouteError) and r.type == "unknown_role"
+
+
+def test_custom_upstream_paths_and_their_message():
+    paths = ("/v1/", "/tokenize")
+    assert route("/api/heavy/code/tokenize", paths=paths) == Route("code", "/tokenize", "")
+    r = route("/api/heavy/code/tokenize/x", paths=paths)  # an exact entry: nothing below it
+    assert isinstance(r, RouteError) and r.message.endswith(": /v1/, /tokenize")
+
+
+@pytest.mark.parametrize(
+    ("rest", "paths", "ok"),
+    [
+        ("/v1/x", ("/v1/",), True),
+        ("/v1", ("/v1/",), True),
+        ("/v1/", ("/v1/",), True),
+        ("/v1x", ("/v1/",), False),
+        ("/v", ("/v1/",), False),
+        ("/", ("/v1/",), False),
+        ("/tokenize", ("/tokenize",), True),
+        ("/tokenize/", ("/tokenize",), False),
+        ("/tokenizer", ("/tokenize",), False),
+        ("/detokenize", ("/v1/", "/tokenize"), False),
+        ("/x", (), False),
+    ],
+)
+def test_path_allowed(rest, paths, ok):
+    assert path_allowed(rest, paths) is ok
+
+
+@given(
+    st.text(alphabet="/v1xyz", max_size=8).map(lambda t: "/" + t),
+    st.lists(st.text(alphabet="/v1xyz", min_size=1, max_size=5).map(lambda t: "/" + t)),
+)
+@settings(max_examples=300, deadline=None)
+def test_path_allowed_means_an_entry_covers_the_path(rest, paths):
+    covered = any(
+        rest == p or (p.endswith("/") and (rest.startswith(p) or rest == p[:-1])) for p in paths
+    )
+    assert path_allowed(rest, tuple(paths)) is covered
 
 
 def test_upstream_url_joins_by_string():
@@ -228,11 +319,11 @@ def test_upstream_url_joins_by_string():
 @given(st.text(alphabet="abc@:.%2F/?#", max_size=30))
 @settings(max_examples=200, deadline=None)
 def test_upstream_url_never_changes_the_host(rest):
-    r = route("/api/heavy/code/" + rest)
+    r = route("/api/heavy/code/v1/" + rest)
     if isinstance(r, Route):
         parts = urlsplit(upstream_url("https://node.example:8443/base", r))
         assert (parts.scheme, parts.hostname, parts.port) == ("https", "node.example", 8443)
-        assert parts.path.startswith("/base/")
+        assert parts.path.startswith("/base/v1/")
 
 
 def test_route_table():
