@@ -1,7 +1,12 @@
-"""Node side of the Heady cluster: turns a Colab GPU runtime into a gateway-routable vLLM node.
+"""Node side of the Heady cluster: turns a Linux GPU host (a rented box, or a Colab runtime for a
+trial) into a gateway-routable vLLM node behind the node guard and a tunnel.
 
-The notebook `notebooks/heady-ai-processing.ipynb` only calls into this package, so every
-decision (role, GPU class, preset, engine argv, tunnel URL, paste lines) is unit-tested here.
+`heady-node serve --node N` (heady_node.cli) and the notebook `notebooks/heady-ai-processing.ipynb`
+drive the same NodeSession, so every decision (role, GPU class, preset, engine argv, per-node
+secrets, tunnel URL, paste lines) is unit-tested here.
 """
 
-__all__ = ["gpu", "launcher", "presets", "roles", "status", "tunnel", "wrangler"]
+__all__ = [
+    "cli", "colab", "dry_run_tunnel", "gpu", "guard", "install", "launcher", "presets", "roles",
+    "session", "settings", "status", "tunnel", "wrangler",
+]  # fmt: skip

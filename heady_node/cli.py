@@ -119,7 +119,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             node.open_tunnel()
         node.keep_alive(rounds=args.rounds, retry_tunnel=True)
     except KeyboardInterrupt:
-        node.stop()
+        pass
+    finally:
+        node.stop()  # whatever happened above (a closed stdout too), no process is left behind
     return EXIT_OK
 
 

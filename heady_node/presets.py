@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 from heady_node.gpu import GPU_CLASSES, GpuClass
 from heady_node.guard import IMPORT_PATH as GUARD_IMPORT_PATH
+from heady_node.guard import TOKEN_ENV as GUARD_TOKEN_ENV
 from heady_node.roles import ROLES
 from heady_shared.routes import DEFAULT_POOLS, Pool, roles_served_by
 
@@ -224,20 +225,18 @@ def engine_argv(
     preset: Preset,
     *,
     port: int,
-    api_key: str,
     engine: Sequence[str],
     served_names: Sequence[str] = (),
     media_domains: Sequence[str] = (),
     host: str = "127.0.0.1",
 ) -> list[str]:
     """`vllm serve MODEL ...` arguments; `engine` is the command prefix (stand-in in tests).
-    The guard reads the token from the environment (guard.TOKEN_ENV, set by the caller)."""
+    No token here: argv is visible to every user of the host (`ps`); see engine_env."""
     argv = [
         *engine,
         preset.model.repo,
         "--host", host,
         "--port", str(port),
-        "--api-key", api_key,
         "--served-model-name", *(served_names or (preset.model.repo,)),
         "--max-model-len", str(preset.max_model_len),
         "--max-num-seqs", str(preset.max_num_seqs),
@@ -264,8 +263,18 @@ NO_MEDIA_DOMAIN = "no-remote-media.invalid"
 VISION_ENV = {"VLLM_MEDIA_URL_ALLOW_REDIRECTS": "0"}
 
 
+def engine_env(preset: Preset, token: str) -> dict[str, str]:
+    """The node token for vLLM's own /v1 check (VLLM_API_KEY, read when --api-key is absent:
+    vllm/entrypoints/serve/middleware/register.py) and for the guard; vision settings."""
+    return {
+        "VLLM_API_KEY": token,
+        GUARD_TOKEN_ENV: token,
+        **(VISION_ENV if preset.vision else {}),
+    }
+
+
 def redact_argv(argv: list[str]) -> list[str]:
-    """Argv safe to print: the API key is the cluster's NODE_TOKEN."""
+    """Argv safe to print, should an engine prefix carry an --api-key of its own."""
     out = list(argv)
     for i, arg in enumerate(out[:-1]):
         if arg == "--api-key":

@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 
 from heady_node import gpu as gpu_mod
-from heady_node import guard, launcher, presets, settings, status, tunnel, wrangler
+from heady_node import launcher, presets, settings, status, tunnel, wrangler
 from heady_node.colab import get_secret
 from heady_node.roles import role_for_node
 
@@ -149,12 +149,11 @@ class NodeSession:
         argv = presets.engine_argv(
             preset,
             port=self.port,
-            api_key=token,
             engine=self.engine,
             served_names=self.served_names,
             media_domains=self.media_domains,
         )
-        env = {guard.TOKEN_ENV: token, **(presets.VISION_ENV if preset.vision else {})}
+        env = presets.engine_env(preset, token)
         log = self.log_dir / f"engine-node{self.node}.log"
         self.out("Starting: " + shlex.join(presets.redact_argv(argv)))
         self.out(f"(engine log: {log})")
@@ -263,12 +262,14 @@ class NodeSession:
             self.stop()
 
     def stop(self) -> None:
-        for proc in (self.tunnel_proc, self.engine_proc):
-            if proc is not None:
-                launcher.stop(proc, grace=10.0)
+        """Stop the tunnel and the engine (idempotent: says so only when something ran)."""
+        procs = [p for p in (self.tunnel_proc, self.engine_proc) if p is not None]
+        for proc in procs:
+            launcher.stop(proc, grace=10.0)
         self.tunnel_proc = self.engine_proc = None
         self.public_url = None
-        self.out(f"Node {self.node} stopped.")
+        if procs:
+            self.out(f"Node {self.node} stopped.")
 
 
 def _free_port() -> int:

@@ -10,6 +10,7 @@ here (the same token, tunnel, hostname or domain under two nodes' names) is refu
 
 import base64
 import binascii
+import functools
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -116,6 +117,7 @@ def tunnel_settings(kind: str, node: int, lookup: Lookup) -> TunnelSettings:
     the secret names to fix; call it before the model loads."""
     if kind not in TUNNEL_KINDS:
         raise SettingsError(f"tunnel must be one of {', '.join(TUNNEL_KINDS)}, got {kind!r}")
+    lookup = functools.cache(lookup)  # each name read once (Colab's store is a round trip)
     if kind == "none":
         return TunnelSettings(kind, Setting("", None), Setting("", None))
     if kind == "cloudflare":

@@ -41,9 +41,9 @@ def test_sim_engine_starts_healthy_serves_and_stops(tmp_path: Path) -> None:
     port = free_port()
     preset = presets.preset_for("code", GPU_CLASSES["t4"])
     names = presets.served_model_names(preset.model.repo, 3)
-    argv = presets.engine_argv(preset, port=port, api_key="tok", engine=SIM, served_names=names)
+    argv = presets.engine_argv(preset, port=port, engine=SIM, served_names=names)
     log = tmp_path / "engine.log"
-    proc = launcher.spawn(argv, log_path=log)
+    proc = launcher.spawn(argv, log_path=log, env=presets.engine_env(preset, "tok"))
     try:
         waited = launcher.wait_healthy(
             f"http://127.0.0.1:{port}", proc, log_path=log, timeout=30, interval=0.1
@@ -144,13 +144,16 @@ def test_dry_run_session_end_to_end(tmp_path: Path, kind: str) -> None:
     s = NodeSession(node=6, tunnel_kind=kind, dry_run=True, log_dir=tmp_path, out=lines.append)
     s.preflight()
     s.start_engine()
+    assert s.engine_proc is not None
+    cmdline = Path(f"/proc/{s.engine_proc.pid}/cmdline").read_bytes()
+    assert b"dry-run-node-token" not in cmdline  # the token travels in the environment
     base = s.local_url
     url = s.open_tunnel()
     s.keep_alive(rounds=2)
     text = "\n".join(lines)
     assert "model Qwen/Qwen2-VL-2B-Instruct" in text
     assert "Answers to model names: Qwen/Qwen2-VL-2B-Instruct, vision" in text
-    assert "--api-key '***'" in text and "dry-run-node-token" not in text
+    assert "--api-key" not in text and "dry-run-node-token" not in text
     assert "--middleware heady_node.guard.NodeGuard" in text
     assert "image URLs allowed from: none (data: URLs only)" in text
     assert "  npx wrangler secret put COLAB_ENDPOINT_6" in lines

@@ -15,6 +15,7 @@ import asyncio
 import importlib
 import inspect
 import json
+import os
 import re
 import threading
 from collections.abc import AsyncIterator
@@ -138,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     args, _ = parser.parse_known_args(argv)
     positional = [p for p in args.positional if p != "serve"]
     served = args.served_model_name or positional[:1] or ["model"]
-    app = build_app(served, args.api_key, args.middleware)
+    api_key = args.api_key or os.environ.get("VLLM_API_KEY")  # as vLLM: the flag, else the env
+    app = build_app(served, api_key, args.middleware)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     print(json.dumps({"stopped": True}))
     return 0
