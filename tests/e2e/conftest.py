@@ -14,11 +14,20 @@ from sim.fleet import Fleet
 
 API_KEY = "client-key-0123456789"
 NODE_TOKEN = "node-token-abcdef-secret"
+CHAT_PATH = "/api/heavy/%s/v1/chat/completions"
+
+
+def chat(role: str, content: str = "hi", **extra: object) -> dict[str, object]:
+    """A chat request as a client sends it: the role is the model (every node in the role's
+    plan answers to it, as the node side starts vLLM with the role names it may serve)."""
+    return {"model": role, "messages": [{"role": "user", "content": content}], **extra}
 
 
 @pytest.fixture(scope="session")
 def fleet() -> Iterator[Fleet]:
-    with Fleet(count=8, api_key=NODE_TOKEN) as f:
+    # Truthful vLLM stand-ins: served names per node, the node token as vLLM's --api-key, and
+    # dev mode on, so every endpoint a careless operator could expose is there to be reached.
+    with Fleet(count=8, api_key=NODE_TOKEN, dev_mode=True) as f:
         yield f
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 from urllib.parse import urlsplit
@@ -10,7 +11,7 @@ import httpx
 import pytest
 
 from harness.gateway import Gateway, build_config
-from tests.e2e.conftest import API_KEY, Client, fleet_bindings
+from tests.e2e.conftest import API_KEY, CHAT_PATH, Client, chat, fleet_bindings
 
 
 def assert_error(r: httpx.Response, status: int, type_: str | None = None) -> dict:
@@ -67,7 +68,7 @@ def test_unknown_endpoint_is_404(client):
 
 
 def test_body_over_limit_is_413(client, fleet):
-    r = client.post("/api/heavy/code/v1/x", content=b"a" * (64 * 1024 + 1))
+    r = client.post("/api/heavy/code/v1/completions", content=b"a" * (64 * 1024 + 1))
     assert_error(r, 413, "payload_too_large")
     assert not fleet.requests(3) and not fleet.requests(4)
 
@@ -77,20 +78,22 @@ def test_chunked_body_over_limit_is_413(client, fleet):
         for _ in range(20):
             yield b"b" * 8192
 
-    r = client.post("/api/heavy/code/v1/x", content=chunks())
+    r = client.post("/api/heavy/code/v1/completions", content=chunks())
     assert_error(r, 413)
     assert not fleet.requests(3) and not fleet.requests(4)
 
 
 def test_chunked_body_under_limit_is_forwarded_whole(client, fleet):
-    def chunks():
-        for i in range(4):
-            yield bytes([i]) * 1000
+    body = json.dumps({"model": "code", "prompt": "p" * 4000}).encode()
 
-    r = client.post("/api/heavy/code/v1/x", content=chunks())
+    def chunks():
+        for i in range(0, len(body), 1000):
+            yield body[i : i + 1000]
+
+    r = client.post("/api/heavy/code/v1/completions", content=chunks())
     assert r.status_code == 200
     got = fleet.requests(int(r.headers["x-heady-node"]))[-1]
-    assert got.body == b"".join(bytes([i]) * 1000 for i in range(4))
+    assert got.body == body and got.complete
 
 
 def raw_request(url: str, target: str, extra: str = "") -> tuple[int, bytes]:
@@ -200,7 +203,7 @@ def test_invalid_and_unconfigured_nodes_are_excluded_and_reported(open_gateway, 
     assert by[4]["config"] == "unconfigured"
     assert by[1]["config"] == "configured"
     assert "secretpw" not in str(st) and "example.org" not in str(st)
-    r = c.post("/api/heavy/code/v1/x", auth=False, content=b"{}")
+    r = c.post(CHAT_PATH % "code", auth=False, json=chat("code"))
     assert r.headers["x-heady-node"] == "1"  # 3 invalid, 4 unset: straight to the fallback
     assert r.headers["x-heady-fallback"] == "true"
 
@@ -228,12 +231,12 @@ def custom_routes(fleet):
 def test_routes_var_overrides_roles_and_fallback(custom_routes, fleet):
     fleet.reset()
     c = Client(custom_routes, fleet)
-    nodes = {c.get("/api/heavy/chat/x").headers["x-heady-node"] for _ in range(4)}
+    nodes = {c.get("/api/heavy/chat/v1/models").headers["x-heady-node"] for _ in range(4)}
     assert nodes == {"2", "5"}
     fleet.set(6, "refuse")
-    r = c.get("/api/heavy/embed/x")
+    r = c.get("/api/heavy/embed/v1/models")
     assert r.headers["x-heady-node"] == "8" and r.headers["x-heady-fallback"] == "true"
-    assert_error(c.get("/api/heavy/code/x"), 404, "unknown_role")
+    assert_error(c.get("/api/heavy/code/v1/models"), 404, "unknown_role")
     routes = c.get("/api/status").json()["routes"]
     assert routes == {
         "chat": {"pair": [2, 5], "fallback": [8]},
@@ -264,3 +267,37 @@ def test_unexpected_error_is_500_json_and_logged_server_side(faulty, fleet):
     assert recs and recs[0]["status"] == 500
     assert "harness fault: reading binding GATEWAY_API_KEYS" in recs[0]["error"]
     assert "Traceback" in recs[0]["error"]
+
+
+# vLLM serves these beside /v1, several without its API key (docs/usage/security.md, "API Key
+# Authentication Limitations"); the fleet runs with VLLM_SERVER_DEV_MODE so all of them exist.
+NODE_ONLY = [
+    ("POST", "/invocations"),
+    ("POST", "/pause"),
+    ("POST", "/resume"),
+    ("POST", "/tokenize"),
+    ("POST", "/detokenize"),
+    ("GET", "/version"),
+    ("GET", "/load"),
+    ("GET", "/ping"),
+    ("POST", "/sleep"),
+    ("POST", "/wake_up"),
+    ("POST", "/reset_prefix_cache"),
+    ("POST", "/collective_rpc"),
+    ("GET", "/server_info"),
+    ("GET", "/metrics"),
+    ("GET", "/health"),
+    ("GET", "/openapi.json"),
+    ("GET", "/v2/anything"),
+]
+
+
+@pytest.mark.parametrize(("method", "path"), NODE_ONLY)
+def test_only_the_api_reaches_a_node(client, fleet, method, path):
+    # Anything outside /v1/ is the gateway's own 404 and never reaches a node (issue 8).
+    r = client.request(method, f"/api/heavy/code{path}", json=chat("code", prompt="x"))
+    err = assert_error(r, 404)
+    assert err["request_id"]
+    assert "x-heady-node" not in r.headers
+    assert not any(fleet.requests(n) for n in (3, 4, 1, 2)), "reached a node"
+    assert not fleet.node(3).paused and not fleet.node(4).paused

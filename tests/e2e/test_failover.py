@@ -7,13 +7,21 @@ import time
 
 import pytest
 
-BODY = b'{"model": "m", "messages": [{"role": "user", "content": "' + b"x" * 5000 + b'"}]}'
+
+def body_for(role: str) -> bytes:
+    """What a client sends: the role as the model, which every node in the role's plan serves."""
+    return b'{"model": "%s", "messages": [{"role": "user", "content": "' % role.encode() + (
+        b"x" * 5000 + b'"}]}'
+    )
 
 
-def _post(client, role: str, body: bytes = BODY):
+BODY = body_for("code")
+
+
+def _post(client, role: str, body: bytes | None = None):
     return client.post(
         f"/api/heavy/{role}/v1/chat/completions",
-        content=body,
+        content=body_for(role) if body is None else body,
         headers={"content-type": "application/json"},
     )
 
@@ -55,8 +63,8 @@ def test_failover_to_node_1_when_pair_is_down(client, fleet):
     assert r.headers["x-heady-node"] == "1"
     assert r.headers["x-heady-fallback"] == "true"
     assert r.headers["x-heady-attempts"] == "3"
-    assert fleet.requests(1)[-1].body == BODY
-    assert fleet.requests(6)[-1].body == BODY  # replayed body reached each node whole
+    assert fleet.requests(1)[-1].body == body_for("vision")
+    assert fleet.requests(6)[-1].body == body_for("vision")  # replayed body reached each node whole
 
 
 def test_fallback_chain_goes_on_to_node_2(client, fleet):

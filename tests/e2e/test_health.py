@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 
+from tests.e2e.conftest import CHAT_PATH, chat
+
 
 def _wait_for(predicate, timeout: float = 5.0):
     end = time.monotonic() + timeout
@@ -17,14 +19,14 @@ def _wait_for(predicate, timeout: float = 5.0):
 
 def test_kv_written_on_transition_only_and_expiring(client, fleet, gateway):
     for _ in range(10):  # steady state: healthy traffic writes nothing
-        assert client.get("/api/heavy/code/x").status_code == 200
+        assert client.get("/api/heavy/code/v1/models").status_code == 200
     stats = gateway.kv_stats()
     assert stats["put"] == 0
     assert stats["get"] <= 1  # one read for the cold isolate, then memory
 
     fleet.set(3, "refuse")
     fleet.set(4, "refuse")
-    client.get("/api/heavy/code/x")  # transition: 3 and 4 go down -> one write
+    client.get("/api/heavy/code/v1/models")  # transition: 3 and 4 go down -> one write
     stats = _wait_for(lambda: (s := gateway.kv_stats())["put"] >= 1 and s)
     assert stats["put"] == 1
     ttl = stats["last_put"]["options"]["expirationTtl"]
@@ -35,16 +37,16 @@ def test_kv_written_on_transition_only_and_expiring(client, fleet, gateway):
     assert "127.0.0.1" not in str(record)
 
     for _ in range(10):  # still down: no more writes, node 1 serves
-        assert client.get("/api/heavy/code/x").headers["x-heady-node"] == "1"
+        assert client.get("/api/heavy/code/v1/models").headers["x-heady-node"] == "1"
     time.sleep(1.2)  # past KV_MIN_WRITE_INTERVAL_S
-    client.get("/api/heavy/code/x")
+    client.get("/api/heavy/code/v1/models")
     assert gateway.kv_stats()["put"] == 1
 
 
 def test_scheduled_probe_brings_a_recovered_node_back(client, fleet, gateway):
     fleet.set(7, "refuse")
     fleet.set(8, "refuse")
-    client.get("/api/heavy/batch/x")
+    client.get("/api/heavy/batch/v1/models")
     status = client.get("/api/status").json()
     assert {n["node"]: n["state"] for n in status["nodes"]}[7] == "down"
     fleet.set(7, "healthy")
@@ -52,7 +54,7 @@ def test_scheduled_probe_brings_a_recovered_node_back(client, fleet, gateway):
     status = client.get("/api/status").json()
     node7 = {n["node"]: n for n in status["nodes"]}[7]
     assert node7["state"] == "up" and node7["checked_at"] is not None
-    r = client.get("/api/heavy/batch/x")
+    r = client.get("/api/heavy/batch/v1/models")
     assert r.headers["x-heady-node"] == "7"
     # the probe went to the configured health path with the node token
     probes = [q for q in fleet.requests(7) if q.path == "/health"]
@@ -60,7 +62,7 @@ def test_scheduled_probe_brings_a_recovered_node_back(client, fleet, gateway):
     # The recovery is shared too: once KV_MIN_WRITE_INTERVAL_S (1 s here) has passed since
     # the down mark was written, the next request flushes it.
     time.sleep(1.2)
-    client.get("/api/heavy/batch/x")
+    client.get("/api/heavy/batch/v1/models")
     record = _wait_for(lambda: (v := gateway.kv_value()) and v["nodes"]["7"]["s"] == "up" and v)
     assert record and record["nodes"]["7"]["s"] == "up"
 
@@ -75,7 +77,9 @@ def test_scheduled_probe_marks_dead_nodes_down_and_records_load(client, fleet, g
     assert by[3]["load"] == 9 and by[4]["load"] == 2
     assert by[3]["latency_ms"] is not None
     # less-loaded first when both loads are known
-    assert {client.get("/api/heavy/code/x").headers["x-heady-node"] for _ in range(4)} == {"4"}
+    assert {client.get("/api/heavy/code/v1/models").headers["x-heady-node"] for _ in range(4)} == {
+        "4"
+    }
 
 
 def test_healthy_nodes_are_probed_sparsely(client, fleet, gateway):
@@ -88,8 +92,8 @@ def test_healthy_nodes_are_probed_sparsely(client, fleet, gateway):
     gateway.scheduled(at=base + 900)  # every node is unknown: every node is probed
     assert probed() == set(range(1, 9))
     fleet.set(6, "status", status=503)
-    client.get("/api/heavy/vision/x")
-    client.get("/api/heavy/vision/x")  # round-robin: one of the two hit node 6 -> down
+    client.get("/api/heavy/vision/v1/models")
+    client.get("/api/heavy/vision/v1/models")  # round-robin: one of the two hit node 6 -> down
     fleet.clear_requests()
     gateway.scheduled(at=base + 1200)  # node 6 is down; the healthy nodes' slot is not due
     assert probed() == {6}
@@ -103,8 +107,8 @@ def test_healthy_nodes_are_probed_sparsely(client, fleet, gateway):
 
 def test_status_reports_every_node_without_urls(client, fleet):
     fleet.set(2, "refuse")
-    client.get("/api/heavy/reasoning/x")
-    client.get("/api/heavy/reasoning/x")
+    client.get("/api/heavy/reasoning/v1/models")
+    client.get("/api/heavy/reasoning/v1/models")
     st = client.get("/api/status").json()
     assert st["gateway"]["version"]
     assert [n["node"] for n in st["nodes"]] == list(range(1, 9))
@@ -118,10 +122,10 @@ def test_status_reports_every_node_without_urls(client, fleet):
 def test_one_structured_log_line_per_request(client, gateway, fleet):
     fleet.set(1, "refuse")
     r = client.post(
-        "/api/heavy/reasoning/v1/x", content=b"{}", headers={"x-request-id": "trace-me-1"}
+        CHAT_PATH % "reasoning", json=chat("reasoning"), headers={"x-request-id": "trace-me-1"}
     )
     r2 = client.post(
-        "/api/heavy/reasoning/v1/x", content=b"{}", headers={"x-request-id": "trace-me-2"}
+        CHAT_PATH % "reasoning", json=chat("reasoning"), headers={"x-request-id": "trace-me-2"}
     )
     assert r.status_code == r2.status_code == 200
 
@@ -158,7 +162,7 @@ def test_deadline_bounds_the_whole_request(fleet):
     with Gateway(build_config(bindings=bindings)) as gw:
         c = Client(gw, fleet)
         started = time.monotonic()
-        r = c.get("/api/heavy/code/x")
+        r = c.get("/api/heavy/code/v1/models")
         took = time.monotonic() - started
     fleet.reset()
     assert r.status_code == 503

@@ -1,0 +1,354 @@
+"""Streams through the gateway, seen by raw HTTP clients (httpx, raw sockets, curl -N).
+
+A node that dies mid-answer must never look like a finished answer (issue 8):
+- an SSE stream gets the events that arrived, then exactly one error event in the OpenAI shape,
+  then a clean end, and the client's keep-alive connection stays usable;
+- any other body is aborted, so every client reports an incomplete body;
+- the attempt is logged as "cut" and counted against the node;
+- a clean end of the node's stream (with or without [DONE]) is relayed untouched;
+- a client leaving mid-stream cancels the node's request promptly.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import time
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+
+from tests.e2e.conftest import API_KEY, CHAT_PATH, chat
+
+ERROR_TYPE = "upstream_disconnected"
+
+
+def _events(text: str) -> list[str]:
+    """The data of each SSE event (blank-line separated), in order."""
+    out = []
+    for block in text.replace("\r\n", "\n").split("\n\n"):
+        data = [line[5:].lstrip() for line in block.split("\n") if line.startswith("data:")]
+        if data:
+            out.append("\n".join(data))
+    return out
+
+
+def _split(events: list[str]) -> tuple[list[dict], list[dict]]:
+    """(chunks, errors): the node's chunks and the gateway's error events."""
+    chunks, errors = [], []
+    for e in events:
+        if e == "[DONE]":
+            continue
+        obj = json.loads(e)
+        (errors if "error" in obj else chunks).append(obj)
+    return chunks, errors
+
+
+def _assert_error_event(err: dict, request_id: str) -> None:
+    assert set(err["error"]) >= {"message", "type", "code", "request_id"}
+    assert err["error"]["type"] == ERROR_TYPE
+    assert err["error"]["code"] == 502
+    assert err["error"]["request_id"] == request_id
+    assert err["error"]["message"]
+
+
+def _stream_body(role: str) -> dict:
+    return chat(role, stream=True)
+
+
+def _wait(pred, timeout: float = 5.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = pred()
+        if value:
+            return value
+        time.sleep(0.05)
+    return pred()
+
+
+# -- raw socket client ------------------------------------------------------------------------
+
+
+class RawClient:
+    """One keep-alive HTTP/1.1 connection to the gateway; reads chunked bodies by hand, so it
+    sees exactly how a body ended (terminal chunk, close or reset)."""
+
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        self.host = f"{parts.hostname}:{parts.port}"
+        self.sock = socket.create_connection((parts.hostname, parts.port), timeout=15)
+        self.buf = b""
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def send(self, method: str, path: str, body: bytes = b"") -> None:
+        head = (
+            f"{method} {path} HTTP/1.1\r\nhost: {self.host}\r\n"
+            f"authorization: Bearer {API_KEY}\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\n\r\n"
+        )
+        self.sock.sendall(head.encode() + body)
+
+    def _fill(self) -> None:
+        data = self.sock.recv(65536)
+        if not data:
+            raise EOFError("connection closed")
+        self.buf += data
+
+    def _until(self, sep: bytes) -> bytes:
+        while (i := self.buf.find(sep)) < 0:
+            self._fill()
+        out, self.buf = self.buf[:i], self.buf[i + len(sep) :]
+        return out
+
+    def _exactly(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            self._fill()
+        out, self.buf = self.buf[:n], self.buf[n:]
+        return out
+
+    def response(self) -> tuple[int, dict[str, str], bytes, str]:
+        """(status, headers, body, how the body ended: "complete" or the error's name)."""
+        lines = self._until(b"\r\n\r\n").decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        headers = {
+            k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in lines[1:])
+        }
+        body = b""
+        try:
+            if headers.get("transfer-encoding", "").lower() == "chunked":
+                while size := int(self._until(b"\r\n").split(b";")[0], 16):
+                    body += self._exactly(size)
+                    self._until(b"\r\n")
+                self._until(b"\r\n")
+            else:
+                body = self._exactly(int(headers.get("content-length", "0")))
+        except (OSError, EOFError) as e:
+            return status, headers, body, type(e).__name__
+        return status, headers, body, "complete"
+
+
+# -- a node dies mid-SSE ----------------------------------------------------------------------
+
+
+def test_reset_mid_sse_ends_with_one_error_event_httpx(client, fleet, gateway):
+    for n in (3, 4):
+        fleet.set(n, "stream_reset", after=3, interval=0.02)
+    with client.http.stream(
+        "POST",
+        CHAT_PATH % "code",
+        headers={"authorization": f"Bearer {API_KEY}"},
+        json=_stream_body("code"),
+    ) as r:
+        assert r.status_code == 200
+        rid = r.headers["x-request-id"]
+        node = int(r.headers["x-heady-node"])
+        text = "".join(r.iter_text())  # ends without a transport error
+    events = _events(text)
+    chunks, errors = _split(events)
+    assert len(chunks) == 3, events  # what the node sent before it died, relayed
+    assert len(errors) == 1 and events[-1] == json.dumps(errors[0], separators=(",", ":"))
+    _assert_error_event(errors[0], rid)
+    assert "[DONE]" not in events
+
+    # logged as a failed attempt, counted against the node
+    def cut_line():
+        recs = [x for x in gateway.log_records() if x.get("request_id") == rid]
+        return recs and recs[0]
+
+    rec = _wait(cut_line)
+    assert rec, "no log line for the request"
+    cut = [a for a in rec["attempts"] if a["outcome"] == "cut"]
+    assert len(cut) == 1 and cut[0]["node"] == node, rec
+    assert cut[0]["ms"] >= 0
+    status = client.get("/api/status").json()
+    by_node = {x["node"]: x for x in status["nodes"]}
+    assert by_node[node]["failures"] >= 1, by_node[node]
+
+
+def test_reset_mid_sse_raw_socket_keeps_the_connection_usable(client, fleet):
+    for n in (1, 2):
+        fleet.set(n, "stream_reset", after=2)
+    raw = RawClient(client.gw.url)
+    try:
+        raw.send("POST", CHAT_PATH % "reasoning", json.dumps(_stream_body("reasoning")).encode())
+        status, headers, body, ended = raw.response()
+        assert status == 200 and headers["content-type"].startswith("text/event-stream")
+        assert ended == "complete"  # a proper end of the chunked body, after the error event
+        chunks, errors = _split(_events(body.decode()))
+        assert len(chunks) == 2 and len(errors) == 1
+        _assert_error_event(errors[0], headers["x-request-id"])
+        # the same connection serves the next request
+        fleet.reset()
+        raw.send("POST", CHAT_PATH % "reasoning", json.dumps(chat("reasoning")).encode())
+        status, _, body, ended = raw.response()
+        assert (status, ended) == (200, "complete")
+        assert json.loads(body)["model"] == "reasoning"
+    finally:
+        raw.close()
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_reset_mid_sse_curl_shows_the_error_event(client, fleet):
+    for n in (5, 6):
+        fleet.set(n, "stream_reset", after=2)
+    out = subprocess.run(
+        [
+            "curl",
+            "-sS",
+            "-N",
+            "--max-time",
+            "20",
+            "-H",
+            f"authorization: Bearer {API_KEY}",
+            "-H",
+            "content-type: application/json",
+            "-d",
+            json.dumps(_stream_body("vision")),
+            client.gw.url + CHAT_PATH % "vision",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    chunks, errors = _split(_events(out.stdout))
+    assert len(chunks) == 2 and len(errors) == 1, out.stdout
+    assert errors[0]["error"]["type"] == ERROR_TYPE
+    assert f'"type":"{ERROR_TYPE}"' in out.stdout  # visible as-is to a curl user
+
+
+# -- clean ends are relayed untouched ---------------------------------------------------------
+
+
+def test_clean_end_without_done_is_relayed_untouched(client, fleet):
+    for n in (7, 8):
+        fleet.set(n, "stream_eof", after=4)
+    with client.http.stream(
+        "POST",
+        CHAT_PATH % "batch",
+        headers={"authorization": f"Bearer {API_KEY}"},
+        json=_stream_body("batch"),
+    ) as r:
+        assert r.status_code == 200
+        raw = b"".join(r.iter_raw())
+    events = _events(raw.decode())
+    chunks, errors = _split(events)
+    assert (len(chunks), errors) == (4, [])
+    assert "[DONE]" not in events
+    # byte for byte what the node sends: "data: {json}\n\n" per event, nothing appended
+    assert raw == b"".join(b"data: %s\n\n" % e.encode() for e in events)
+    status = client.get("/api/status").json()
+    assert all(x["failures"] == 0 for x in status["nodes"] if x["node"] in (7, 8))
+
+
+def test_clean_end_with_done_is_relayed_untouched(client):
+    with client.http.stream(
+        "POST",
+        CHAT_PATH % "batch",
+        headers={"authorization": f"Bearer {API_KEY}"},
+        json=_stream_body("batch"),
+    ) as r:
+        raw = b"".join(r.iter_raw())
+    events = _events(raw.decode())
+    assert events[-1] == "[DONE]"
+    assert _split(events)[1] == []
+    assert raw == b"".join(b"data: %s\n\n" % e.encode() for e in events)
+
+
+# -- a non-SSE body cut half-way --------------------------------------------------------------
+
+
+def test_cut_json_body_fails_the_httpx_read(client, fleet, gateway):
+    for n in (3, 4):
+        fleet.set(n, "body_cut", size=200_000)
+    with pytest.raises((httpx.RemoteProtocolError, httpx.ReadError)):
+        client.http.post(
+            CHAT_PATH % "code",
+            headers={"authorization": f"Bearer {API_KEY}", "x-request-id": "cut-json-1"},
+            json=chat("code"),
+        )
+
+    def line():
+        recs = [x for x in gateway.log_records() if x.get("request_id") == "cut-json-1"]
+        return recs and recs[0]
+
+    rec = _wait(line)
+    assert rec and any(a["outcome"] == "cut" for a in rec["attempts"]), rec
+
+
+def test_cut_json_body_is_never_a_clean_end_on_the_wire(client, fleet):
+    for n in (3, 4):
+        fleet.set(n, "body_cut", size=200_000)
+    raw = RawClient(client.gw.url)
+    try:
+        raw.send("POST", CHAT_PATH % "code", json.dumps(chat("code")).encode())
+        status, headers, body, ended = raw.response()
+    finally:
+        raw.close()
+    assert status == 200
+    assert ended != "complete", f"a cut body ended cleanly ({len(body)} bytes)"
+    declared = headers.get("content-length")
+    if declared is not None:
+        assert len(body) < int(declared)
+    # a new connection works
+    fleet.reset()
+    assert client.post(CHAT_PATH % "code", json=chat("code")).status_code == 200
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_cut_json_body_makes_curl_fail(client, fleet):
+    for n in (3, 4):
+        fleet.set(n, "body_cut", size=200_000)
+    out = subprocess.run(
+        [
+            "curl",
+            "-sS",
+            "-o",
+            "/dev/null",
+            "--max-time",
+            "20",
+            "-H",
+            f"authorization: Bearer {API_KEY}",
+            "-H",
+            "content-type: application/json",
+            "-d",
+            json.dumps(chat("code")),
+            client.gw.url + CHAT_PATH % "code",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    # 18: partial file, 56: failure receiving data; never 0
+    assert out.returncode in (18, 56), (out.returncode, out.stderr)
+
+
+# -- the client leaves ------------------------------------------------------------------------
+
+
+def test_client_leaving_mid_stream_cancels_the_node_request(client, fleet, gateway):
+    for n in (7, 8):
+        fleet.set(n, "stream_eof", after=100_000, interval=0.02)  # a long answer
+    with client.http.stream(
+        "POST",
+        CHAT_PATH % "batch",
+        headers={"authorization": f"Bearer {API_KEY}", "x-request-id": "leaver-1"},
+        json=_stream_body("batch"),
+    ) as r:
+        node = int(r.headers["x-heady-node"])
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: {")
+        left = time.monotonic()
+    rec = next(q for q in fleet.requests(node) if q.path == "/v1/chat/completions")
+    closed = _wait(lambda: rec.closed, timeout=5)
+    assert closed is not None, "the node's request was never cancelled"
+    assert closed - left < 2.0, f"the node's connection closed {closed - left:.2f}s after"
+    # one info-level line for the request, no runtime error noise
+    time.sleep(0.5)
+    noisy = [x for x in gateway.lines if "internal error" in x.lower()]
+    assert not noisy, noisy
+    assert any(x.get("request_id") == "leaver-1" for x in gateway.log_records())
