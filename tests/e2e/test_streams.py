@@ -164,7 +164,10 @@ def test_reset_mid_sse_ends_with_one_error_event_httpx(client, fleet, gateway):
     assert rec, "no log line for the request"
     cut = [a for a in rec["attempts"] if a["outcome"] == "cut"]
     assert len(cut) == 1 and cut[0]["node"] == node, rec
-    assert cut[0]["ms"] >= 0
+    assert cut[0]["ms"] >= 0  # one clock, never negative
+    # what was relayed before the break (issue 8: "bytes/events relayed")
+    assert cut[0]["events"] == 3, cut[0]
+    assert cut[0]["bytes"] > 0, cut[0]
     status = client.get("/api/status").json()
     by_node = {x["node"]: x for x in status["nodes"]}
     assert by_node[node]["failures"] >= 1, by_node[node]
