@@ -1,6 +1,6 @@
 -- wrk script: a small JSON POST; prints one machine-readable summary line at the end.
 wrk.method = "POST"
-wrk.body = os.getenv("BENCH_BODY") or '{"model":"sim-model","prompt":"hello","max_tokens":8}'
+wrk.body = os.getenv("BENCH_BODY") or '{"model":"reasoning","prompt":"hello","max_tokens":8}'
 wrk.headers["content-type"] = "application/json"
 local key = os.getenv("BENCH_KEY")
 if key and key ~= "" then

@@ -1,4 +1,7 @@
-"""Throughput check of one simulated node: ``python -m sim.bench [--seconds 3] [--clients 2]``.
+"""Throughput of one simulated node on its own (is the stand-in fast enough to benchmark
+through?)::
+
+    python -m bench.node_throughput [--seconds 3] [--clients 2] [--path /health]
 
 Starts ``python -m sim.node`` in a subprocess (so the server has a core to itself), then drives
 it from client processes, each with one keep-alive connection sending small requests one at a
@@ -46,7 +49,7 @@ def _client(port: int, path: bytes, seconds: float, out: mp.Queue) -> None:  # t
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sim.bench", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m bench.node_throughput", description=__doc__)
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--clients", type=int, default=2)
     parser.add_argument("--path", default="/health", help="e.g. /health, /v1/models, /echo")
