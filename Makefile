@@ -11,7 +11,7 @@ PY := $(VENV)/bin/python
 NODE22_BIN := $(CURDIR)/tools/node22/node_modules/.bin
 export WRANGLER_SEND_METRICS := false
 
-.PHONY: help install dev gateway test lint test-py313 deploy-check bench clean
+.PHONY: help install dev gateway test lint test-py313 deploy-check bench clean browser-install test-browser
 
 help:
 	@echo "make dev       simulated 8-node cluster + gateway on http://127.0.0.1:$(PORT)"
@@ -19,6 +19,7 @@ help:
 	@echo "make test      everything CI runs (lint, unit, e2e in workerd, node/CLI, bench smoke, deploy dry-run)"
 	@echo "make bench     benchmarks: gateway vs direct, bare JS, bare Python -> bench/results.md"
 	@echo "make deploy-check   npx wrangler deploy --dry-run (bundles the real deploy offline)"
+	@echo "make test-browser   the status page in headless Chromium (installs Debian's chromium)"
 
 install: $(VENV)/.installed node_modules/.installed tools/node22/node_modules/.installed .harness/.sdk
 
@@ -59,6 +60,29 @@ test-py313: $(VENV)/.installed
 	test -x .venv313/bin/python || $(PY313) -m venv .venv313
 	.venv313/bin/python -m pip install --quiet --disable-pip-version-check pytest==9.2.0 hypothesis==6.170.17 pytest-timeout==2.4.0
 	.venv313/bin/python -m pytest -q -p no:cacheprovider tests/unit
+
+# Debian's Chromium and its driver for the status page's browser test (no browser download at
+# test time). Debian's mirrors keep only the current build of a suite (a security update
+# replaces it: 150.0.7871.100 in bookworm, 156.0.8078.108 in bookworm-security on 2026-11-27),
+# so an exact pin would break a fresh clone within weeks; chromium-driver depends on exactly
+# its own chromium version, so the pair always matches. CHROMIUM_VERSION=<debian version>
+# pins both while the mirror still has that build. fonts-dejavu-core: the screenshots' font.
+CHROMIUM_VERSION ?=
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+CHROMIUM_PKGS := chromium$(if $(CHROMIUM_VERSION),=$(CHROMIUM_VERSION)) \
+	chromium-driver$(if $(CHROMIUM_VERSION),=$(CHROMIUM_VERSION)) fonts-dejavu-core
+browser-install:
+	@if [ -z "$(CHROMIUM_VERSION)" ] && command -v chromium >/dev/null \
+	    && command -v chromedriver >/dev/null && fc-list | grep -q DejaVuSans; then \
+	  echo "browser: $$(dpkg-query -W -f='chromium $${Version}, chromium-driver ' chromium)$$(dpkg-query -W -f='$${Version}' chromium-driver)"; \
+	else \
+	  $(SUDO) apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(CHROMIUM_PKGS); \
+	fi
+
+# The status page in headless Chromium against the gateway in the offline runtime.
+test-browser: install browser-install
+	$(PY) -m pytest -q tests/browser
 
 deploy-check: install
 	PATH="$(NODE22_BIN):$$PATH" npx wrangler deploy --dry-run --outdir .harness/deploy-dry-run

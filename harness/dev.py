@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         f"""
 Heady gateway (offline Workers runtime) in front of a simulated 8-node cluster.
   gateway : {url}      API key: {DEV_KEY}
+  status  : {url}/      (open in a browser; enter the API key once)
   fleet   : control API {control}  (nodes 1-8 on loopback)
 
 Try it:

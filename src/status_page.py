@@ -128,7 +128,7 @@ const REASONS = {
   busy: "busy (429/503)", tunnel_offline: "tunnel offline (ngrok)",
   tunnel_down: "tunnel has no origin (Cloudflare)"
 };
-let memKey = null, timer = 0, busy = false, lastOk = 0, skew = 0;
+let memKey = null, timer = 0, busy = false, lastOk = 0, skew = 0, last = null;
 
 function getKey() {
   try { return localStorage.getItem(STORE) || memKey; } catch (e) { return memKey; }
@@ -276,6 +276,7 @@ function render(data) {
 }
 
 function markStale(why) {
+  if (last) render(last);  // the last known state, its "ago" times brought up to date
   document.body.dataset.stale = "true";
   stale.hidden = false;
   staleText.textContent = why + ". Showing " +
@@ -286,6 +287,13 @@ function markStale(why) {
 function askKey(message) {
   clearTimeout(timer);
   timer = 0;
+  // No key, no data: what an earlier key showed is not left on screen.
+  last = null;
+  lastOk = 0;
+  roles.replaceChildren();
+  problems.hidden = stale.hidden = true;
+  document.body.dataset.stale = "false";
+  updated.textContent = "not updated yet";
   document.body.dataset.view = "key";
   form.hidden = false;
   change.hidden = true;
@@ -326,6 +334,7 @@ async function poll() {
       const diff = isNaN(served) ? 0 : served - Date.now();
       skew = Math.abs(diff) > 2500 ? diff : 0;
       lastOk = Date.now();
+      last = body;
       render(body);
       document.body.dataset.stale = "false";
       stale.hidden = true;

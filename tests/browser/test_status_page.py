@@ -10,6 +10,7 @@ import re
 from html.parser import HTMLParser
 
 import pytest
+
 import status_page as sp
 
 
@@ -122,7 +123,7 @@ def test_served_headers_are_a_copy() -> None:
 
 
 def test_etag_is_the_content_hash_of_the_served_bytes() -> None:
-    assert sp.ETAG == '"' + hashlib.sha256(sp.HTML.encode()).hexdigest()[:32] + '"'
+    assert '"' + hashlib.sha256(sp.HTML.encode()).hexdigest()[:32] + '"' == sp.ETAG
 
 
 def test_csp_allows_exactly_the_inline_script_and_style_it_serves() -> None:
