@@ -3,9 +3,9 @@
 The plan (argv, env, how to learn the public URL) is pure; `open_tunnel` runs it. Tests and dry
 runs swap the agent binary for `python -m heady_node.dry_run_tunnel` via `command=`.
 
-ngrok: `--url https://<domain>` picks the fixed domain (the agent CLI reference,
-https://ngrok.com/docs/agent/cli/, "ngrok http 8080 --url https://baz.ngrok.dev"; `--domain` is
-the older spelling), and the public URL is read from the agent's local API,
+ngrok: `--url https://<domain>` picks the fixed domain ("ngrok http 8080 --url
+https://baz.ngrok.dev" in https://ngrok.com/docs/secure-tunnels/ngrok-agent/reference/ngrok/;
+`--domain` is the older spelling), and the public URL is read from the agent's local API,
 GET http://127.0.0.1:4040/api/tunnels (https://ngrok.com/docs/agent/api/), not from its log.
 """
 
