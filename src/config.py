@@ -49,7 +49,7 @@ class HealthPolicy:
     # cooldown keeps growing instead of restarting at the base every cycle.
     stable_after_s: float = 1800.0
     refresh_s: float = 30.0  # isolate memory -> KV re-read at most this often
-    min_write_interval_s: float = 120.0  # KV write economy, see README
+    min_write_interval_s: float = 120.0  # KV write economy: docs/budgets.md
     probe_path: str = "/health"
     metrics_path: str | None = "/metrics"
     probe_timeout_s: float = 5.0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+_QUOTED = re.compile(r"""^(["'])(.*)\1\s*(?:#.*)?$""")
 _LINE = re.compile(r"^\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*?)\s*$")
 
 
@@ -23,8 +24,10 @@ def parse_dev_vars(text: str) -> dict[str, str]:
         if not m:
             raise DevVarsError(f".dev.vars line {n} is not KEY=value: {raw.strip()[:12]!r}...")
         key, value = m.group(1), m.group(2)
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
-            value = value[1:-1].replace("\\n", "\n") if value[0] == '"' else value[1:-1]
+        quoted = _QUOTED.match(value)
+        if quoted:  # a quoted value may be followed by a comment
+            inner = quoted.group(2)
+            value = inner.replace("\\n", "\n") if quoted.group(1) == '"' else inner
         else:
             value = re.split(r"\s+#", value, maxsplit=1)[0].strip()
         out[key] = value

@@ -38,7 +38,9 @@ def parse_endpoint(raw: str | None) -> Endpoint:
         return _invalid("URL needs a scheme (https://...)")
     scheme = scheme.lower()
     if scheme not in ("http", "https"):
-        return _invalid(f"scheme {scheme!r} is not https")
+        # Quote the scheme only when it looks like one: anything longer may be the host.
+        shown = f"{scheme!r} " if len(scheme) <= 8 and scheme.isalpha() else ""
+        return _invalid(f"scheme {shown}is not https (https://...)")
     if "?" in rest or "#" in rest:
         return _invalid("URL must not carry a query or fragment")
     authority, _, path = rest.partition("/")
@@ -46,7 +48,7 @@ def parse_endpoint(raw: str | None) -> Endpoint:
         return _invalid("URL must not carry credentials; the gateway sends NODE_TOKEN itself")
     host, colon, port = authority.rpartition(":") if _has_port(authority) else (authority, "", "")
     host = host.lower()
-    if not host or host.startswith(".") or host.endswith("."):
+    if not host or not _valid_host(host):
         return _invalid("URL has no valid host")
     if colon and not (port.isdigit() and 0 < int(port) < 65536):
         return _invalid("URL has an invalid port")
@@ -68,6 +70,23 @@ def parse_endpoint(raw: str | None) -> Endpoint:
 
 def _invalid(reason: str) -> Endpoint:
     return Endpoint("invalid", reason=reason)
+
+
+def _valid_host(host: str) -> bool:
+    """A DNS name of [a-z0-9-] labels, an IPv4 address, or a bracketed IPv6 literal: what
+    fetch() can reach. Anything else (a second ':', brackets, '%') is refused here rather
+    than failing on every request."""
+    if host.startswith("["):
+        inner = host[1:-1]
+        return host.endswith("]") and bool(inner) and all(c in "0123456789abcdef:." for c in inner)
+    labels = host.split(".")
+    return all(
+        0 < len(label) <= 63
+        and all(c.isascii() and (c.isalnum() or c == "-") for c in label)
+        and not label.startswith("-")
+        and not label.endswith("-")
+        for label in labels
+    )
 
 
 def _has_port(authority: str) -> bool:
