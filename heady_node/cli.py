@@ -4,9 +4,10 @@
     heady-node serve --node 3                   # GPU -> preset -> vLLM + guard -> tunnel -> status
 
 Settings come from flags or the environment (HEADY_NODE, HEADY_TUNNEL, HEADY_MODEL, HEADY_PORT,
-HEADY_MEDIA_DOMAINS, HEADY_DRY_RUN); secrets (NODE_TOKEN, CF_TUNNEL_TOKEN_<n>, ...) from Colab's
-Secrets panel when in Colab, the environment otherwise. Exit codes: 0 stopped cleanly, 1 the
-engine failed, 2 bad settings or a host that cannot run vLLM (one `heady-node: error:` line).
+HEADY_MEDIA_DOMAINS, HEADY_ROUTES, HEADY_DRY_RUN); secrets (NODE_TOKEN, CF_TUNNEL_TOKEN_<n>, ...)
+from Colab's Secrets panel when in Colab, the environment otherwise. Exit codes: 0 stopped
+cleanly, 1 the engine failed, 2 bad settings or a host that cannot run vLLM (one
+`heady-node: error:` line).
 """
 
 import argparse
@@ -55,6 +56,11 @@ def _parser() -> argparse.ArgumentParser:
         help="vision: a host image URLs may be fetched from (repeatable; default none)",
     )
     serve.add_argument("--ngrok-api", default=env("HEADY_NGROK_API", tunnel.NGROK_API))
+    serve.add_argument(
+        "--routes",
+        default=env("HEADY_ROUTES") or None,
+        help="the gateway's ROUTES JSON, if not the default: decides role and model names",
+    )
     serve.add_argument("--log-dir", type=Path, default=Path(env("HEADY_LOG_DIR", "/tmp/heady")))
     serve.add_argument("--status-interval", type=float, default=60.0)
     serve.add_argument("--rounds", type=int, default=None, help="stop after N status lines")
@@ -101,6 +107,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         port=args.port,
         media_domains=tuple(args.media_domain),
         ngrok_api=args.ngrok_api,
+        routes=args.routes,
         status_interval=args.status_interval,
         log_dir=args.log_dir,
         engine=shlex.split(args.engine) if args.engine else None,

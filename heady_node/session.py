@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -25,6 +25,7 @@ from heady_node import gpu as gpu_mod
 from heady_node import launcher, presets, settings, status, tunnel, wrangler
 from heady_node.colab import get_secret
 from heady_node.roles import role_for_node
+from heady_shared.routes import DEFAULT_POOLS, Pool, parse_routes, role_of
 
 DRY_RUN_GPU = "Tesla T4, 15360 MiB, 7.5, 550.54.15\n"
 DRY_RUN_TOKEN = "dry-run-node-token"
@@ -50,6 +51,7 @@ class NodeSession:
     port: int = 8000
     media_domains: Sequence[str] = ()  # vision: hosts image URLs may come from (default: none)
     ngrok_api: str = tunnel.NGROK_API
+    routes: str | None = None  # the gateway's ROUTES var (JSON) when it is not the default
     health_timeout: float = 1800.0  # first start downloads the weights: minutes, not seconds
     tunnel_timeout: float = 60.0
     status_interval: float = 60.0
@@ -61,6 +63,7 @@ class NodeSession:
     out: Callable[[str], None] = print
 
     role: str = field(init=False)
+    pools: Mapping[str, Pool] = field(init=False)
     gpu: gpu_mod.Gpu | None = field(init=False, default=None)
     preset: presets.Preset | None = field(init=False, default=None)
     served_names: tuple[str, ...] = field(init=False, default=())
@@ -70,7 +73,17 @@ class NodeSession:
     public_url: str | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
-        self.role = role_for_node(self.node)
+        role_for_node(self.node)  # 1..8
+        self.pools = DEFAULT_POOLS
+        if self.routes and self.routes.strip():
+            pools, errors = parse_routes(self.routes)
+            if errors:
+                raise settings.SettingsError("; ".join(errors))
+            self.pools = pools
+        role = role_of(self.node, self.pools)
+        if role is None:
+            raise settings.SettingsError(f"node {self.node} is in no role's pair in ROUTES")
+        self.role = role
         if self.tunnel_kind not in settings.TUNNEL_KINDS:
             raise ValueError(f"tunnel must be one of {', '.join(settings.TUNNEL_KINDS)}")
         if self.dry_run:
@@ -113,7 +126,7 @@ class NodeSession:
         self._token()
         self.tunnel_settings = settings.tunnel_settings(self.tunnel_kind, self.node, self.secret)
         self.preset = preset
-        self.served_names = presets.served_model_names(preset.model.repo, self.node)
+        self.served_names = presets.served_model_names(preset.model.repo, self.node, self.pools)
         self.out(self.gpu.describe())
         self.out(f"Node {self.node}: role {self.role}, model {preset.model.repo}")
         self.out("Answers to model names: " + ", ".join(self.served_names))
@@ -212,7 +225,7 @@ class NodeSession:
             raise
         self.public_url = url
         self.out("")
-        for line in wrangler.paste_block(self.node, url):
+        for line in wrangler.paste_block(self.node, url, self.role):
             self.out(line)
         self.out("")
         return url

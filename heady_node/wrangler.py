@@ -10,10 +10,10 @@ def secret_name(node: int) -> str:
     return f"COLAB_ENDPOINT_{node}"
 
 
-def paste_block(node: int, url: str) -> list[str]:
+def paste_block(node: int, url: str, role: str | None = None) -> list[str]:
     name = secret_name(node)
     return [
-        f"Node {node} ({role_for_node(node)}) is live at {url}",
+        f"Node {node} ({role or role_for_node(node)}) is live at {url}",
         "",
         "On your machine, in the gateway repo, run:",
         f"  npx wrangler secret put {name}",

@@ -202,3 +202,24 @@ def test_preflight_refuses_bad_settings_before_any_engine_starts(tmp_path: Path)
     del secrets["NODE_TOKEN"]
     with pytest.raises(settings.SettingsError, match="NODE_TOKEN is missing"):
         s.preflight()
+
+
+def test_a_custom_route_table_decides_role_and_model_names(tmp_path: Path) -> None:
+    def session(node: int, routes: str) -> NodeSession:
+        return NodeSession(
+            node=node, tunnel_kind="none", dry_run=True, log_dir=tmp_path, routes=routes,
+            out=lambda line: None,
+        )  # fmt: skip
+
+    routes = '{"roles": {"code": [3], "reasoning": [1, 2]}, "fallback": [3]}'
+    s = session(3, routes)
+    s.preflight()
+    assert s.role == "code"
+    assert s.served_names == ("Qwen/Qwen2.5-Coder-7B-Instruct-AWQ", "code", "reasoning")
+    s = session(1, routes)
+    s.preflight()
+    assert s.served_names[1:] == ("reasoning",)  # no longer anyone's fallback
+    with pytest.raises(settings.SettingsError, match="node 5 is in no role's pair"):
+        session(5, routes)
+    with pytest.raises(settings.SettingsError, match="ROUTES"):
+        session(3, '{"roles": {"code": [9]}}')
