@@ -606,10 +606,10 @@ class Node:
         elif path == "/v1/models":
             self._json(resp, 200, self._models())
         elif path in ("/v1/chat/completions", "/v1/completions"):
-            payload = self._payload(req, resp)
+            payload = self._payload(req, resp, json_only=True)
             if payload is not None:
                 await self._completion(payload, resp, chat=path == "/v1/chat/completions")
-        elif path == "/invocations":
+        elif path == "/invocations":  # parses the body itself, whatever its content-type
             payload = self._payload(req, resp)
             if payload is not None:
                 await self._invocations(payload, resp)
@@ -693,14 +693,41 @@ class Node:
         ]
         return {"object": "list", "data": cards}
 
-    def _payload(self, req: Request, resp: Response) -> dict[str, Any] | None:
+    def _invalid(self, resp: Response, error: object, param: str | None = None) -> None:
+        """FastAPI's RequestValidationError as vLLM answers it: 400, type "Bad Request", the
+        errors listed in the message (server_utils.validation_exception_handler)."""
+        self._error(resp, 400, f"1 validation error:\n  {error}", "Bad Request", param)
+
+    def _missing(self, resp: Response, field: str) -> None:
+        loc = ("body", field)
+        error = {"type": "missing", "loc": loc, "msg": "Field required"}
+        self._invalid(resp, error, ".".join(loc))
+
+    def _payload(
+        self, req: Request, resp: Response, *, json_only: bool = False
+    ) -> dict[str, Any] | None:
+        if json_only:
+            # vLLM's validate_json_request dependency (vllm/entrypoints/utils.py): the media
+            # type must be application/json, e.g. `curl -d` without -H is refused.
+            media = (req.header("content-type") or "").lower().split(";", 1)[0].strip()
+            if media != "application/json":
+                self._invalid(resp, "Unsupported Media Type: Only 'application/json' is allowed")
+                return None
         try:
             payload = json.loads(req.body)
         except (ValueError, UnicodeDecodeError):
-            self._error(resp, 400, "request body is not valid JSON", "BadRequestError")
+            loc = ("body", 0)
+            self._invalid(
+                resp, {"type": "json_invalid", "loc": loc, "msg": "JSON decode error"}, "body.0"
+            )
             return None
         if not isinstance(payload, dict):
-            self._error(resp, 400, "request body must be a JSON object", "BadRequestError")
+            error = {
+                "type": "model_attributes_type",
+                "loc": ("body",),
+                "msg": "Input should be a valid dictionary",
+            }
+            self._invalid(resp, error, "body")
             return None
         return payload
 
@@ -715,16 +742,18 @@ class Node:
         return model
 
     def _tokenize(self, req: Request, resp: Response) -> None:
-        payload = self._payload(req, resp)
-        if payload is None or self._model_error(payload, resp) is None:
+        payload = self._payload(req, resp, json_only=True)
+        if payload is None:
             return
         prompt = payload.get("prompt")
         if not isinstance(prompt, str):
             messages = payload.get("messages")
             if not isinstance(messages, list):
-                self._error(resp, 400, "'prompt' or 'messages' is required", "BadRequestError")
+                self._missing(resp, "prompt")
                 return
             prompt = "".join(str(m.get("content", "")) for m in messages if isinstance(m, dict))
+        if self._model_error(payload, resp) is None:
+            return
         tokens = list(prompt.encode("utf-8"))  # one token per byte: invertible, like a tokenizer
         self._json(
             resp,
@@ -738,14 +767,16 @@ class Node:
         )
 
     def _detokenize(self, req: Request, resp: Response) -> None:
-        payload = self._payload(req, resp)
-        if payload is None or self._model_error(payload, resp) is None:
+        payload = self._payload(req, resp, json_only=True)
+        if payload is None:
             return
         tokens = payload.get("tokens")
         if not isinstance(tokens, list) or not all(
             isinstance(t, int) and 0 <= t < 256 for t in tokens
         ):
-            self._error(resp, 400, "'tokens' must be a list of token ids", "BadRequestError")
+            self._missing(resp, "tokens")
+            return
+        if self._model_error(payload, resp) is None:
             return
         self._json(resp, 200, {"prompt": bytes(tokens).decode("utf-8", "replace")})
 
@@ -765,13 +796,11 @@ class Node:
             )
 
     async def _completion(self, payload: dict[str, Any], resp: Response, *, chat: bool) -> None:
-        model = self._model_error(payload, resp)
-        if model is None:
-            return
+        # The body is validated (pydantic, before the handler) ahead of the model check.
         if chat:
             messages = payload.get("messages")
             if not isinstance(messages, list) or not messages:
-                self._error(resp, 400, "'messages' must be a non-empty list", "BadRequestError")
+                self._missing(resp, "messages")
                 return
             prompt_tokens = sum(
                 _words(m.get("content")) if isinstance(m.get("content"), str) else 1
@@ -785,8 +814,11 @@ class Node:
             elif isinstance(prompt, list) and prompt:
                 prompt_tokens = sum(_words(p) if isinstance(p, str) else 1 for p in prompt)
             else:
-                self._error(resp, 400, "'prompt' is required", "BadRequestError")
+                self._missing(resp, "prompt")
                 return
+        model = self._model_error(payload, resp)
+        if model is None:
+            return
         if self._resumed is not None and not self._resumed.is_set():
             await self._resumed.wait()  # a paused engine holds new requests until /resume
         mode = self._mode

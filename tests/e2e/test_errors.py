@@ -90,7 +90,11 @@ def test_chunked_body_under_limit_is_forwarded_whole(client, fleet):
         for i in range(0, len(body), 1000):
             yield body[i : i + 1000]
 
-    r = client.post("/api/heavy/code/v1/completions", content=chunks())
+    r = client.post(
+        "/api/heavy/code/v1/completions",
+        content=chunks(),
+        headers={"content-type": "application/json"},
+    )
     assert r.status_code == 200
     got = fleet.requests(int(r.headers["x-heady-node"]))[-1]
     assert got.body == body and got.complete

@@ -169,7 +169,11 @@ def test_streams_may_outlast_the_attempt_timeout(client, fleet):
 
 def test_streamed_first_attempt_reaches_the_node_whole(client, fleet):
     body = json.dumps({"model": "reasoning", "prompt": "z" * 50_000}).encode()
-    r = client.post("/api/heavy/reasoning/v1/completions", content=body)
+    r = client.post(
+        "/api/heavy/reasoning/v1/completions",
+        content=body,
+        headers={"content-type": "application/json"},
+    )
     assert r.status_code == 200
     got = fleet.requests(int(r.headers["x-heady-node"]))[-1]
     assert got.body == body

@@ -181,13 +181,3 @@ def test_node_cli_served_model_name_and_node_number() -> None:
         assert proc.wait(timeout=5) == 0
     finally:
         _kill(proc)
-
-
-def test_bench_runs() -> None:
-    proc = _spawn("-m", "sim.bench", "--seconds", "0.3", "--clients", "1", stdin=subprocess.DEVNULL)
-    try:
-        out, _ = proc.communicate(timeout=15)
-        assert proc.returncode == 0
-        assert re.search(r"= [\d,]+ req/s", out)
-    finally:
-        _kill(proc)

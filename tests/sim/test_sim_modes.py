@@ -89,12 +89,15 @@ def test_chat_completion_stream(fleet: Fleet, client: httpx.Client) -> None:
 
 
 def test_completion_rejects_bad_json(fleet: Fleet, client: httpx.Client) -> None:
-    r = client.post(fleet.url(1) + "/v1/chat/completions", content=b"{not json")
+    json_type = {"content-type": "application/json"}
+    r = client.post(fleet.url(1) + "/v1/chat/completions", content=b"{not json", headers=json_type)
     assert r.status_code == 400
-    assert r.json()["error"]["type"] == "BadRequestError"
-    assert r.json()["error"]["code"] == 400
+    err = r.json()["error"]
+    assert err["type"] == "Bad Request"  # FastAPI validation, as vLLM words it
+    assert (err["code"], err["param"]) == (400, "body.0")
+    assert "json_invalid" in err["message"]
     r = client.post(fleet.url(1) + "/v1/chat/completions", json={"messages": []})
-    assert r.status_code == 400
+    assert (r.status_code, r.json()["error"]["param"]) == (400, "body.messages")
 
 
 # -- what the node recorded ------------------------------------------------------------------

@@ -79,6 +79,25 @@ def test_unknown_model_is_vllms_404(nodes: Fleet, c: httpx.Client, path: str) ->
     assert (r.status_code, r.json()) == (404, _not_found("reasoning"))
 
 
+@pytest.mark.parametrize("ctype", [None, "text/plain", "application/x-www-form-urlencoded"])
+def test_v1_inference_needs_a_json_content_type(nodes: Fleet, c: httpx.Client, ctype) -> None:
+    # vLLM's validate_json_request: `curl -d` without `-H content-type: ...` is refused.
+    headers = {**AUTH, **({"content-type": ctype} if ctype else {})}
+    body = json.dumps({"model": "code", **CHAT}).encode()
+    r = c.post(nodes.url(3) + "/v1/chat/completions", content=body, headers=headers)
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert (err["type"], err["code"]) == ("Bad Request", 400)
+    assert "Unsupported Media Type: Only 'application/json' is allowed" in err["message"]
+    ok = {**AUTH, "content-type": "application/json; charset=utf-8"}
+    assert c.post(nodes.url(3) + "/v1/chat/completions", content=body, headers=ok).is_success
+
+
+def test_body_is_validated_before_the_model_is_checked(nodes: Fleet, c: httpx.Client) -> None:
+    r = c.post(nodes.url(3) + "/v1/chat/completions", json={"model": "nope"}, headers=AUTH)
+    assert (r.status_code, r.json()["error"]["param"]) == (400, "body.messages")
+
+
 @pytest.mark.parametrize("path", ["/tokenize", "/detokenize"])
 def test_tokenizer_endpoints_check_the_model_too(nodes: Fleet, c: httpx.Client, path: str) -> None:
     body = {"model": "x", "prompt": "hi", "tokens": [104, 105]}
