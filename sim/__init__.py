@@ -1,20 +1,22 @@
 """Simulated GPU-node fleet: vLLM-like OpenAI servers with switchable failure modes.
 
-``sim.fleet.Fleet`` runs N nodes in-process for tests; ``python -m sim.fleet`` runs them as a
-local stand-in cluster; ``python -m sim.node`` stands in for ``vllm serve``.
+``sim.fleet.Fleet`` runs N nodes in-process for tests; ``python -m sim.fleet`` (or
+``sim.fleet.FleetProcess`` from Python) runs them as a local stand-in cluster;
+``python -m sim.node`` stands in for ``vllm serve``. Each node behaves like vLLM wherever the
+gateway depends on it (served names, API-key prefixes, endpoints, errors; see sim/node.py).
 """
 
 from typing import Any
 
-__all__ = ["MODES", "Fleet", "Node", "RecordedRequest"]
+__all__ = ["MODES", "Fleet", "FleetProcess", "Node", "RecordedRequest"]
 
 
 def __getattr__(name: str) -> Any:
     # Lazy: importing submodules here would make `python -m sim.node` warn (runpy double import).
-    if name == "Fleet":
-        from sim.fleet import Fleet
+    if name in ("Fleet", "FleetProcess"):
+        from sim import fleet
 
-        return Fleet
+        return getattr(fleet, name)
     if name in ("MODES", "Node", "RecordedRequest"):
         from sim import node
 

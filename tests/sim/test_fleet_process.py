@@ -8,7 +8,7 @@ import subprocess
 import httpx
 import pytest
 
-from sim.fleet import FleetProcess, FleetProcessError
+from sim.fleet import FleetProcess, FleetProcessError, default_served_names
 
 
 def _port(url: str) -> int:
@@ -66,3 +66,25 @@ def test_fleet_process_reports_a_child_that_cannot_start() -> None:
     with pytest.raises(FleetProcessError, match="exited before listening"):
         bad.start()
     assert bad.proc is None
+
+
+def test_fleet_process_served_names_and_dev_mode() -> None:
+    names = {1: ["org/Custom-7B", "code"]}
+    with FleetProcess(count=2, served_names=names, dev_mode=True) as fleet:
+        with httpx.Client(timeout=5) as c:
+            ids = [m["id"] for m in c.get(fleet.url(1) + "/v1/models").json()["data"]]
+            assert ids == names[1]
+            assert fleet.state()["2"]["served_names"] == list(default_served_names(2))
+            assert c.post(fleet.url(2) + "/sleep").status_code == 200  # dev mode is on
+            assert fleet.set_served_names(2, ["x"])["served_names"] == ["x"]
+            ok = {"model": "x", "messages": [{"role": "user", "content": "hi"}]}
+            assert c.post(fleet.url(2) + "/v1/chat/completions", json=ok).status_code == 200
+            assert fleet.reset()["2"]["served_names"] == list(default_served_names(2))
+        with pytest.raises(FleetProcessError, match="served_names"):
+            fleet.set_served_names(1, [])
+
+
+def test_fleet_process_rejects_a_malformed_served_name_flag() -> None:
+    bad = FleetProcess(count=1, args=["--served-model-name", "one"], stderr=subprocess.DEVNULL)
+    with pytest.raises(FleetProcessError, match="exited before listening"):
+        bad.start()

@@ -84,8 +84,8 @@ def test_fleet_cli_ready_line_and_control_api(fleet_proc: FleetProc) -> None:
         assert len(reqs[1]["body_sha256"]) == 64
 
         c.post(ctl + "/nodes/1", json={"mode": "refuse"})
-        with pytest.raises(httpx.ConnectError):
-            c.get(ready["nodes"]["1"] + "/health")
+        with pytest.raises(httpx.ConnectError):  # a new connection: the pooled one was reset
+            httpx.get(ready["nodes"]["1"] + "/health", timeout=5)
 
         reset = c.post(ctl + "/reset").json()
         assert {s["mode"] for s in reset.values()} == {"healthy"}
@@ -169,13 +169,16 @@ def test_node_cli_stands_in_for_vllm_serve() -> None:
 
 def test_node_cli_served_model_name_and_node_number() -> None:
     port = _free_port()
-    args = ["some/model", "--port", str(port), "--served-model-name", "alias", "--node", "4"]
+    args = ["some/model", "--port", str(port), "--served-model-name", "alias", "code"]
+    args += ["--node", "4"]
     proc = _spawn("-m", "sim.node", *args, "--tensor-parallel-size", "1", stdin=subprocess.DEVNULL)
     try:
         assert proc.stderr is not None
         assert "Uvicorn running" in proc.stderr.readline()
         r = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=5)
-        assert r.json()["data"][0]["id"] == "alias"
+        cards = r.json()["data"]
+        assert [m["id"] for m in cards] == ["alias", "code"]  # vLLM: one card per name
+        assert {m["root"] for m in cards} == {"some/model"}  # rooted at the checkpoint
         assert r.headers["x-sim-node"] == "4"
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=5) == 0
