@@ -16,6 +16,7 @@ import shutil
 import socket
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
 
 import httpx
@@ -193,6 +194,33 @@ def test_reset_mid_sse_raw_socket_keeps_the_connection_usable(client, fleet):
         assert json.loads(body)["model"] == "reasoning"
     finally:
         raw.close()
+
+
+def test_concurrent_broken_streams_each_end_with_the_error_event(client, fleet):
+    # Seen in the field: of 20 concurrent streams whose node died, 8 ended silently truncated.
+    for n in (3, 4):
+        fleet.set(n, "stream_reset", after=3, interval=0.01)
+
+    def one(_: int) -> tuple[int, int, str]:
+        with (
+            httpx.Client(base_url=client.gw.url, timeout=30) as c,
+            c.stream(
+                "POST",
+                CHAT_PATH % "code",
+                headers={"authorization": f"Bearer {API_KEY}"},
+                json=_stream_body("code"),
+            ) as r,
+        ):
+            text = "".join(r.iter_text())
+            rid = r.headers["x-request-id"]
+        chunks, errors = _split(_events(text))
+        assert all(e["error"]["request_id"] == rid for e in errors)
+        return len(chunks), len(errors), text[-200:]
+
+    with ThreadPoolExecutor(max_workers=10) as pool:
+        results = list(pool.map(one, range(10)))
+    assert all(errors == 1 for _, errors, _ in results), results
+    assert all(chunks == 3 for chunks, _, _ in results), results
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
