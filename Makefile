@@ -95,5 +95,11 @@ test: install lint
 bench: install
 	$(PY) -m bench.run --out bench/results.md
 
+# Load on the gateway while simulated nodes flap (issue 9); CHAOS_S seconds of chaos.
+.PHONY: chaos
+CHAOS_S ?= 60
+chaos: install
+	$(PY) -m bench.run --sections chaos --chaos-seconds $(CHAOS_S)
+
 clean:
 	rm -rf .harness .venv .venv313 node_modules tools/node22/node_modules dist

@@ -22,6 +22,7 @@ class Options:
     chaos_seed: int = 1
     memory_requests: int | None = None  # override the profile's requests per target
     memory_logs: bool = False  # also measure gateway with workerLogs on, bare-py with a log line
+    memory_src: bool = False  # also measure each --src gateway tree
 
 
 @dataclass

@@ -51,6 +51,9 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="memory: also gateway with workerLogs on and bare-py with a log line",
     )
+    ap.add_argument(
+        "--memory-src", action="store_true", help="memory: also each --src gateway tree"
+    )
     ap.add_argument("--chaos-seconds", type=float, default=None, help="length of the chaos phase")
     ap.add_argument("--chaos-conns", type=int, default=8)
     ap.add_argument("--chaos-seed", type=int, default=1)
@@ -96,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         chaos_seed=args.chaos_seed,
         memory_requests=args.memory_requests,
         memory_logs=args.memory_logs,
+        memory_src=args.memory_src,
     )
     command = "python -m bench.run " + " ".join(argv if argv is not None else sys.argv[1:])
     started = time.monotonic()

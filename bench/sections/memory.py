@@ -1,12 +1,14 @@
 """Section 8: does workerd's memory level off or keep climbing (issue 9)?
 
-Fresh instances of bare-py and the gateway (and each `--src` tree) take `memory_requests`
-small POSTs each, all at the same time, in load segments of a few seconds; workerd's VmRSS is
-read after each segment. The slope (least squares, KiB per 1,000 requests) over the first and
-the last half tells a warming-up heap from a leak. With `--memory-logs`, two more instances
-separate the runtime's handling of log output from the gateway's own retention: the gateway
-with workerLogs on (each log line relayed to the harness, as in `make dev` and the e2e tests),
-and bare-py plus a gateway-sized log line per request.
+Fresh instances of bare-py and the gateway (with `--memory-src`, each `--src` tree too) take
+`memory_requests` small POSTs each, all at the same time, in load segments of a few seconds;
+workerd's VmRSS is read after each segment. The slope (least squares, KiB per 1,000
+requests) over the first and the last half tells a warming-up heap from a leak.
+
+With `--memory-logs`, two more instances separate the runtime's handling of log output from
+the gateway's own retention: the gateway with workerLogs on (each log line relayed to the
+harness, as in `make dev` and the e2e tests), and bare-py plus a gateway-sized log line per
+request (`bench/bare_py_log/`).
 """
 
 from __future__ import annotations
@@ -53,9 +55,12 @@ class Curve:
 
 def _drive(bench: Bench, t: Target, goal: int, curve: Curve) -> None:
     seg = bench.profile.memory_segment_s
-    done = 0
+    done, reported = 0, 0
     curve.samples.append((0, mem_kib(t.workerd) or 0))
     while done < goal:
+        if done >= reported + goal / 4:
+            reported = done
+            log(f"memory {curve.name}: {done} requests, RSS {curve.samples[-1][1] / 1024:.1f} MiB")
         r = bench.gen.run(t.post_url, CONNS, seg, t.auth)
         done += r["requests"]
         curve.errors += r["socket_errors"] + r["status_errors"]
@@ -67,7 +72,10 @@ def _drive(bench: Bench, t: Target, goal: int, curve: Curve) -> None:
 
 def _variants(bench: Bench) -> list[tuple[Variant, bool, str]]:
     """(variant, workerLogs, label) for each instance to measure."""
-    out = [(v, False, name) for name, v in bench.variants.items()]
+    names = ["bare-py", "gateway"]
+    if bench.options.memory_src:
+        names += [n for n in bench.variants if n.startswith("gateway[")]
+    out = [(bench.variants[n], False, n) for n in names]
     if bench.options.memory_logs:
         gw = bench.variants["gateway"]
         out.append((gw, True, "gateway (workerLogs on)"))
