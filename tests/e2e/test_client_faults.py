@@ -279,6 +279,45 @@ def test_client_gone_before_the_head_cancels_the_node_request_and_blames_no_one(
     assert not problems, "; ".join(problems)
 
 
+def test_client_gone_mid_stream_closes_the_node_connection(gw, fleet):
+    """After the head the runtime pumps the node's body; a client that leaves ends that pump,
+    which must close the node's connection within a few events (0.3 s apart here): no GPU time
+    for nobody, no retry, no down mark. (A bare Worker relaying through a TransformStream on
+    the same runtime lets go of its upstream 0.6-1.2 s after the client leaves:
+    docs/client-faults.md §1.)"""
+    rid = "gone-mid-stream"
+    for n in CODE_NODES:
+        fleet.set(n, "sse", events=40, interval=0.3)
+    s = connect(gw)
+    s.sendall(head("GET", "/api/heavy/code/v1/models", rid=rid))
+    resp = read_head_and_some(s, 10)
+    assert resp.startswith(b"HTTP/1.1 200"), resp[:200]
+    left = time.monotonic()
+    s.shutdown(socket.SHUT_RDWR)
+    s.close()
+    got = wait_for(lambda: recorded(fleet, CODE_NODES, rid), 5)
+    assert got and len(got) == 1
+    node = got[0]
+    wait_for(lambda: node.closed, 3)
+    late = None if node.closed is None else round(node.closed - left, 2)
+    assert late is not None and late <= 1.5, f"node kept streaming to nobody: closed {late}"
+    time.sleep(0.5)
+    assert len(recorded(fleet, case=rid)) == 1
+    assert down_nodes(gw) == []
+
+
+def read_head_and_some(s: socket.socket, timeout: float) -> bytes:
+    """The response head and the first body bytes (a stream never ends by itself)."""
+    s.settimeout(timeout)
+    buf = b""
+    while b"\r\n\r\n" not in buf or buf.endswith(b"\r\n\r\n"):
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        buf += chunk
+    return buf
+
+
 # ---- 2. truncated upload ------------------------------------------------------------------
 
 
