@@ -104,7 +104,7 @@ class RecordedRequest:
     arrived: float  # time.monotonic() when the head was parsed
     wall: float  # time.time()
     declared: int | None = 0  # Content-Length; None for a chunked body
-    received: int = 0  # body bytes that arrived
+    received: int = 0  # body bytes that arrived (set when the body completes or the conn closes)
     complete: bool = False  # the whole body arrived
     closed: float | None = None  # time.monotonic() when the connection closed
 
