@@ -1,5 +1,6 @@
-"""cron.py: the cron period, sparse probe scheduling, what a probe answer means (the failure
-rules, the load from a health body or the metrics path) and how answers fold into health."""
+"""cron.py: sparse probe scheduling (the cron period itself is in test_shared.py), what a
+probe answer means (the failure rules, the load from a health body or the metrics path) and
+how answers fold into health."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ from hypothesis import strategies as st
 import health as hl
 from attempt import Head
 from config import load_config
-from cron import ProbeResult, cron_period_s, fold, nodes_to_probe, probe, probe_all
+from cron import ProbeResult, fold, nodes_to_probe, probe, probe_all
 from heady_shared.routes import NODE_NUMBERS
+from heady_shared.schedule import cron_period_s
 from health import HealthState, HealthView
 
 SLOT = 1800.0
@@ -94,34 +96,7 @@ def run_probe(answers, default=None, config=CFG, node=3, clock=None):
     return result, prober
 
 
-# ---- cron period and which nodes -----------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("cron", "period"),
-    [
-        ("*/5 * * * *", 300.0),
-        ("*/1 * * * *", 60.0),
-        ("*/30 * * * *", 1800.0),
-        ("*/60 * * * *", 3600.0),
-        ("* * * * *", 60.0),
-        ("  */10   *  *  *  *  ", 600.0),
-        ("*/0 * * * *", 86400.0),
-        ("*/61 * * * *", 86400.0),
-        ("*/x * * * *", 86400.0),
-        ("*/5 1 * * *", 86400.0),
-        ("*/5 * * *", 86400.0),
-        ("0,30 * * * *", 86400.0),
-        ("5 * * * *", 3600.0),
-        ("0 * * * *", 3600.0),
-        ("60 * * * *", 86400.0),
-        ("", 86400.0),
-        (None, 86400.0),
-        ("garbage", 86400.0),
-    ],
-)
-def test_cron_period(cron, period):
-    assert cron_period_s(cron) == period
+# ---- which nodes -----------------------------------------------------------
 
 
 def up(**kw) -> HealthState:

@@ -35,6 +35,7 @@ from heady_shared.routes import (
     roles_served_by,
     valid_role_name,
 )
+from heady_shared.schedule import UNKNOWN_PERIOD_S, cron_period_s
 
 # ---- nodes, roles and the route table ---------------------------------------------------
 
@@ -303,6 +304,9 @@ def test_routes_never_raises(raw):
         ("https://h.example:1", "https://h.example:1"),
         ("https://1.2.3.4:8443", "https://1.2.3.4:8443"),
         ("https://trycloudflare.com", "https://trycloudflare.com"),  # not a quick tunnel
+        ("https://xn--bcher-kva.example", "https://xn--bcher-kva.example"),  # an IDN, encoded
+        ("https://Node-1.Example.COM", "https://node-1.example.com"),
+        ("https://" + "a" * 63 + ".example", "https://" + "a" * 63 + ".example"),
         # loopback: plain http allowed (the simulated fleet, an SSH port forward)
         ("http://127.0.0.1:8000", "http://127.0.0.1:8000"),
         ("http://127.0.0.1:8000/", "http://127.0.0.1:8000"),
@@ -349,6 +353,16 @@ INVALID = [
     ("https://:8080", "no valid host"),
     ("https://.example", "no valid host"),
     ("https://example.", "no valid host"),
+    # host names fetch() can reach: [a-z0-9-] labels of 1..63, no '-' at either end
+    ("https://a..b.example", "no valid host"),
+    ("https://-x.example", "no valid host"),
+    ("https://x-.example", "no valid host"),
+    ("https://a_b.example", "no valid host"),
+    ("https://a!b.example", "no valid host"),
+    ("https://" + "a" * 64 + ".example", "no valid host"),
+    ("https://[]", "no valid host"),
+    ("https://[::g]", "no valid host"),
+    ("https://[fe80::1%25eth0]", "no valid host"),
     ("https://abc.example:0", "port"),
     ("https://abc.example:65536", "port"),
     ("https://abc.example:99999", "port"),
@@ -450,6 +464,10 @@ def test_configured_endpoints_keep_the_stated_rules(scheme, rest):
     authority, _, path = after.partition("/")
     host = authority.rsplit(":", 1)[0] if not authority.endswith("]") else authority
     loopback = host in ("localhost", "127.0.0.1", "[::1]")
+    if not host.startswith("["):
+        labels = host.split(".")
+        assert all(0 < len(label) <= 63 and label.strip("-") == label for label in labels)
+        assert all(c in string.ascii_lowercase + string.digits + "-" for c in "".join(labels))
     assert scheme_out in ("http", "https")
     assert scheme_out == "https" or loopback
     assert loopback or "." in host
@@ -686,6 +704,38 @@ def test_queue_depth_sums_label_sets(values):
         f'vllm:num_requests_waiting{{model_name="m{i}"}} {v!r}\n' for i, v in enumerate(values)
     )
     assert queue_depth(body, "text/plain; version=0.0.4") == int(sum(values))
+
+
+# ---- cron schedule -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("cron", "period"),
+    [
+        ("*/5 * * * *", 300.0),
+        ("*/1 * * * *", 60.0),
+        ("*/30 * * * *", 1800.0),
+        ("*/60 * * * *", 3600.0),
+        ("* * * * *", 60.0),
+        ("  */10   *  *  *  *  ", 600.0),
+        ("5 * * * *", 3600.0),
+        ("0 * * * *", 3600.0),
+        # anything else counts as a day: probing healthy nodes too often, never too rarely
+        ("*/0 * * * *", UNKNOWN_PERIOD_S),
+        ("*/61 * * * *", UNKNOWN_PERIOD_S),
+        ("*/x * * * *", UNKNOWN_PERIOD_S),
+        ("*/5 1 * * *", UNKNOWN_PERIOD_S),
+        ("*/5 * * *", UNKNOWN_PERIOD_S),
+        ("0,30 * * * *", UNKNOWN_PERIOD_S),
+        ("60 * * * *", UNKNOWN_PERIOD_S),
+        ("", UNKNOWN_PERIOD_S),
+        (None, UNKNOWN_PERIOD_S),
+        ("garbage", UNKNOWN_PERIOD_S),
+    ],
+)
+def test_cron_period(cron, period):
+    assert UNKNOWN_PERIOD_S == 86400.0
+    assert cron_period_s(cron) == period
 
 
 # ---- .dev.vars -------------------------------------------------------------------------------
