@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 from dataclasses import dataclass
+
+from heady_shared.failures import EXPLAIN
 
 PATH = "/"
 POLL_MS = 5000  # how often the page polls /api/status while its tab is visible
@@ -100,6 +103,7 @@ font-size:.86rem;font-variant-numeric:tabular-nums}
 .tile dt{color:var(--muted)}
 .tile dd{margin:0;min-width:0;overflow-wrap:anywhere}
 .tile dd[data-field=reason]{font-weight:700;color:var(--c)}
+.tile dd.why{grid-column:1/-1;color:var(--muted);font-size:.8rem;margin-bottom:.2rem}
 .fallback{margin:.5rem 0 0;font-size:.86rem;color:var(--muted)}
 .fallback ol{display:inline;margin:0;padding:0;list-style:none}
 .fallback li{display:inline}
@@ -123,11 +127,9 @@ const roles = $("roles"), change = $("change-key");
 const STATES = {
   up: "\u2713", down: "\u2715", unknown: "?", unconfigured: "\u2013", invalid: "!"
 };
-const REASONS = {
-  refused: "connection refused", timeout: "timed out", error: "network or TLS error",
-  busy: "busy (429/503)", tunnel_offline: "tunnel offline (ngrok)",
-  tunnel_down: "tunnel has no origin (Cloudflare)"
-};
+// What a failure reason usually means on a node: heady_shared.failures.EXPLAIN, the text
+// `heady probe` prints too, inserted when the module is imported.
+const EXPLAIN = __EXPLAIN__;
 let memKey = null, timer = 0, busy = false, lastOk = 0, skew = 0, last = null;
 
 function getKey() {
@@ -175,11 +177,6 @@ function when(iso) {
 function shown(n) {
   return n.config === "configured" ? String(n.state) : String(n.config);
 }
-function reasonText(r) {
-  if (!r) return null;
-  const m = /^http_(\d{3})$/.exec(r);
-  return REASONS[r] || (m ? "HTTP " + m[1] : String(r));
-}
 function available(n) {
   return !!n && n.config === "configured" && n.state !== "down";
 }
@@ -194,7 +191,10 @@ function tile(n) {
     add("config", n.config_reason || n.config, "config");
   } else {
     if (n.reason && st !== "up") {
-      add(st === "down" ? "reason" : "last failure", reasonText(n.reason), "reason");
+      add(st === "down" ? "reason" : "last failure", String(n.reason), "reason");
+      if (Object.hasOwn(EXPLAIN, n.reason)) {
+        rows.push(el("dd", {class: "why", "data-field": "why", text: EXPLAIN[n.reason]}));
+      }
     }
     if (st === "unknown" && !n.since && !n.checked_at) add("state", "not observed yet", "note");
     add("since", n.since && when(n.since), "since");
@@ -206,7 +206,7 @@ function tile(n) {
     add("probed", n.checked_at && when(n.checked_at), "checked");
   }
   const label = "Node " + n.node + ": " + st +
-    (n.reason && st === "down" ? ", " + reasonText(n.reason) : "");
+    (n.reason && st === "down" ? ", " + n.reason : "");
   return el("li", {class: "tile", "data-node": n.node, "data-state": st, tabindex: 0,
     "aria-label": label},
     el("h3", {}, "Node " + n.node,
@@ -418,8 +418,14 @@ def _csp_hash(text: str) -> str:
     return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
 
 
+def _script_json(value: object) -> str:
+    """A JSON literal safe inside an inline <script>: ASCII, and no '<' to end the element."""
+    return json.dumps(value, sort_keys=True).replace("<", "\\u003c")
+
+
 def _build() -> tuple[str, dict[str, str]]:
     body = _BODY.replace("{poll_s}", str(POLL_MS // 1000))
+    script = _SCRIPT.replace("__EXPLAIN__", _script_json(EXPLAIN))
     html = (
         '<!doctype html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
         '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
@@ -428,13 +434,13 @@ def _build() -> tuple[str, dict[str, str]]:
         '<link rel="icon" href="data:,">\n'
         f"<style>{_STYLE}</style>\n</head>\n"
         f'<body data-poll-ms="{POLL_MS}" data-view="key">{body}'
-        f"<script>{_SCRIPT}</script>\n</body>\n</html>\n"
+        f"<script>{script}</script>\n</body>\n</html>\n"
     ).replace("\u00b7", "&middot;")
     assert html.isascii()
     csp = "; ".join(
         (
             "default-src 'none'",
-            f"script-src {_csp_hash(_SCRIPT)}",
+            f"script-src {_csp_hash(script)}",
             f"style-src {_csp_hash(_STYLE)}",
             "connect-src 'self'",
             "img-src data:",

@@ -6,12 +6,14 @@ from __future__ import annotations
 import base64
 import gzip
 import hashlib
+import json
 import re
 from html.parser import HTMLParser
 
 import pytest
 
 import status_page as sp
+from heady_shared.failures import EXPLAIN
 
 
 class _Scan(HTMLParser):
@@ -178,3 +180,10 @@ def test_the_page_names_no_key_and_puts_nothing_in_a_url() -> None:
     assert "location" not in script and "history" not in script
     assert "innerHTML" not in script and "outerHTML" not in script
     assert "localStorage.setItem" in script
+
+
+def test_reason_explanations_are_the_ones_heady_probe_prints() -> None:
+    found = re.search(r"const EXPLAIN = (\{.*?\});\n", _scan().scripts[0])
+    assert found is not None
+    assert json.loads(found.group(1)) == EXPLAIN
+    assert "<" not in found.group(1)  # cannot close the <script> element

@@ -18,6 +18,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 import status_page as sp
 from harness.gateway import Gateway
+from heady_shared.failures import EXPLAIN
 from sim.fleet import FleetProcess
 
 POLL_S = sp.POLL_MS / 1000
@@ -34,7 +35,8 @@ return [...document.querySelectorAll('#roles .tile')].map(t => {
                         return e ? e.textContent : null; };
   return {node: Number(t.dataset.node), state: t.dataset.state,
           role: t.closest('.role').dataset.role, badge: t.querySelector('.badge').textContent,
-          reason: f('reason'), until: f('until'), load: f('load'), config: f('config')};
+          reason: f('reason'), why: f('why'), until: f('until'), load: f('load'),
+          config: f('config')};
 });
 """
 
@@ -165,7 +167,8 @@ def test_status_page_in_chromium(
     gw.scheduled(cron=CRON)
     wait_for(d, "probed states", lambda: states(d) == MIXED | {3: "up"}, ONE_POLL_S)
     t = tiles(d)
-    assert t[5]["reason"] == "tunnel offline (ngrok)" and t[5]["until"]
+    assert t[5]["reason"] == "tunnel_offline" and t[5]["until"]
+    assert t[5]["why"] == EXPLAIN["tunnel_offline"]
     assert t[1]["load"] == "2 waiting" and t[6]["load"] == "5 waiting"
     assert [t[n]["badge"] for n in (1, 5, 7, 8)] == [
         "\u2713up", "\u2715down", "!invalid", "\u2013unconfigured"
@@ -178,7 +181,8 @@ def test_status_page_in_chromium(
     wait_for(d, "node 3 down", lambda: tiles(d)[3]["state"] == "down", ONE_POLL_S)
     assert time.monotonic() - broke <= ONE_POLL_S
     t = tiles(d)
-    assert t[3]["reason"] == "connection refused"
+    assert t[3]["reason"] == "refused"
+    assert t[3]["why"] == EXPLAIN["refused"]
     assert re.search(r"\(in (9|10) min\)", t[3]["until"])  # COOLDOWN_BASE_S=600
     assert states(d) == MIXED
     api = httpx.get(
@@ -237,7 +241,7 @@ def test_status_page_in_chromium(
     back = time.monotonic()
     wait_for(d, "node 3 up", lambda: tiles(d)[3]["state"] == "up", ONE_POLL_S)
     assert time.monotonic() - back <= ONE_POLL_S
-    assert tiles(d)[3]["reason"] is None
+    assert tiles(d)[3]["reason"] is None and tiles(d)[3]["why"] is None
 
     # -- a hidden tab does not poll; showing it again polls at once -------------------------
     d.minimize_window()
