@@ -330,7 +330,8 @@ async function poll() {
     }
     const body = await r.json().catch(() => null);
     if (r.ok && body && Array.isArray(body.nodes)) {
-      const served = Date.parse(r.headers.get("date") || "");
+      // The gateway's clock (gateway.time, else the Date header), for "ago" and "in".
+      const served = Date.parse((body.gateway && body.gateway.time) || r.headers.get("date") || "");
       const diff = isNaN(served) ? 0 : served - Date.now();
       skew = Math.abs(diff) > 2500 ? diff : 0;
       lastOk = Date.now();
