@@ -11,13 +11,20 @@ from typing import Any
 
 import httpx
 import pytest
-from page_stack import API_KEY, SCREENSHOTS, chromium_version, secrets_of, start_gateway
+from page_stack import (
+    API_KEY,
+    SCREENSHOTS,
+    chromium_version,
+    page_bindings,
+    secrets_of,
+    start_gateway,
+)
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
 
 import status_page as sp
-from harness.gateway import Gateway
+from harness.gateway import Gateway, build_config
 from heady_shared.failures import EXPLAIN
 from sim.fleet import FleetProcess
 
@@ -290,3 +297,24 @@ def test_status_page_in_chromium(
     assert states(d) == MIXED | {3: "up"}
     shoot(d, "status-stale-phone.png", 390)
     assert_no_secret(d, fleet)
+
+
+def test_a_gateway_without_client_keys_is_explained_not_dumped(
+    browser: WebDriver, page_fleet: FleetProcess
+) -> None:
+    d = browser
+    gw = Gateway(build_config(bindings=page_bindings(page_fleet, GATEWAY_API_KEYS=""))).start()
+    try:
+        d.get(gw.url + "/")
+        enter_key(d, API_KEY)
+        wait_for(d, "the error banner", lambda: d.find_element("id", "stale").is_displayed(), 5)
+        text = d.find_element("id", "stale").text
+        assert "HTTP 503 not_configured" in text
+        assert "set the GATEWAY_API_KEYS secret" in text
+        assert "{" not in text and "request_id" not in text  # words, not a JSON dump
+        assert not key_prompt_shown(d)  # not a key problem: the key is kept
+        assert js(d, f"return localStorage.getItem('{STORE}')") == API_KEY
+        assert tiles(d) == {}
+        assert_no_secret(d, page_fleet)
+    finally:
+        gw.stop()
