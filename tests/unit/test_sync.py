@@ -8,6 +8,7 @@ writes are coalesced, skipped when KV already knows, and never run two at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import time
 
@@ -19,8 +20,11 @@ from health import HealthState, HealthView
 from sync import HealthSync
 
 T0 = 1_700_000_000.0
-KV_TIMEOUT_S = 0.05
-POLICY = HealthPolicy(kv_timeout_s=KV_TIMEOUT_S)  # refresh 30 s, write interval 120 s
+# Generous where KV answers (a loaded machine must not turn a 20 ms fake delay into a
+# time-out), short where a KV call hangs on purpose.
+POLICY = HealthPolicy(kv_timeout_s=2.0)  # refresh 30 s, write interval 120 s
+KV_TIMEOUT_S = 0.2
+HUNG = HealthPolicy(kv_timeout_s=KV_TIMEOUT_S)
 
 
 def run(main) -> None:
@@ -38,7 +42,8 @@ class Clock:
 
 class FakeStore:
     """sync.HealthStore in memory. `read_s`/`write_s` delay the call (None: hang forever);
-    `read_error`/`write_error` make it raise."""
+    `ticks` makes every call last that many event-loop turns; `read_error`/`write_error` make
+    it raise. Records how many calls were in flight at once."""
 
     def __init__(self, value: str | None = None) -> None:
         self.value = value
@@ -46,29 +51,38 @@ class FakeStore:
         self.write_s: float | None = 0.0
         self.read_error: Exception | None = None
         self.write_error: Exception | None = None
+        self.ticks = 0
         self.reads = 0
         self.writes: list[tuple[str, int]] = []
-        self.writing = 0
-        self.max_writing = 0
+        self.in_flight = 0
+        self.max_in_flight = 0
 
     async def read(self) -> str | None:
         self.reads += 1
-        await _delay(self.read_s)
-        if self.read_error:
-            raise self.read_error
-        return self.value
+        async with self._call():
+            await _delay(self.read_s)
+            if self.read_error:
+                raise self.read_error
+            return self.value
 
     async def write(self, body: str, ttl_s: int) -> None:
-        self.writing += 1
-        self.max_writing = max(self.max_writing, self.writing)
-        try:
+        async with self._call():
             await _delay(self.write_s)
             if self.write_error:
                 raise self.write_error
             self.writes.append((body, ttl_s))
             self.value = body
+
+    @contextlib.asynccontextmanager
+    async def _call(self):
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            for _ in range(self.ticks):
+                await asyncio.sleep(0)
+            yield
         finally:
-            self.writing -= 1
+            self.in_flight -= 1
 
 
 async def _delay(seconds: float | None) -> None:
@@ -105,6 +119,11 @@ class Shell:
         return await sync.flush(store, policy, self.clock, self.log)
 
 
+async def until_loaded(sync: HealthSync) -> None:
+    while sync.view.loaded_at is None:
+        await asyncio.sleep(0.001)
+
+
 def record(states: dict[int, HealthState], written_at: float = T0 - 300) -> str:
     v = HealthView()
     v.nodes.update(states)
@@ -135,25 +154,27 @@ def test_cold_refresh_waits_for_one_read():
     run(main)
 
 
-def test_concurrent_cold_refreshes_share_one_read():
+def test_concurrent_cold_refreshes_make_one_read():
     async def main():
         shell, sync, store = Shell(), HealthSync(), FakeStore(record({3: DOWN3}))
         store.read_s = 0.02
-        seen = []
+        seen: dict[int, bool] = {}
 
-        async def request():
+        async def request(i: int):
             await shell.refresh(sync, store)
-            seen.append(sync.view.is_down(3, T0))  # routing sees KV's knowledge at once
+            seen[i] = sync.view.is_down(3, T0)
 
-        await asyncio.gather(*(request() for _ in range(25)))
+        await asyncio.gather(*(request(i) for i in range(25)))
+        assert len(seen) == 25
+        assert seen[0] is True  # the request that started the read routes on KV's knowledge
+        await until_loaded(sync)
         assert store.reads == 1
-        assert seen == [True] * 25
-        assert shell.tasks == []
+        assert sync.view.is_down(3, T0)
 
     run(main)
 
 
-def test_a_cancelled_cold_request_does_not_cancel_the_shared_read():
+def test_a_cancelled_cold_request_does_not_cancel_the_read():
     async def main():
         shell, sync, store = Shell(), HealthSync(), FakeStore(record({3: DOWN3}))
         store.read_s = 0.02
@@ -163,6 +184,7 @@ def test_a_cancelled_cold_request_does_not_cancel_the_shared_read():
         await asyncio.sleep(0)
         first.cancel()  # that client went away
         await second
+        await until_loaded(sync)
         assert store.reads == 1 and sync.view.is_down(3, T0)
 
     run(main)
@@ -221,18 +243,18 @@ def test_a_hung_read_is_given_up_and_routing_goes_on():
         shell, sync, store = Shell(), HealthSync(), FakeStore()
         store.read_s = None
         started = time.monotonic()
-        await shell.refresh(sync, store)
+        await shell.refresh(sync, store, HUNG)
         waited = time.monotonic() - started
         assert KV_TIMEOUT_S * 0.9 <= waited < KV_TIMEOUT_S + 1.0
         assert shell.logs == [{"msg": "kv_read_failed", "error": "timed out"}]
         assert sync.view.loaded_at == T0
         assert sync.view.nodes == {}
         # a sick KV is not re-read on every request: the refresh interval applies
-        await shell.refresh(sync, store)
+        await shell.refresh(sync, store, HUNG)
         assert store.reads == 1 and shell.tasks == []
         shell.clock.t += POLICY.refresh_s
         store.read_s = 0.0
-        await shell.refresh(sync, store)
+        await shell.refresh(sync, store, HUNG)
         await shell.drain()
         assert store.reads == 2 and sync.view.loaded_at == shell.clock.t
 
@@ -244,7 +266,7 @@ def test_concurrent_cold_refreshes_on_a_hung_kv_give_up_together():
         shell, sync, store = Shell(), HealthSync(), FakeStore()
         store.read_s = None
         started = time.monotonic()
-        await asyncio.gather(*(shell.refresh(sync, store) for _ in range(10)))
+        await asyncio.gather(*(shell.refresh(sync, store, HUNG) for _ in range(10)))
         assert time.monotonic() - started < KV_TIMEOUT_S + 1.0
         assert store.reads == 1
         assert [line["msg"] for line in shell.logs] == ["kv_read_failed"]
@@ -378,13 +400,13 @@ def test_a_slow_write_is_given_up_and_stays_dirty():
         store.write_s = None
         sync = dirty_sync((3, down(T0 + 30)))
         started = time.monotonic()
-        assert await shell.flush(sync, store) is False
+        assert await shell.flush(sync, store, HUNG) is False
         assert time.monotonic() - started < KV_TIMEOUT_S + 1.0
         assert shell.logs == [{"msg": "kv_write_failed", "error": "timed out"}]
         assert sync.view.dirty and sync.view.written_at == 0.0 and not sync.flushing
         # the next flush tries again
         store.write_s = 0.0
-        assert await shell.flush(sync, store) is True
+        assert await shell.flush(sync, store, HUNG) is True
         assert len(store.writes) == 1 and not sync.view.dirty
 
     run(main)
@@ -409,7 +431,7 @@ def test_a_hung_read_before_a_write_is_given_up_too():
         shell, store = Shell(), FakeStore()
         store.read_s = None
         sync = dirty_sync((3, down(T0 + 30)))
-        assert await shell.flush(sync, store) is False
+        assert await shell.flush(sync, store, HUNG) is False
         assert store.writes == [] and sync.view.dirty and not sync.flushing
         assert shell.logs == [{"msg": "kv_write_failed", "error": "timed out"}]
 
@@ -480,18 +502,19 @@ def test_maybe_flush_does_not_overlap_a_running_cron_flush():
 
 def test_flushes_stay_one_at_a_time_under_a_stream_of_transitions():
     async def main():
+        # zero-length sleeps only: the interleaving is the event loop's, not the machine's
         shell, store = Shell(), FakeStore()
-        store.write_s = 0.005
+        store.ticks = 3
         sync = HealthSync()
         for i in range(40):
             shell.clock.t = T0 + i * 30.0  # every 4th step passes the write interval
             sync.view.apply(1 + i % 8, down(shell.clock.t + 5 + i, at=shell.clock.t))
             shell.maybe_flush(sync, store)
-            await asyncio.sleep(0.001)
+            await asyncio.sleep(0)  # a flush (read, then write) spans several steps
         await shell.drain()
-        assert store.max_writing == 1
+        assert store.max_in_flight == 1  # never a read or write of one flush amid another's
         stamps = [hl.decode(body, T0 + 10_000)[1] for body, _ in store.writes]
-        assert len(stamps) >= 5
+        assert len(stamps) >= 5, stamps
         gaps = [b - a for a, b in itertools.pairwise(stamps)]
         assert all(g >= POLICY.min_write_interval_s for g in gaps), gaps
 
@@ -501,7 +524,7 @@ def test_flushes_stay_one_at_a_time_under_a_stream_of_transitions():
 @pytest.mark.parametrize("interval", [1.0, 120.0, 600.0])
 def test_write_interval_setting_is_the_one_used(interval):
     async def main():
-        policy = HealthPolicy(kv_timeout_s=KV_TIMEOUT_S, min_write_interval_s=interval)
+        policy = HealthPolicy(kv_timeout_s=2.0, min_write_interval_s=interval)
         shell, store = Shell(), FakeStore()
         sync = dirty_sync((3, down(T0 + 30)))
         shell.maybe_flush(sync, store, policy)
