@@ -245,7 +245,7 @@ def test_a_hung_read_is_given_up_and_routing_goes_on():
         started = time.monotonic()
         await shell.refresh(sync, store, HUNG)
         waited = time.monotonic() - started
-        assert KV_TIMEOUT_S * 0.9 <= waited < KV_TIMEOUT_S + 1.0
+        assert KV_TIMEOUT_S * 0.9 <= waited < KV_TIMEOUT_S + 2.0
         assert shell.logs == [{"msg": "kv_read_failed", "error": "timed out"}]
         assert sync.view.loaded_at == T0
         assert sync.view.nodes == {}
@@ -267,7 +267,7 @@ def test_concurrent_cold_refreshes_on_a_hung_kv_give_up_together():
         store.read_s = None
         started = time.monotonic()
         await asyncio.gather(*(shell.refresh(sync, store, HUNG) for _ in range(10)))
-        assert time.monotonic() - started < KV_TIMEOUT_S + 1.0
+        assert time.monotonic() - started < KV_TIMEOUT_S + 2.0
         assert store.reads == 1
         assert [line["msg"] for line in shell.logs] == ["kv_read_failed"]
 
@@ -401,7 +401,7 @@ def test_a_slow_write_is_given_up_and_stays_dirty():
         sync = dirty_sync((3, down(T0 + 30)))
         started = time.monotonic()
         assert await shell.flush(sync, store, HUNG) is False
-        assert time.monotonic() - started < KV_TIMEOUT_S + 1.0
+        assert time.monotonic() - started < KV_TIMEOUT_S + 2.0
         assert shell.logs == [{"msg": "kv_write_failed", "error": "timed out"}]
         assert sync.view.dirty and sync.view.written_at == 0.0 and not sync.flushing
         # the next flush tries again
