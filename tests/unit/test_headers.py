@@ -1,4 +1,5 @@
-"""headers.py: what reaches a node, what reaches the client, request ids, keys, CORS."""
+"""headers.py: what reaches a node, what reaches the client, request ids, keys and the auth
+decision, CORS."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from headers import (
     CORS_METHODS,
     HOP_BY_HOP,
     REQUEST_ID_MAX,
+    auth_problem,
     connection_tokens,
     cors_headers,
     header_bytes,
@@ -256,6 +258,54 @@ def test_key_matches_compares_every_key(monkeypatch):
 @settings(max_examples=200, deadline=None)
 def test_key_matches_is_membership(presented, keys):
     assert key_matches(presented, tuple(keys)) is (presented in keys)
+
+
+@pytest.mark.parametrize(
+    ("headers", "keys", "disabled", "status"),
+    [
+        ({"authorization": "Bearer k1"}, ("k1",), False, None),
+        ({"x-api-key": "k2"}, ("k1", "k2"), False, None),
+        ({}, ("k1",), False, 401),
+        ({"authorization": "Bearer k9"}, ("k1",), False, 401),
+        ({"authorization": "Basic azE="}, ("k1",), False, 401),
+        ({"authorization": "Bearer k1"}, (), False, 503),  # no keys: closed, and it says why
+        ({}, (), False, 503),
+        ({}, (), True, None),  # AUTH_DISABLED (local use) lets everything through
+        ({"authorization": "Bearer wrong"}, ("k1",), True, None),
+    ],
+)
+def test_auth_problem(headers, keys, disabled, status):
+    problem = auth_problem(headers, keys, disabled)
+    if status is None:
+        assert problem is None
+        return
+    got_status, type_, message = problem
+    assert got_status == status
+    if status == 401:
+        assert (type_, message) == ("unauthorized", "missing or invalid API key")
+    else:
+        assert type_ == "not_configured" and "GATEWAY_API_KEYS" in message
+
+
+secretish = st.text(alphabet="0123456789#_", min_size=4, max_size=12)  # not in any message
+
+
+@given(
+    st.dictionaries(
+        st.sampled_from(["authorization", "x-api-key", "cookie"]),
+        st.one_of(secretish, secretish.map(lambda k: "Bearer " + k)),
+    ),
+    st.lists(secretish, max_size=3).map(tuple),
+)
+@settings(max_examples=200, deadline=None)
+def test_auth_problem_never_quotes_a_key(headers, keys):
+    problem = auth_problem(headers, keys, False)
+    if problem is None:
+        assert key_matches(presented_key(headers), keys)
+    else:
+        assert problem[0] == (401 if keys else 503)
+        shown = [*keys, *(v.removeprefix("Bearer ") for v in headers.values())]
+        assert not any(k in problem[2] for k in shown)
 
 
 def test_cors_any_origin():
