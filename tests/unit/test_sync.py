@@ -52,6 +52,8 @@ class FakeStore:
         self.read_error: Exception | None = None
         self.write_error: Exception | None = None
         self.ticks = 0
+        self.write_gate: asyncio.Event | None = None  # a write waits for it, when set
+        self.write_started = asyncio.Event()
         self.reads = 0
         self.writes: list[tuple[str, int]] = []
         self.in_flight = 0
@@ -67,6 +69,9 @@ class FakeStore:
 
     async def write(self, body: str, ttl_s: int) -> None:
         async with self._call():
+            self.write_started.set()
+            if self.write_gate is not None:
+                await self.write_gate.wait()
             await _delay(self.write_s)
             if self.write_error:
                 raise self.write_error
@@ -381,6 +386,25 @@ def test_flush_waits_when_another_isolate_wrote_recently():
         assert store.writes == []
         assert sync.view.dirty and sync.view.written_at == T0 - 10
         assert not sync.flushing
+
+    run(main)
+
+
+def test_a_transition_during_the_write_stays_dirty():
+    # the body was encoded before the write began: a node marked down while the write is
+    # in flight is not in KV, so the view must still owe that write
+    async def main():
+        shell, store = Shell(), FakeStore()
+        store.write_gate = asyncio.Event()
+        sync = dirty_sync((3, down(T0 + 30)))
+        flushing = asyncio.ensure_future(shell.flush(sync, store))
+        await store.write_started.wait()  # the write is under way
+        assert sync.view.apply(4, down(T0 + 30))
+        store.write_gate.set()
+        await flushing
+        written, _ = hl.decode(store.writes[0][0], T0)
+        assert 3 in written and 4 not in written
+        assert sync.view.dirty  # node 4 is still to be written
 
     run(main)
 
