@@ -114,7 +114,9 @@ def fold(view: hl.HealthView, results: list[ProbeResult], now: float, config: Ga
         )
         new = hl.with_probe(new, now, r.load, r.ms)
         if not view.apply(r.node, new) and r.load is not None and r.load != old.load:
-            view.dirty = True  # a changed load steers balancing elsewhere: worth sharing
+            # A changed load steers balancing elsewhere: worth sharing.
+            view.dirty = True
+            view.changes += 1
 
 
 async def probe_all(

@@ -7,6 +7,7 @@ JS-side, and Python only hears how the pipe ended.
 """
 
 import asyncio
+import contextlib
 import json
 import time
 import traceback
@@ -20,7 +21,7 @@ import body as bd
 import cron
 import forward as fw
 import status_page
-from attempt import Attempt, Head, error_kind
+from attempt import Head, error_kind
 from config import GatewayConfig, load_config
 from errors import error_body, sse_error_event
 from exchange import Exchange
@@ -57,6 +58,12 @@ class _Isolate:
 
 
 _ISO = _Isolate()
+_PENDING: set[asyncio.Future] = set()  # relays being finished (a task needs a reference)
+_IGNORE = create_proxy(lambda *_: None)
+# The pipe leaves the client's stream open whatever happens, so _finish decides its end.
+_PIPE_OPTIONS = to_js(
+    {"preventClose": True, "preventAbort": True}, dict_converter=js.Object.fromEntries
+)
 
 
 def reset_isolate() -> None:
@@ -307,6 +314,13 @@ class Default(WorkerEntrypoint):
                 "x-request-id": ex.rid,
             }
         )
+        sse = "text/event-stream" in (upstream.get("content-type") or "")
+        if not sse and "content-encoding" not in upstream:
+            # The edge (and miniflare, which copies its rules) gzips JSON and text answers
+            # that carry no Content-Encoding, and its compressor ends a body that broke off
+            # as if complete. An explicit encoding turns that off, so a cut answer stays cut
+            # (developers.cloudflare.com/speed/optimization/content/compression/).
+            upstream["content-encoding"] = "identity"
         status = int(resp.status)
         init = {"status": status, "statusText": resp.statusText, "headers": _js_obj(upstream)}
         if resp.body is None or ex.method == "HEAD" or status in _NO_BODY_STATUSES:
@@ -316,35 +330,49 @@ class Default(WorkerEntrypoint):
             return Response(js.Response.new(None, **init))
         # The body is piped JS-side into a stream we own, so that if the node's body breaks
         # we can end the client's stream loudly (an error event, or an abort) instead of the
-        # runtime's silent clean end. Python hears only how the pipe ended.
+        # runtime's silent clean end. Python hears only how the pipe ended. A body of known
+        # length goes through a FixedLengthStream: a cut one can then never end cleanly.
+        length = upstream.get("content-length")
         relay = js.TransformStream.new()
-        opts = _js_obj({"preventClose": True, "preventAbort": True})
-        piped = resp.body.pipeTo(relay.writable, opts)
-        sse = "text/event-stream" in (upstream.get("content-type") or "")
+        piped = resp.body.pipeTo(relay.writable, _PIPE_OPTIONS)
+        piped.catch(_IGNORE)  # _finish reads the outcome; a torn-down request must not log it
+        body = relay.readable
+        if not sse and length is not None and length.isascii() and length.isdigit():
+            fixed = js.FixedLengthStream.new(int(length))
+            body.pipeTo(fixed.writable).catch(_IGNORE)
+            body = fixed.readable
         ex.status = status
-        self._background(self._finish(piped, relay.writable, sse, n, ex, config))
-        return Response(js.Response.new(relay.readable, **init))
+        # Logged now: if the client leaves, the request is torn down with no chance to log.
+        # A body that later breaks off adds a second line for the same request id.
+        _log(ex.log_line())
+        # Not in waitUntil: the response's own pump keeps the request alive while the body
+        # flows, and when the client leaves the runtime tears the request down at once —
+        # which cancels the node's fetch. waitUntil would keep both alive for nobody.
+        task = asyncio.ensure_future(self._finish(piped, relay.writable, sse, n, ex, config))
+        _PENDING.add(task)
+        task.add_done_callback(_PENDING.discard)
+        return Response(js.Response.new(body, **init))
 
     async def _finish(self, piped, writable, sse: bool, n: int, ex: Exchange, config) -> None:
-        """Close the client's stream when the node's ended; if the node's broke, mark the node
-        and end the client's loudly; if the client left, just stop."""
+        """Close the client's stream when the node's ended; if the node's broke, mark the node,
+        log the cut and end the client's stream loudly."""
         started = _clock()
         try:
             await piped
-            await writable.getWriter().close()
         except Exception as exc:
             writer = writable.getWriter()
             if writer.desiredSize is None:  # the client's side errored: it went away
-                ex.attempts = [*ex.attempts, Attempt(n, "gone", "client_gone")]
-            else:
-                sync = _ISO.sync
-                ms = (_clock() - started) * 1000
-                ex.attempts = [*ex.attempts, fw.cut(n, sync.view, config.health, _clock(), ms)]
-                ex.error = str(exc)[:200]
-                await _end_loudly(writer, sse, ex.rid)
-                sync.maybe_flush(self._store(), config.health, _clock, self._background, _log)
-        finally:
+                return
+            sync = _ISO.sync
+            ms = (_clock() - started) * 1000
+            ex.attempts = [*ex.attempts, fw.cut(n, sync.view, config.health, _clock(), ms)]
+            ex.error = str(exc)[:200]
             _log(ex.log_line())
+            sync.maybe_flush(self._store(), config.health, _clock, self._background, _log)
+            await _end_loudly(writer, sse, ex.rid)
+            return
+        with contextlib.suppress(Exception):  # the client left just now: nothing to finish
+            await writable.getWriter().close()
 
     # ---- status and cron --------------------------------------------------------------
 

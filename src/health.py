@@ -148,6 +148,7 @@ class HealthView:
         self.loaded_at: float | None = None  # last KV read
         self.written_at: float = 0.0  # last KV write by anyone, as far as we know
         self.dirty = False  # a transition not yet written to KV
+        self.changes = 0  # transitions so far: a write covers only those made before it
 
     def get(self, n: int) -> HealthState:
         return self.nodes.get(n) or HealthState()
@@ -175,6 +176,7 @@ class HealthView:
         changed = is_transition(old, new)
         if changed:
             self.dirty = True
+            self.changes += 1
         return changed
 
     def needs_refresh(self, now: float, policy: HealthPolicy) -> bool:

@@ -2,7 +2,7 @@
 
 KV is a hint, never a dependency: every read and write has a short time-out, a failed or
 slow read leaves the isolate routing on its own knowledge, and concurrent cold requests
-share one read. Writes are coalesced (at most one per KV_MIN_WRITE_INTERVAL_S, only after a
+make one read (the first waits for it, the others route on what the isolate knows). Writes are coalesced (at most one per KV_MIN_WRITE_INTERVAL_S, only after a
 transition, skipped when KV already says the same). The I/O is a `HealthStore`; the shell's
 is Workers KV, the tests' is a dict.
 """
@@ -44,13 +44,16 @@ class HealthSync:
         the background when its view is older than HEALTH_REFRESH_S."""
         if not self.view.needs_refresh(clock(), policy):
             return
-        if self._reading is None:
-            self._reading = asyncio.ensure_future(self.read(store, policy, clock, log))
-            if self.view.loaded_at is not None:
-                background(self._reading)
-                return
+        if self._reading is not None:
+            # Another request's read is under way. Not awaited: workerd cancels a request
+            # that waits on I/O started by another request ("The script will never generate
+            # a response"), so a follower routes on what this isolate knows so far.
+            return
+        self._reading = asyncio.ensure_future(self.read(store, policy, clock, log))
         if self.view.loaded_at is None:
-            await asyncio.shield(self._reading)
+            await asyncio.shield(self._reading)  # bounded by KV_TIMEOUT_S
+        else:
+            background(self._reading)
 
     async def read(
         self, store: HealthStore | None, policy: HealthPolicy, clock: Callable[[], float], log: Log
@@ -97,10 +100,12 @@ class HealthSync:
             if not view.may_write(now, policy):
                 return not view.dirty
             body, ttl = hl.encode(view, now)
+            noted = view.changes
             await asyncio.wait_for(store.write(body, ttl), policy.kv_timeout_s)
             view.written_at = now
-            view.dirty = False
-            return True
+            # A transition made while the write was in flight is not in `body`: still owed.
+            view.dirty = view.changes != noted
+            return not view.dirty
         except Exception as exc:  # e.g. KV's 1 write/s per key limit: stay dirty, retry later
             log({"msg": "kv_write_failed", "error": _why(exc)})
             return False

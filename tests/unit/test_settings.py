@@ -5,6 +5,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+
 import settings
 from config import load_config
 
