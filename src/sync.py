@@ -2,8 +2,9 @@
 
 KV is a hint, never a dependency: every read and write has a short time-out, a failed or
 slow read leaves the isolate routing on its own knowledge, and concurrent cold requests
-make one read (the first waits for it, the others route on what the isolate knows). Writes are coalesced (at most one per KV_MIN_WRITE_INTERVAL_S, only after a
-transition, skipped when KV already says the same). The I/O is a `HealthStore`; the shell's
+make one read (the first waits for it, the others route on what the isolate knows). Writes
+are coalesced (at most one per KV_MIN_WRITE_INTERVAL_S, only after a transition, skipped
+when KV already says the same). The I/O is a `HealthStore`; the shell's
 is Workers KV, the tests' is a dict.
 """
 
