@@ -16,7 +16,7 @@ export WRANGLER_SEND_METRICS := false
 help:
 	@echo "make dev       simulated 8-node cluster + gateway on http://127.0.0.1:$(PORT)"
 	@echo "make gateway   gateway only, secrets/vars from .dev.vars (like wrangler dev)"
-	@echo "make test      everything CI runs (lint, unit, e2e in workerd, node/CLI, bench smoke, deploy dry-run)"
+	@echo "make test      everything CI runs (lint, unit, e2e in workerd, browser, node/CLI, bench smoke, deploy dry-run)"
 	@echo "make bench     benchmarks: gateway vs direct, bare JS, bare Python -> bench/results.md"
 	@echo "make deploy-check   npx wrangler deploy --dry-run (bundles the real deploy offline)"
 	@echo "make test-browser   the status page in headless Chromium (installs Debian's chromium)"
@@ -87,7 +87,7 @@ test-browser: install browser-install
 deploy-check: install
 	PATH="$(NODE22_BIN):$$PATH" npx wrangler deploy --dry-run --outdir .harness/deploy-dry-run
 
-test: install lint
+test: install browser-install lint
 	$(PY) -m pytest -q
 	$(MAKE) --no-print-directory test-py313
 	$(MAKE) --no-print-directory deploy-check
