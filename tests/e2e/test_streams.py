@@ -12,7 +12,6 @@ A node that dies mid-answer must never look like a finished answer (issue 8):
 from __future__ import annotations
 
 import json
-import shutil
 import socket
 import subprocess
 import time
@@ -200,7 +199,7 @@ def test_concurrent_broken_streams_each_end_with_the_error_event(client, fleet):
     for n in (3, 4):
         fleet.set(n, "stream_reset", after=3, interval=0.01)
 
-    def one(_: int) -> tuple[int, int, str]:
+    def one(_: int) -> tuple[int, int, int, str]:
         with (
             httpx.Client(base_url=client.gw.url, timeout=30) as c,
             c.stream(
@@ -212,17 +211,25 @@ def test_concurrent_broken_streams_each_end_with_the_error_event(client, fleet):
         ):
             text = "".join(r.iter_text())
             rid = r.headers["x-request-id"]
-        chunks, errors = _split(_events(text))
+            node = int(r.headers["x-heady-node"])
+        events = _events(text)
+        chunks, errors = _split(events)
         assert all(e["error"]["request_id"] == rid for e in errors)
-        return len(chunks), len(errors), text[-200:]
+        return node, len(chunks), len(errors), events[-1]
 
     with ThreadPoolExecutor(max_workers=10) as pool:
         results = list(pool.map(one, range(10)))
-    assert all(errors == 1 for _, errors, _ in results), results
-    assert all(chunks == 3 for chunks, _, _ in results), results
+    # Each stream from a dying node ends with its 3 events and exactly one error event. Once
+    # the cuts have marked nodes 3 and 4 down, later requests go to node 1, whose streams end
+    # normally with [DONE]: what must never happen is a stream that simply stops.
+    for node, chunks, errors, last in results:
+        if node in (3, 4):
+            assert (chunks, errors) == (3, 1), results
+        else:
+            assert errors == 0 and last == "[DONE]", results
+    assert any(node in (3, 4) for node, *_ in results), results
 
 
-@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 def test_reset_mid_sse_curl_shows_the_error_event(client, fleet):
     for n in (5, 6):
         fleet.set(n, "stream_reset", after=2)
@@ -329,7 +336,6 @@ def test_cut_json_body_is_never_a_clean_end_on_the_wire(client, fleet):
     assert client.post(CHAT_PATH % "code", json=chat("code")).status_code == 200
 
 
-@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 def test_cut_json_body_makes_curl_fail(client, fleet):
     for n in (3, 4):
         fleet.set(n, "body_cut", size=200_000)
