@@ -156,3 +156,34 @@ def auth_problem(
     if not key_matches(presented_key(headers), keys):
         return 401, "unauthorized", "missing or invalid API key"
     return None
+
+
+def relay_headers(
+    node_headers: dict[str, str], cors: dict[str, str], heady: dict[str, str]
+) -> dict[str, str]:
+    """The client's response headers: the node's, less hop-by-hop and tunnel headers, plus
+    CORS and the gateway's own x-heady-* / x-request-id."""
+    out = dict(node_headers)
+    for name in response_header_drop(list(out), out.get("connection")):
+        del out[name]
+    out.update(cors)
+    out.update(heady)
+    if not is_sse(out) and "content-encoding" not in out:
+        # The edge (and miniflare, which copies its rules) gzips JSON and text answers that
+        # carry no Content-Encoding, and its compressor ends a body that broke off as if
+        # complete. An explicit encoding turns that off, so a cut answer stays cut
+        # (developers.cloudflare.com/speed/optimization/content/compression/).
+        out["content-encoding"] = "identity"
+    return out
+
+
+def is_sse(headers: dict[str, str]) -> bool:
+    return "text/event-stream" in (headers.get("content-type") or "")
+
+
+def fixed_length(headers: dict[str, str]) -> int | None:
+    """A non-SSE body's declared length, when the node gave a valid one."""
+    length = headers.get("content-length")
+    if is_sse(headers) or length is None or not (length.isascii() and length.isdigit()):
+        return None
+    return int(length)

@@ -1,0 +1,221 @@
+"""The gateway's I/O over the runtime's JS objects: fetch to a node up to its head, the KV
+store, the cron's probe GET, the request body read, and the end of a relayed stream.
+
+Shell code: it adapts the pure modules' interfaces (forward.Upstream, sync.HealthStore,
+cron.Prober) to workerd and decides nothing itself. Covered by the end-to-end suite.
+"""
+
+import asyncio
+
+import js
+from pyodide.ffi import create_proxy, to_js
+
+import body as bd
+from attempt import Head, error_kind
+from config import GatewayConfig
+from errors import sse_error_event
+from heady_shared.failures import HEAD_FIELDS
+from health import KV_KEY
+from routing import upstream_url
+
+_PROBE_FIELDS = (*HEAD_FIELDS, "content-type")
+_IGNORE = create_proxy(lambda *_: None)
+# The pipe leaves the client's stream open whatever happens: the shell decides its end.
+_PIPE_OPTIONS = to_js(
+    {"preventClose": True, "preventAbort": True}, dict_converter=js.Object.fromEntries
+)
+
+
+class Relay:
+    """A node's body piped JS-side into a stream the gateway owns, so that if the node's body
+    breaks the client's stream can be ended loudly (an error event, or an abort) instead of
+    the runtime's silent clean end. Python only awaits `piped` (how the pipe ended). A body
+    of known length then goes through a FixedLengthStream: a cut one can never end cleanly."""
+
+    def __init__(self, node_body, length: int | None) -> None:
+        stream = js.TransformStream.new()
+        self.writable = stream.writable
+        self.piped = node_body.pipeTo(stream.writable, _PIPE_OPTIONS)
+        self.piped.catch(_IGNORE)  # awaited by the shell; a torn-down request must not log it
+        self.readable = stream.readable
+        if length is not None:
+            fixed = js.FixedLengthStream.new(length)
+            self.readable.pipeTo(fixed.writable).catch(_IGNORE)
+            self.readable = fixed.readable
+
+
+def js_obj(d: dict):
+    return to_js(d, dict_converter=js.Object.fromEntries)
+
+
+class KvStore:
+    """sync.HealthStore over the KV binding."""
+
+    def __init__(self, kv) -> None:
+        self._kv = kv
+
+    async def read(self) -> str | None:
+        # 60 s is the shortest edge cache KV allows.
+        raw = await self._kv.get(KV_KEY, cacheTtl=60)
+        return None if raw is None else str(raw)
+
+    async def write(self, body: str, ttl_s: int) -> None:
+        await self._kv.put(KV_KEY, body, expirationTtl=ttl_s)
+
+
+class Upstream:
+    """forward.Upstream: one fetch per node, up to the response head, with the client's
+    request body (buffered once, so any node can be sent the same bytes)."""
+
+    def __init__(self, config: GatewayConfig, route, method: str, headers, body, client) -> None:
+        self._config = config
+        self._route = route
+        self._method = method
+        self._headers = headers
+        self._body = body
+        # The incoming request's AbortSignal fires when the client disconnects before our
+        # response (compat flag enable_request_signal; docs/client-faults.md). The runtime
+        # ignores it for subrequests, so each fetch gets a fresh signal that follows it.
+        self._client = client
+        self._tried = 0
+        self.responses: dict[int, object] = {}
+
+    async def head(self, node: int, timeout_s: float):
+        if self._tried and self._client.aborted:  # gone while the last node failed
+            return "client_gone"
+        self._tried += 1
+        url = upstream_url(self._config.node(node).base_url, self._route)
+        resp, error = await fetch_head(
+            url,
+            timeout_s,
+            self._client,
+            method=self._method,
+            headers=self._headers,
+            body=self._body,
+        )
+        if error:
+            return "client_gone" if self._client.aborted else error
+        self.responses[node] = resp
+        h = resp.headers
+        return Head(int(resp.status), {f: h.get(f) for f in HEAD_FIELDS})
+
+    def discard(self, node: int) -> None:
+        discard(self.responses.pop(node, None))
+
+
+class Prober:
+    """cron.Prober: GET a node path with the node token and a head time-out."""
+
+    def __init__(self, config: GatewayConfig) -> None:
+        self._config = config
+        h = {"ngrok-skip-browser-warning": "1", "accept": "application/json, text/plain"}
+        if config.node_token:
+            h["authorization"] = f"Bearer {config.node_token}"
+        self._headers = js_obj(h)
+
+    async def get(self, node: int, path: str, timeout_s: float):
+        url = self._config.node(node).base_url + path
+        resp, error = await fetch_head(url, timeout_s, method="GET", headers=self._headers)
+        if error:
+            return error
+        h = resp.headers
+        head = Head(int(resp.status), {f: h.get(f) for f in _PROBE_FIELDS})
+        if not 200 <= head.status < 300:
+            discard(resp)
+            return head, ""
+        return head, str(await resp.text())
+
+
+async def end_loudly(writer, sse: bool, rid: str) -> None:
+    """After a node's body broke: an SSE client gets one final error event and a clean end;
+    any other client an aborted body, which every HTTP client reports as incomplete."""
+    if not sse:
+        await writer.abort(js.Error.new("upstream disconnected"))
+        return
+    try:
+        await writer.write(js.TextEncoder.new().encode(sse_error_event(rid)))
+        await writer.close()
+    except Exception:  # the client left meanwhile: nothing more to tell it
+        pass
+
+
+async def read_body(js_req, headers, config: GatewayConfig):
+    """The whole request body, read once under the upload deadline, before any node is
+    contacted: a slow or broken upload is the client's fault and must never cost a node a
+    mark or GPU time, and a truncated body must never reach a node as if whole.
+    Returns the bytes (a JS buffer, or None) or a BodyError for the client."""
+    limit = config.max_body_bytes
+    declared = bd.content_length(headers.get("content-length"), limit)
+    if isinstance(declared, bd.BodyError):
+        return declared
+    stream = js_req.body
+    if stream is None:
+        return None
+    # A declared length within the limit is read in one call; a chunked upload by chunks.
+    read = js_req.arrayBuffer() if declared is not None else read_limited(stream, limit)
+    try:
+        body = await asyncio.wait_for(read, config.timeouts.upload_s)
+    except TimeoutError:
+        secs = config.timeouts.upload_s
+        return bd.BodyError(408, "upload_timeout", f"request body not sent within {secs:g} s")
+    except Exception as exc:  # bad chunked framing, a client that dropped mid-upload
+        fault = bd.read_fault(str(exc))
+        if fault is None:
+            raise  # our own misuse of the stream: a logged internal error
+        return bd.body_error(fault)
+    if body is None:
+        return bd.BodyError(413, bd.TOO_LARGE, f"request body exceeds the {limit} byte limit")
+    fault = bd.replay_fault(declared, int(body.byteLength))
+    return bd.body_error(fault) if fault else body
+
+
+async def read_limited(stream, limit: int):
+    """Read a body with a running total, so an endless chunked upload is cut off at the limit
+    instead of exhausting the isolate's memory. None when over the limit."""
+    reader = stream.getReader()
+    chunks = []
+    total = 0
+    while True:
+        chunk = await reader.read()
+        if chunk.done:
+            break
+        total += chunk.value.byteLength
+        if total > limit:
+            reader.cancel()
+            return None
+        chunks.append(chunk.value)
+    if len(chunks) == 1:
+        return chunks[0]
+    joined = js.Uint8Array.new(total)
+    offset = 0
+    for c in chunks:
+        joined.set(c, offset)
+        offset += c.byteLength
+    return joined
+
+
+async def fetch_head(url: str, timeout_s: float, client=None, **init):
+    """fetch() until the response head arrives: (response, None), or (None, "timeout" |
+    "refused" | "error"). The time-out covers the head only: the controller is aborted on a
+    time-out and never after, so a body that then streams for longer is not cut. With the
+    client's signal, the fetch is also aborted when the client leaves."""
+    controller = js.AbortController.new()
+    signal = controller.signal
+    if client is not None:
+        signal = js.AbortSignal.any(to_js([signal, client]))
+    try:
+        resp = await asyncio.wait_for(
+            js.fetch(url, signal=signal, redirect="manual", **init), timeout_s
+        )
+    except TimeoutError:
+        controller.abort()
+        return None, "timeout"
+    except Exception as exc:  # workerd's network errors arrive as JsException
+        return None, error_kind(str(exc))
+    return resp, None
+
+
+def discard(resp) -> None:
+    """Free the connection of an answer we will not relay."""
+    if resp is not None and resp.body is not None:
+        resp.body.cancel()
