@@ -22,6 +22,7 @@ import httpx
 import pytest
 
 from tests.e2e.conftest import API_KEY, CHAT_PATH, chat
+from tests.wire import HttpReader
 
 ERROR_TYPE = "upstream_disconnected"
 
@@ -72,15 +73,26 @@ def _wait(pred, timeout: float = 5.0):
 # -- raw socket client ------------------------------------------------------------------------
 
 
-class RawClient:
+def _curl(client, role: str, body: dict, *args: str) -> subprocess.CompletedProcess[str]:
+    """curl as a user runs it, POSTing `body` to the role's chat endpoint."""
+    return subprocess.run(
+        ["curl", "-sS", *args, "--max-time", "20", "-H", f"authorization: Bearer {API_KEY}",
+         "-H", "content-type: application/json", "-d", json.dumps(body),
+         client.gw.url + CHAT_PATH % role],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )  # fmt: skip
+
+
+class RawClient(HttpReader):
     """One keep-alive HTTP/1.1 connection to the gateway; reads chunked bodies by hand, so it
     sees exactly how a body ended (terminal chunk, close or reset)."""
 
     def __init__(self, url: str) -> None:
         parts = urlsplit(url)
         self.host = f"{parts.hostname}:{parts.port}"
-        self.sock = socket.create_connection((parts.hostname, parts.port), timeout=15)
-        self.buf = b""
+        super().__init__(socket.create_connection((parts.hostname, parts.port), timeout=15))
 
     def close(self) -> None:
         self.sock.close()
@@ -92,44 +104,6 @@ class RawClient:
             f"content-length: {len(body)}\r\n\r\n"
         )
         self.sock.sendall(head.encode() + body)
-
-    def _fill(self) -> None:
-        data = self.sock.recv(65536)
-        if not data:
-            raise EOFError("connection closed")
-        self.buf += data
-
-    def _until(self, sep: bytes) -> bytes:
-        while (i := self.buf.find(sep)) < 0:
-            self._fill()
-        out, self.buf = self.buf[:i], self.buf[i + len(sep) :]
-        return out
-
-    def _exactly(self, n: int) -> bytes:
-        while len(self.buf) < n:
-            self._fill()
-        out, self.buf = self.buf[:n], self.buf[n:]
-        return out
-
-    def response(self) -> tuple[int, dict[str, str], bytes, str]:
-        """(status, headers, body, how the body ended: "complete" or the error's name)."""
-        lines = self._until(b"\r\n\r\n").decode("latin-1").split("\r\n")
-        status = int(lines[0].split()[1])
-        headers = {
-            k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in lines[1:])
-        }
-        body = b""
-        try:
-            if headers.get("transfer-encoding", "").lower() == "chunked":
-                while size := int(self._until(b"\r\n").split(b";")[0], 16):
-                    body += self._exactly(size)
-                    self._until(b"\r\n")
-                self._until(b"\r\n")
-            else:
-                body = self._exactly(int(headers.get("content-length", "0")))
-        except (OSError, EOFError) as e:
-            return status, headers, body, type(e).__name__
-        return status, headers, body, "complete"
 
 
 # -- a node dies mid-SSE ----------------------------------------------------------------------
@@ -235,25 +209,7 @@ def test_concurrent_broken_streams_each_end_with_the_error_event(client, fleet):
 def test_reset_mid_sse_curl_shows_the_error_event(client, fleet):
     for n in (5, 6):
         fleet.set(n, "stream_reset", after=2)
-    out = subprocess.run(
-        [
-            "curl",
-            "-sS",
-            "-N",
-            "--max-time",
-            "20",
-            "-H",
-            f"authorization: Bearer {API_KEY}",
-            "-H",
-            "content-type: application/json",
-            "-d",
-            json.dumps(_stream_body("vision")),
-            client.gw.url + CHAT_PATH % "vision",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    out = _curl(client, "vision", _stream_body("vision"), "-N")
     chunks, errors = _split(_events(out.stdout))
     assert len(chunks) == 2 and len(errors) == 1, out.stdout
     assert errors[0]["error"]["type"] == ERROR_TYPE
@@ -343,26 +299,7 @@ def test_cut_json_body_is_never_a_clean_end_on_the_wire(client, fleet):
 def test_cut_json_body_makes_curl_fail(client, fleet):
     for n in (3, 4):
         fleet.set(n, "body_cut", size=200_000)
-    out = subprocess.run(
-        [
-            "curl",
-            "-sS",
-            "-o",
-            "/dev/null",
-            "--max-time",
-            "20",
-            "-H",
-            f"authorization: Bearer {API_KEY}",
-            "-H",
-            "content-type: application/json",
-            "-d",
-            json.dumps(chat("code")),
-            client.gw.url + CHAT_PATH % "code",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    out = _curl(client, "code", chat("code"), "-o", "/dev/null")
     # 18: partial file, 56: failure receiving data; never 0
     assert out.returncode in (18, 56), (out.returncode, out.stderr)
 

@@ -13,6 +13,7 @@ import httpx
 
 from sim.fleet import Fleet
 from sim.node import VLLM_VERSION
+from tests.wire import HttpReader
 
 
 def _connect(fleet: Fleet, n: int = 1) -> socket.socket:
@@ -21,51 +22,13 @@ def _connect(fleet: Fleet, n: int = 1) -> socket.socket:
     return sock
 
 
-class _Reader:
-    """Minimal HTTP/1.1 response reader (Content-Length or chunked bodies)."""
+class _Reader(HttpReader):
+    """The shared raw reader, answering (status, headers, body) for a body that must be whole."""
 
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.buf = b""
-
-    def _fill(self) -> None:
-        data = self.sock.recv(65536)
-        if not data:
-            raise EOFError("connection closed")
-        self.buf += data
-
-    def _until(self, sep: bytes) -> bytes:
-        while (i := self.buf.find(sep)) < 0:
-            self._fill()
-        out, self.buf = self.buf[:i], self.buf[i + len(sep) :]
-        return out
-
-    def _exactly(self, n: int) -> bytes:
-        while len(self.buf) < n:
-            self._fill()
-        out, self.buf = self.buf[:n], self.buf[n:]
-        return out
-
-    def response(self) -> tuple[int, dict[str, str], bytes]:
-        head = self._until(b"\r\n\r\n").decode("latin-1").split("\r\n")
-        status = int(head[0].split(" ")[1])
-        headers = {k.lower(): v.strip() for k, _, v in (h.partition(":") for h in head[1:])}
-        if headers.get("transfer-encoding") == "chunked":
-            body = b""
-            while size := int(self._until(b"\r\n"), 16):
-                body += self._exactly(size)
-                self._until(b"\r\n")
-            self._until(b"\r\n")
-        else:
-            body = self._exactly(int(headers.get("content-length", "0")))
+    def response(self) -> tuple[int, dict[str, str], bytes]:  # type: ignore[override]
+        status, headers, body, ended = super().response()
+        assert ended == "complete", ended
         return status, headers, body
-
-    def closed(self) -> bool:
-        try:
-            self._fill()
-        except EOFError:
-            return True
-        return False
 
 
 def test_keep_alive_and_pipelining(fleet: Fleet) -> None:
