@@ -24,7 +24,7 @@ from bench.sections import Section
 from bench.targets import Target, Variant
 
 CONNS = 8
-LEVEL_KIB_PER_1K = 10.0  # last-half slope below this (10 B/request) counts as levelled off
+LEVEL_KIB_PER_1K = 100.0  # last-half slope below this (0.1 KB/request) counts as levelled off
 
 
 @dataclass
