@@ -79,8 +79,9 @@ def document(command: str, profile: Profile, machine: dict[str, object], body: l
         "",
         *table(["machine", ""], machine.items()),
         "Targets: **direct** = the simulated node; **bare-js** = `bench/bare_js/worker.mjs`; "
-        "**bare-py** = `bench/bare_py/entry.py`; **gateway** = `src/` (all Workers in the same "
-        "offline workerd, one request = one small JSON POST echoed by the node).",
+        "**bare-py** = `bench/bare_py/entry.py`; **gateway** = `src/`; **gateway[LABEL]** = "
+        "another source tree (`--src`). All Workers run in the same offline workerd; one "
+        'request = a small `POST /v1/completions` (`"model": "reasoning"`) answered by the node.',
         "",
     ]
     return "\n".join(head + body).rstrip("\n") + "\n"

@@ -18,10 +18,10 @@ from pathlib import Path
 
 from bench.common import POST_PATH, PROFILES, log
 from bench.context import Bench, Options
-from bench.loadgen import ASYNCIO_NAME, LoadGen
+from bench.loadgen import LoadGen
 from bench.render import document, machine_facts
 from bench.sections import Section, all_sections, select
-from bench.targets import Target, python_variants, start_js_worker
+from bench.targets import Target, Variant, python_variants, start_js_worker
 from sim.fleet import FleetProcess
 
 
@@ -62,7 +62,9 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _start_targets(fleet: FleetProcess, variants: dict, needs: set[str]) -> list[Target]:
+def _start_targets(
+    fleet: FleetProcess, variants: dict[str, Variant], needs: set[str]
+) -> list[Target]:
     targets: list[Target] = []
     try:
         if "direct" in needs:
@@ -76,8 +78,9 @@ def _start_targets(fleet: FleetProcess, variants: dict, needs: set[str]) -> list
         for t in targets:
             t.stop()
         raise
-    for t in targets[1:] if targets and targets[0].name == "direct" else targets:
-        log(f"{t.name} up in {t.cold_start_s[0]:.2f} s (workerd pid {t.workerd})")
+    for t in targets:
+        if t.cold_start_s:
+            log(f"{t.name} up in {t.cold_start_s[0]:.2f} s (workerd pid {t.workerd})")
     return targets
 
 
@@ -125,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
                     t.stop()
                 except Exception as exc:  # keep cleaning up
                     log(f"stop {t.name}: {exc}")
-    machine = machine_facts(gen.name if gen.wrk else ASYNCIO_NAME)
+    machine = machine_facts(gen.name)
     machine["bench wall time"] = f"{time.monotonic() - started:.0f} s"
     doc = document(command, prof, machine, body)
     print(doc, end="")
