@@ -16,7 +16,7 @@ import health as hl
 from attempt import Head
 from config import GatewayConfig
 from heady_shared.failures import match
-from heady_shared.metrics import queue_depth
+from heady_shared.metrics import queue_depth, served_model
 from heady_shared.schedule import UNKNOWN_PERIOD_S, cron_period_s
 
 __all__ = [
@@ -43,6 +43,7 @@ class ProbeResult:
     reason: str
     ms: float | None = None
     load: int | None = None
+    model: str | None = None  # the node's model id from its metrics labels
 
     def log(self) -> dict[str, object]:
         return {
@@ -51,6 +52,7 @@ class ProbeResult:
             "reason": self.reason,
             "ms": self.ms,
             "load": self.load,
+            "model": self.model,
         }
 
 
@@ -85,12 +87,14 @@ async def probe(
         return ProbeResult(node, False, failure)
     head, text = got  # type: ignore[misc]
     load = queue_depth(text, head.fields.get("content-type"))
+    model = None
     if load is None and policy.metrics_path:
         metrics = await prober.get(node, policy.metrics_path, policy.probe_timeout_s)
         if not _failure(metrics):
             mhead, mtext = metrics  # type: ignore[misc]
             load = queue_depth(mtext, mhead.fields.get("content-type"))
-    return ProbeResult(node, True, "ok", ms, load)
+            model = served_model(mtext)
+    return ProbeResult(node, True, "ok", ms, load, model)
 
 
 def _failure(got: tuple[Head, str] | str) -> str | None:
@@ -112,9 +116,11 @@ def fold(view: hl.HealthView, results: list[ProbeResult], now: float, config: Ga
             if r.ok
             else hl.on_failure(old, now, r.reason, config.health)
         )
-        new = hl.with_probe(new, now, r.load, r.ms)
-        if not view.apply(r.node, new) and r.load is not None and r.load != old.load:
-            # A changed load steers balancing elsewhere: worth sharing.
+        new = hl.with_probe(new, now, r.load, r.ms, r.model)
+        news = (r.load is not None and r.load != old.load) or (r.model not in (None, old.model))
+        if not view.apply(r.node, new) and news:
+            # A changed load steers balancing elsewhere, a new model id is shown to clients:
+            # both are worth sharing.
             view.dirty = True
             view.changes += 1
 

@@ -220,6 +220,9 @@ class Default(WorkerEntrypoint):
             "x-heady-fallback": "true" if fallback else "false",
             "x-request-id": ex.rid,
         }
+        model = _ISO.sync.view.get(n).model  # learnt by the cron from the node's metrics
+        if model:
+            heady["x-heady-model"] = model
         cors = cors_headers(ex.origin, config.cors_origins)
         headers = relay_headers(js.Object.fromEntries(resp.headers).to_py(), cors, heady)
         status = ex.status = int(resp.status)

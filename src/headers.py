@@ -45,7 +45,8 @@ MAX_HEADER_BYTES = 32 * 1024
 REQUEST_ID_MAX = 128
 CORS_ALLOW_HEADERS = "authorization, content-type, x-api-key, x-request-id, accept"
 CORS_EXPOSE_HEADERS = (
-    "x-request-id, x-heady-node, x-heady-role, x-heady-attempts, x-heady-fallback, retry-after"
+    "x-request-id, x-heady-node, x-heady-role, x-heady-model, x-heady-attempts, "
+    "x-heady-fallback, retry-after"
 )
 CORS_METHODS = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 

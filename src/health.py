@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 from config import HealthPolicy
+from heady_shared.routes import NODE_NUMBERS
 
 State = Literal["up", "down", "unknown"]
 KV_KEY = "health:v1"
@@ -44,6 +45,7 @@ class HealthState:
     latency_ms: float | None = None
     load: int | None = None
     load_at: float | None = None
+    model: str | None = None  # the node's served model id, from its metrics (cron)
     checked_at: float | None = None  # last active probe
 
 
@@ -101,7 +103,11 @@ def on_success(h: HealthState, now: float, latency_ms: float | None = None) -> H
 
 
 def with_probe(
-    h: HealthState, now: float, load: int | None, latency_ms: float | None
+    h: HealthState,
+    now: float,
+    load: int | None,
+    latency_ms: float | None,
+    model: str | None = None,
 ) -> HealthState:
     return replace(
         h,
@@ -110,6 +116,7 @@ def with_probe(
         latency_ms=latency_ms if latency_ms is not None else h.latency_ms,
         load=load if load is not None else h.load,
         load_at=now if load is not None else h.load_at,
+        model=model if model is not None else h.model,
     )
 
 
@@ -221,6 +228,7 @@ def encode(view: HealthView, now: float) -> tuple[str, int]:
             "load": h.load,
             "load_at": h.load_at,
             "chk": h.checked_at,
+            "m": h.model,
         }
     body = json.dumps(
         {"v": RECORD_VERSION, "written_at": now, "nodes": nodes},
@@ -282,7 +290,7 @@ def decode(raw: str | None, now: float) -> tuple[dict[int, HealthState], float]:
     latest = now if written is None else min(written, now)
     out: dict[int, HealthState] = {}
     for key, rec in nodes.items():
-        if not (isinstance(key, str) and key.isascii() and key.isdigit() and len(key) == 1):
+        if not (isinstance(key, str) and key.isascii() and key.isdigit() and key[0] != "0"):
             continue
         n = int(key)
         try:
@@ -297,10 +305,11 @@ def decode(raw: str | None, now: float) -> tuple[dict[int, HealthState], float]:
                 load=int(rec["load"]) if rec.get("load") is not None else None,
                 load_at=_opt_float(rec.get("load_at")),
                 checked_at=_opt_float(rec.get("chk")),
+                model=_model(rec.get("m")),
             )
         except (KeyError, TypeError, ValueError, AttributeError, OverflowError):
             continue
-        if not 1 <= n <= 8 or not math.isfinite(h.at) or h.at <= 0:
+        if n not in NODE_NUMBERS or not math.isfinite(h.at) or h.at <= 0:
             continue
         if written is None and h.at > now:
             continue  # from the future, and no sane write time to pin it to
@@ -308,6 +317,12 @@ def decode(raw: str | None, now: float) -> tuple[dict[int, HealthState], float]:
         if now - h.at < FORGET_AFTER_S:
             out[n] = h
     return out, (0.0 if written is None else latest)
+
+
+def _model(value: object) -> str | None:
+    """A model id as the cron stores it: 1..128 printable ASCII characters, else nothing."""
+    ok = isinstance(value, str) and 0 < len(value) <= 128
+    return value if ok and all(0x20 < ord(c) < 0x7F for c in value) else None  # type: ignore[union-attr]
 
 
 def _opt_float(value: object) -> float | None:

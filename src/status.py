@@ -29,6 +29,7 @@ def status_body(
                 "failures": h.failures,
                 "latency_ms": h.latency_ms,
                 "load": view.load(node.number, now),
+                "model": h.model,
                 "checked_at": iso(h.checked_at),
             }
         )

@@ -17,6 +17,9 @@ RUNNING = "vllm:num_requests_running"
 # Keys a non-vLLM JSON health answer may carry its queue depth under.
 QUEUE_KEYS = ("queue_depth", "queue", "num_requests_waiting", "waiting", "pending")
 MAX_LOAD = 10**9  # beyond any real queue; keeps the number an exact, small int
+# vLLM labels its metrics with the first --served-model-name (vllm/v1/metrics/loggers.py,
+# labelnames=["model_name", ...]): the node's own model id, for the x-heady-model header.
+_MODEL_LABEL = re.compile(r'^vllm:[A-Za-z0-9_:]+\{[^}]*\bmodel_name="([^"\\]{1,128})"', re.M)
 
 
 def parse_metrics(text: str) -> dict[str, float]:
@@ -59,3 +62,12 @@ def queue_depth(body: str, content_type: str | None) -> int | None:
                     return int(value) if 0 <= value <= MAX_LOAD else None
         return None
     return gauge(parse_metrics(body), WAITING)
+
+
+def served_model(text: str) -> str | None:
+    """The model id a vLLM node reports in its metrics labels (printable ASCII), or None."""
+    m = _MODEL_LABEL.search(text)
+    if m is None:
+        return None
+    name = m.group(1)
+    return name if all(0x20 < ord(c) < 0x7F for c in name) else None

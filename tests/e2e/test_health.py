@@ -171,3 +171,19 @@ def test_deadline_bounds_the_whole_request(fleet):
     assert 2.5 <= took <= 4.5, took
     # two full attempts fit in 3 s; a third may start with the last moments, never a fourth
     assert len(r.json()["error"]["attempts"]) in (2, 3)
+
+
+def test_the_cron_learns_each_nodes_model_id_and_answers_carry_it(client, fleet, gateway):
+    # vLLM labels its metrics with the node's first served name (its repo id); the cron's
+    # metrics read keeps it, and answers from that node say who answered.
+    gateway.scheduled()
+    status = {n["node"]: n for n in client.get("/api/status").json()["nodes"]}
+    for n in (3, 4):
+        assert status[n]["model"] == fleet.node(n).served_names[0]
+    r = client.post(
+        CHAT_PATH % "code", json=chat("code"), headers={"origin": "https://app.example"}
+    )
+    assert r.status_code == 200
+    node = int(r.headers["x-heady-node"])
+    assert r.headers["x-heady-model"] == fleet.node(node).served_names[0]
+    assert "x-heady-model" in r.headers["access-control-expose-headers"]  # browsers see it

@@ -180,7 +180,8 @@ def test_healthy_vllm_node_takes_its_load_from_metrics():
     result, prober = run_probe(
         {(3, "/health"): Answer(took_s=0.0425), (3, "/metrics"): Answer(body=PROM)}
     )
-    assert result == ProbeResult(3, True, "ok", 42.5, 4)
+    # ... and the model id from its labels (vLLM labels metrics with the first served name)
+    assert result == ProbeResult(3, True, "ok", 42.5, 4, "m")
     assert prober.calls == [(3, "/health", 5.0), (3, "/metrics", 5.0)]
 
 
@@ -421,3 +422,17 @@ def test_every_probed_node_ends_up_or_down_by_its_answer(by_node, before, schedu
         assert probed[n].ok is healthy
         assert v.get(n).state == ("up" if healthy else "down")
         assert v.get(n).checked_at == clock.t
+
+
+def test_a_new_model_id_is_worth_sharing_and_a_known_one_is_not():
+    view = HealthView()
+    cfg = load_config({})
+    fold(view, [ProbeResult(3, True, "ok", 5.0, None, "org/m-7b")], NOW, cfg)
+    assert view.get(3).model == "org/m-7b"
+    view.dirty = False
+    fold(view, [ProbeResult(3, True, "ok", 5.0, None, "org/m-7b")], NOW + 1, cfg)
+    assert not view.dirty
+    fold(view, [ProbeResult(3, True, "ok", 5.0, None, None)], NOW + 2, cfg)
+    assert view.get(3).model == "org/m-7b" and not view.dirty  # no answer keeps what we knew
+    fold(view, [ProbeResult(3, True, "ok", 5.0, None, "org/m-14b")], NOW + 3, cfg)
+    assert view.get(3).model == "org/m-14b" and view.dirty

@@ -347,6 +347,7 @@ def test_encode_shape_and_skip_unobserved():
         "load": None,
         "load_at": None,
         "chk": None,
+        "m": None,
     }
     assert data["nodes"]["5"]["load"] == 4 and data["nodes"]["5"]["chk"] == NOW
     assert " " not in body  # compact
@@ -806,3 +807,14 @@ def test_encode_never_emits_a_number_that_cannot_round_trip(h):
     back = decode(body, NOW)[0]
     expected = bounded(h, NOW)
     assert back == ({4: expected} if NOW - expected.at < FORGET_AFTER_S and expected.at else {})
+
+
+def test_the_model_id_round_trips_and_junk_is_dropped():
+    v = HealthView()
+    v.nodes[2] = HealthState("up", since=NOW - 5, at=NOW - 5, checked_at=NOW - 5, model="org/m")
+    body, _ = encode(v, NOW)
+    assert decode(body, NOW)[0][2].model == "org/m"
+    for junk in ("", "a b", "x" * 129, 7, ["org/m"], "é"):
+        raw = json.loads(body)
+        raw["nodes"]["2"]["m"] = junk
+        assert decode(json.dumps(raw), NOW)[0][2].model is None, junk

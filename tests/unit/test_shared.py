@@ -801,3 +801,28 @@ def test_dev_vars_error_does_not_quote_a_pasted_secret_url():
     with pytest.raises(DevVarsError) as err:
         parse_dev_vars("https://secret-tunnel-name.ngrok-free.app")
     assert "secret-tunnel-name" not in str(err.value)
+
+
+# ---- the node's model id from vLLM's metrics labels -------------------------------------
+
+from heady_shared.metrics import served_model  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    ("text", "model"),
+    [
+        ('vllm:num_requests_waiting{model_name="Qwen/Qwen2.5-7B"} 0.0\n', "Qwen/Qwen2.5-7B"),
+        (
+            '# HELP x\nvllm:num_requests_running{engine="0",model_name="org/m-7b-awq"} 1\n',
+            "org/m-7b-awq",
+        ),
+        ('other:metric{model_name="x"} 1\n', None),  # only vLLM's own metrics say it
+        ("vllm:num_requests_waiting 3\n", None),
+        ('vllm:num_requests_waiting{model_name=""} 3\n', None),
+        ('vllm:num_requests_waiting{model_name="a b"} 3\n', None),
+        ('vllm:num_requests_waiting{model_name="' + "x" * 129 + '"} 3\n', None),
+        ("", None),
+    ],
+)
+def test_served_model_comes_from_vllm_metric_labels(text: str, model: str | None) -> None:
+    assert served_model(text) == model

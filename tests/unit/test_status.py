@@ -16,6 +16,7 @@ from status import iso, status_body
 
 NOW = 1_700_000_000.0  # 2023-11-14T22:13:20Z
 NODE_KEYS = {
+    "model",
     "node",
     "roles",
     "config",
@@ -83,6 +84,7 @@ def test_a_node_nobody_has_seen():
         "failures": 0,
         "latency_ms": None,
         "load": None,
+        "model": None,
         "checked_at": None,
     }
 
