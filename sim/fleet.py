@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import importlib.util
 import json
 import os
 import re
@@ -33,9 +32,10 @@ import urllib.error
 import urllib.request
 from collections.abc import Coroutine, Mapping, Sequence
 from pathlib import Path
-from types import ModuleType, TracebackType
+from types import TracebackType
 from typing import Any, Self, TypeVar
 
+from heady_shared.routes import DEFAULT_POOLS, NODE_COUNT, roles_served_by
 from sim.node import DEFAULT_MODEL, Node, RecordedRequest, parse_mode
 from sim.server import HTTPServer, Request, Response
 
@@ -48,23 +48,6 @@ __all__ = [
     "main",
 ]
 
-
-def _routes() -> ModuleType:
-    """heady_shared.routes: the route table the gateway and the node side use. Importable as a
-    package where src/ is on the path (pytest, the Worker); else loaded from the checkout."""
-    try:
-        import heady_shared.routes as routes  # type: ignore[import-not-found]
-    except ModuleNotFoundError:
-        path = Path(__file__).resolve().parents[1] / "src" / "heady_shared" / "routes.py"
-        spec = importlib.util.spec_from_file_location("_heady_shared_routes", path)
-        assert spec is not None and spec.loader is not None
-        routes = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = routes  # dataclasses resolve annotations through sys.modules
-        spec.loader.exec_module(routes)
-    return routes
-
-
-ROUTES = _routes()
 
 # The checkpoint each node of the default fleet serves: the node side's presets
 # (heady_node/presets.py) for a T4 on odd nodes and an L4 on even ones, so the two nodes of a
@@ -85,8 +68,8 @@ def default_served_names(n: int, pools: Mapping[str, Any] | None = None) -> tupl
     """What node ``n`` answers to, exactly as the node side starts it: its checkpoint's repo id,
     then every role whose pair or fallback chain contains it (``roles_served_by``), so a
     request that says ``"model": "<role>"`` succeeds on every node the plan may send it to."""
-    pools = ROUTES.DEFAULT_POOLS if pools is None else pools
-    return (NODE_MODELS.get(n, DEFAULT_MODEL), *ROUTES.roles_served_by(n, pools))
+    pools = DEFAULT_POOLS if pools is None else pools
+    return (NODE_MODELS.get(n, DEFAULT_MODEL), *roles_served_by(n, pools))
 
 
 T = TypeVar("T")
@@ -102,7 +85,7 @@ class Fleet:
 
     def __init__(
         self,
-        count: int = 8,
+        count: int = NODE_COUNT,
         host: str = "127.0.0.1",
         api_key: str | None = None,
         *,
@@ -385,7 +368,7 @@ class FleetProcess:
 
     def __init__(
         self,
-        count: int = 8,
+        count: int = NODE_COUNT,
         *,
         api_key: str | None = None,
         host: str = "127.0.0.1",
