@@ -37,15 +37,16 @@ class Profile:
     cold_reps: int
     memory_requests: int  # per target
     memory_segment_s: int  # one RSS sample per load segment
+    memory_max_s: int  # ... but no longer than this (a leaking Worker slows down as it grows)
     chaos_calm_s: int
     chaos_s: int
     sizes: tuple[int, ...] = (1 << 20, 10 << 20)
 
 
 PROFILES = {
-    "full": Profile("full", 4, 3, 200, 3, 16, 2, 3, 3, 5, 3, 200_000, 6, 10, 60),
-    "quick": Profile("quick", 2, 1, 200, 1, 8, 1, 1, 2, 2, 1, 20_000, 3, 5, 15),
-    "smoke": Profile("smoke", 1, 1, 20, 1, 4, 1, 1, 1, 1, 1, 1_500, 1, 2, 4),
+    "full": Profile("full", 4, 3, 200, 3, 16, 2, 3, 3, 5, 3, 200_000, 6, 330, 10, 60),
+    "quick": Profile("quick", 2, 1, 200, 1, 8, 1, 1, 2, 2, 1, 20_000, 3, 120, 5, 15),
+    "smoke": Profile("smoke", 1, 1, 20, 1, 4, 1, 1, 1, 1, 1, 1_500, 1, 60, 2, 4),
 }
 
 

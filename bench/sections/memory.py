@@ -14,6 +14,7 @@ request (`bench/bare_py_log/`).
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 
 from bench.common import BENCH, log, slope
@@ -33,6 +34,7 @@ class Curve:
     samples: list[tuple[int, int]] = field(default_factory=list)  # (requests so far, VmRSS KiB)
     errors: int = 0
     seconds: float = 0.0
+    timed_out: bool = False  # stopped at the profile's time bound before the request goal
 
     def at(self, fraction: float) -> tuple[int, int] | None:
         """The first sample at or past `fraction` of the requests made."""
@@ -55,9 +57,13 @@ class Curve:
 
 def _drive(bench: Bench, t: Target, goal: int, curve: Curve) -> None:
     seg = bench.profile.memory_segment_s
+    deadline = time.monotonic() + bench.profile.memory_max_s
     done, reported = 0, 0
     curve.samples.append((0, mem_kib(t.workerd) or 0))
     while done < goal:
+        if time.monotonic() > deadline:
+            curve.timed_out = True
+            break
         if done >= reported + goal / 4:
             reported = done
             log(f"memory {curve.name}: {done} requests, RSS {curve.samples[-1][1] / 1024:.1f} MiB")
@@ -129,7 +135,7 @@ def render(curves: list[Curve], bench: Bench) -> list[str]:
         rows.append(
             [
                 c.name,
-                end[0],
+                f"{end[0]} (time bound)" if c.timed_out else end[0],
                 c.errors,
                 _mib(c.samples[0]),
                 _mib(c.at(0.1)),
@@ -164,7 +170,8 @@ def render(curves: list[Curve], bench: Bench) -> list[str]:
     return [
         *table(header, rows, range(1, 11)),
         f"Fresh instances, driven concurrently ({CONNS} keep-alive connections each, "
-        f"{bench.profile.memory_segment_s} s segments), workerd VmRSS after each segment. "
+        f"{bench.profile.memory_segment_s} s segments, at most {bench.profile.memory_max_s} s), "
+        "workerd VmRSS after each segment. "
         f"Samples (requests=MiB): {samples}.",
         "",
     ]
