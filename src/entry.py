@@ -57,7 +57,6 @@ class _Isolate:
 
 
 _ISO = _Isolate()
-_PENDING: set[asyncio.Future] = set()  # relays being finished (a task needs a reference)
 
 
 def reset_isolate() -> None:
@@ -239,9 +238,10 @@ class Default(WorkerEntrypoint):
         # Not in waitUntil: the response's own pump keeps the request alive while the body
         # flows, and when the client leaves the runtime tears the request down at once —
         # which cancels the node's fetch. waitUntil would keep both alive for nobody.
-        task = asyncio.ensure_future(self._finish(relay, sse, n, ex, config))
-        _PENDING.add(task)
-        task.add_done_callback(_PENDING.discard)
+        # No reference is kept here: the pipe's promise holds the task while the body flows,
+        # and a task kept in a module-level set would pin the frame of every request whose
+        # client left (the task then never resumes: bench/README.md).
+        asyncio.ensure_future(self._finish(relay, sse, n, ex, config))  # noqa: RUF006
         return Response(js.Response.new(relay.readable, **init))
 
     async def _finish(self, relay, sse: bool, n: int, ex: Exchange, config) -> None:

@@ -5,8 +5,6 @@ Shell code: it adapts the pure modules' interfaces (forward.Upstream, sync.Healt
 cron.Prober) to workerd and decides nothing itself. Covered by the end-to-end suite.
 """
 
-import asyncio
-
 import js
 from pyodide.ffi import create_proxy, to_js
 
@@ -20,6 +18,8 @@ from routing import upstream_url
 
 _PROBE_FIELDS = (*HEAD_FIELDS, "content-type")
 _IGNORE = create_proxy(lambda *_: None)
+_TIMED_OUT = "heady:upload-deadline"
+_EXPIRED = create_proxy(lambda *_: _TIMED_OUT)  # one proxy per isolate, not per request
 # The pipe leaves the client's stream open whatever happens: the shell decides its end.
 _PIPE_OPTIONS = to_js(
     {"preventClose": True, "preventAbort": True}, dict_converter=js.Object.fromEntries
@@ -152,9 +152,12 @@ async def read_body(js_req, headers, config: GatewayConfig):
     if stream is None:
         return None
     # A declared length within the limit is read in one call; a chunked upload by chunks.
-    read = js_req.arrayBuffer() if declared is not None else read_limited(stream, limit)
+    deadline = _Deadline(config.timeouts.upload_s)
     try:
-        body = await asyncio.wait_for(read, config.timeouts.upload_s)
+        if declared is not None:
+            body = await deadline.race(js_req.arrayBuffer())
+        else:
+            body = await read_limited(stream, limit, deadline)
     except TimeoutError:
         secs = config.timeouts.upload_s
         return bd.BodyError(408, "upload_timeout", f"request body not sent within {secs:g} s")
@@ -169,14 +172,14 @@ async def read_body(js_req, headers, config: GatewayConfig):
     return bd.body_error(fault) if fault else body
 
 
-async def read_limited(stream, limit: int):
+async def read_limited(stream, limit: int, deadline: "_Deadline"):
     """Read a body with a running total, so an endless chunked upload is cut off at the limit
     instead of exhausting the isolate's memory. None when over the limit."""
     reader = stream.getReader()
     chunks = []
     total = 0
     while True:
-        chunk = await reader.read()
+        chunk = await deadline.race(reader.read())
         if chunk.done:
             break
         total += chunk.value.byteLength
@@ -196,23 +199,39 @@ async def read_limited(stream, limit: int):
 
 async def fetch_head(url: str, timeout_s: float, client=None, **init):
     """fetch() until the response head arrives: (response, None), or (None, "timeout" |
-    "refused" | "error"). The time-out covers the head only: the controller is aborted on a
-    time-out and never after, so a body that then streams for longer is not cut. With the
-    client's signal, the fetch is also aborted when the client leaves."""
+    "refused" | "error"). The time-out covers the head only: a JS timer aborts the fetch and
+    is cleared once the head is in, so a body that then streams for longer is not cut. (A
+    Python timer — asyncio.wait_for — would outlive a request that ends first and leak what it
+    holds: bench/README.md.) With the client's signal, the fetch also stops when it leaves."""
     controller = js.AbortController.new()
     signal = controller.signal
     if client is not None:
         signal = js.AbortSignal.any(to_js([signal, client]))
+    timer = js.setTimeout(controller.abort.bind(controller), max(1, int(timeout_s * 1000)))
     try:
-        resp = await asyncio.wait_for(
-            js.fetch(url, signal=signal, redirect="manual", **init), timeout_s
-        )
-    except TimeoutError:
-        controller.abort()
-        return None, "timeout"
+        resp = await js.fetch(url, signal=signal, redirect="manual", **init)
     except Exception as exc:  # workerd's network errors arrive as JsException
+        if controller.signal.aborted:
+            return None, "timeout"
         return None, error_kind(str(exc))
+    finally:
+        js.clearTimeout(timer)
     return resp, None
+
+
+class _Deadline:
+    """One JS timer for a whole upload: `race` answers a read, or raises TimeoutError once
+    the deadline has passed. scheduler.wait is a JS-only timer: nothing of Python is left
+    behind when the request ends before it fires."""
+
+    def __init__(self, seconds: float) -> None:
+        self._expired = js.scheduler.wait(max(1, int(seconds * 1000))).then(_EXPIRED)
+
+    async def race(self, promise):
+        result = await js.Promise.race(to_js([promise, self._expired]))
+        if result == _TIMED_OUT:
+            raise TimeoutError
+        return result
 
 
 def discard(resp) -> None:
