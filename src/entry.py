@@ -7,7 +7,6 @@ JS-side, and Python only hears how the pipe ended.
 """
 
 import asyncio
-import contextlib
 import json
 import time
 import traceback
@@ -29,7 +28,6 @@ from headers import (
     MAX_HEADER_BYTES,
     auth_problem,
     cors_headers,
-    fixed_length,
     header_bytes,
     is_sse,
     preflight_headers,
@@ -230,11 +228,16 @@ class Default(WorkerEntrypoint):
             _log(ex.log_line())
             jsio.discard(resp)
             return Response(js.Response.new(None, **init))
-        sse = is_sse(headers)
-        relay = jsio.Relay(resp.body, fixed_length(headers))
         # Logged now: if the client leaves, the request is torn down with no chance to log.
-        # A body that later breaks off adds a second line for the same request id.
+        # A stream that later breaks off adds a second line for the same request id.
         _log(ex.log_line())
+        if not is_sse(headers):
+            # Handed over as it is: the runtime pumps it natively (no JS or Python per chunk).
+            # With its Content-Length and no edge compression (relay_headers), a body that
+            # breaks off can only end short, which every HTTP client reports.
+            return Response(js.Response.new(resp.body, **init))
+        sse = True
+        relay = jsio.Relay(resp.body)
         # Not in waitUntil: the response's own pump keeps the request alive while the body
         # flows, and when the client leaves the runtime tears the request down at once —
         # which cancels the node's fetch. waitUntil would keep both alive for nobody.
@@ -262,8 +265,9 @@ class Default(WorkerEntrypoint):
             sync.maybe_flush(self._store(), config.health, _clock, self._background, _log)
             await jsio.end_loudly(writer, sse, ex.rid)
             return
-        with contextlib.suppress(Exception):  # the client left just now: nothing to finish
-            await relay.writable.getWriter().close()
+        # Not awaited: the close settles only once the client has read everything, by when
+        # the request may be over and this task would never resume (bench/README.md).
+        relay.writable.getWriter().close().catch(jsio.IGNORE)
 
     # ---- status and cron --------------------------------------------------------------
 

@@ -180,11 +180,3 @@ def relay_headers(
 
 def is_sse(headers: dict[str, str]) -> bool:
     return "text/event-stream" in (headers.get("content-type") or "")
-
-
-def fixed_length(headers: dict[str, str]) -> int | None:
-    """A non-SSE body's declared length, when the node gave a valid one."""
-    length = headers.get("content-length")
-    if is_sse(headers) or length is None or not (length.isascii() and length.isdigit()):
-        return None
-    return int(length)

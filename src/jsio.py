@@ -17,7 +17,7 @@ from health import KV_KEY
 from routing import upstream_url
 
 _PROBE_FIELDS = (*HEAD_FIELDS, "content-type")
-_IGNORE = create_proxy(lambda *_: None)
+IGNORE = create_proxy(lambda *_: None)
 _TIMED_OUT = "heady:upload-deadline"
 _EXPIRED = create_proxy(lambda *_: _TIMED_OUT)  # one proxy per isolate, not per request
 # The pipe leaves the client's stream open whatever happens: the shell decides its end.
@@ -27,21 +27,16 @@ _PIPE_OPTIONS = to_js(
 
 
 class Relay:
-    """A node's body piped JS-side into a stream the gateway owns, so that if the node's body
-    breaks the client's stream can be ended loudly (an error event, or an abort) instead of
-    the runtime's silent clean end. Python only awaits `piped` (how the pipe ended). A body
-    of known length then goes through a FixedLengthStream: a cut one can never end cleanly."""
+    """A node's event stream piped JS-side into a stream the gateway owns, so that if the
+    node's body breaks the client's stream can be ended loudly (a final error event) instead of
+    the runtime's silent clean end. Python only awaits `piped` (how the pipe ended)."""
 
-    def __init__(self, node_body, length: int | None) -> None:
+    def __init__(self, node_body) -> None:
         stream = js.TransformStream.new()
         self.writable = stream.writable
         self.piped = node_body.pipeTo(stream.writable, _PIPE_OPTIONS)
-        self.piped.catch(_IGNORE)  # awaited by the shell; a torn-down request must not log it
+        self.piped.catch(IGNORE)  # awaited by the shell; a torn-down request must not log it
         self.readable = stream.readable
-        if length is not None:
-            fixed = js.FixedLengthStream.new(length)
-            self.readable.pipeTo(fixed.writable).catch(_IGNORE)
-            self.readable = fixed.readable
 
 
 def js_obj(d: dict):

@@ -267,14 +267,12 @@ def test_cut_json_body_fails_the_httpx_read(client, fleet, gateway):
             json=chat("code"),
         )
 
-    def line():
-        recs = [x for x in gateway.log_records() if x.get("request_id") == "cut-json-1"]
-        # a cut adds a second line after the one written at the head
-        cuts = [x for x in recs if any(a["outcome"] == "cut" for a in x["attempts"])]
-        return cuts and cuts[-1]
-
-    rec = _wait(line)
-    assert rec and any(a["outcome"] == "cut" for a in rec["attempts"]), rec
+    # A non-streamed answer is handed to the runtime as it is (native pump, no per-chunk
+    # cost), relayed with the node's Content-Length: its break shows on the wire as a short
+    # body, as asserted above, but the gateway does not see it, so it is logged once, at the
+    # head, and not counted against the node (docs/failover-and-health.md).
+    recs = _wait(lambda: [x for x in gateway.log_records() if x.get("request_id") == "cut-json-1"])
+    assert recs and recs[0]["status"] == 200, recs
 
 
 def test_cut_json_body_is_never_a_clean_end_on_the_wire(client, fleet):
