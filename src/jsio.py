@@ -5,6 +5,8 @@ Shell code: it adapts the pure modules' interfaces (forward.Upstream, sync.Healt
 cron.Prober) to workerd and decides nothing itself. Covered by the end-to-end suite.
 """
 
+import time
+
 import js
 from pyodide.ffi import create_proxy, to_js
 
@@ -18,8 +20,6 @@ from routing import upstream_url
 
 _PROBE_FIELDS = (*HEAD_FIELDS, "content-type")
 IGNORE = create_proxy(lambda *_: None)
-_TIMED_OUT = "heady:upload-deadline"
-_EXPIRED = create_proxy(lambda *_: _TIMED_OUT)  # one proxy per isolate, not per request
 # The pipe leaves the client's stream open whatever happens: the shell decides its end.
 _PIPE_OPTIONS = to_js(
     {"preventClose": True, "preventAbort": True}, dict_converter=js.Object.fromEntries
@@ -147,12 +147,8 @@ async def read_body(js_req, headers, config: GatewayConfig):
     if stream is None:
         return None
     # A declared length within the limit is read in one call; a chunked upload by chunks.
-    deadline = _Deadline(config.timeouts.upload_s)
     try:
-        if declared is not None:
-            body = await deadline.race(js_req.arrayBuffer())
-        else:
-            body = await read_limited(stream, limit, deadline)
+        body = await read_limited(stream, limit, config.timeouts.upload_s)
     except TimeoutError:
         secs = config.timeouts.upload_s
         return bd.BodyError(408, "upload_timeout", f"request body not sent within {secs:g} s")
@@ -167,21 +163,30 @@ async def read_body(js_req, headers, config: GatewayConfig):
     return bd.body_error(fault) if fault else body
 
 
-async def read_limited(stream, limit: int, deadline: "_Deadline"):
-    """Read a body with a running total, so an endless chunked upload is cut off at the limit
-    instead of exhausting the isolate's memory. None when over the limit."""
+async def read_limited(stream, limit: int, upload_s: float):
+    """Read a body with a running total, so an endless upload is cut off at the limit instead
+    of exhausting the isolate's memory (None when over it), and within `upload_s`: a JS timer
+    cancels the reader, so no Python timer or promise outlives the request (either leaks what
+    it holds: bench/README.md). TimeoutError when the deadline cut the upload short."""
     reader = stream.getReader()
+    started = time.monotonic()
+    timer = js.setTimeout(reader.cancel.bind(reader), max(1, int(upload_s * 1000)))
     chunks = []
     total = 0
-    while True:
-        chunk = await deadline.race(reader.read())
-        if chunk.done:
-            break
-        total += chunk.value.byteLength
-        if total > limit:
-            reader.cancel()
-            return None
-        chunks.append(chunk.value)
+    try:
+        while True:
+            chunk = await reader.read()
+            if chunk.done:
+                break
+            total += chunk.value.byteLength
+            if total > limit:
+                reader.cancel()
+                return None
+            chunks.append(chunk.value)
+    finally:
+        js.clearTimeout(timer)
+    if time.monotonic() - started >= upload_s - 0.05:  # clocks here are coarse
+        raise TimeoutError  # the timer ended the read: whatever came is not the whole body
     if len(chunks) == 1:
         return chunks[0]
     joined = js.Uint8Array.new(total)
@@ -212,21 +217,6 @@ async def fetch_head(url: str, timeout_s: float, client=None, **init):
     finally:
         js.clearTimeout(timer)
     return resp, None
-
-
-class _Deadline:
-    """One JS timer for a whole upload: `race` answers a read, or raises TimeoutError once
-    the deadline has passed. scheduler.wait is a JS-only timer: nothing of Python is left
-    behind when the request ends before it fires."""
-
-    def __init__(self, seconds: float) -> None:
-        self._expired = js.scheduler.wait(max(1, int(seconds * 1000))).then(_EXPIRED)
-
-    async def race(self, promise):
-        result = await js.Promise.race(to_js([promise, self._expired]))
-        if result == _TIMED_OUT:
-            raise TimeoutError
-        return result
 
 
 def discard(resp) -> None:
