@@ -73,6 +73,14 @@ def _wait(pred, timeout: float = 5.0):
 # -- raw socket client ------------------------------------------------------------------------
 
 
+def _stream(client, role: str, rid: str | None = None):
+    """A streamed chat completion for `role`, as httpx's stream context manager."""
+    headers = {"authorization": f"Bearer {API_KEY}"}
+    if rid:
+        headers["x-request-id"] = rid
+    return client.http.stream("POST", CHAT_PATH % role, headers=headers, json=_stream_body(role))
+
+
 def _curl(client, role: str, body: dict, *args: str) -> subprocess.CompletedProcess[str]:
     """curl as a user runs it, POSTing `body` to the role's chat endpoint."""
     return subprocess.run(
@@ -112,12 +120,7 @@ class RawClient(HttpReader):
 def test_reset_mid_sse_ends_with_one_error_event_httpx(client, fleet, gateway):
     for n in (3, 4):
         fleet.set(n, "stream_reset", after=3, interval=0.02)
-    with client.http.stream(
-        "POST",
-        CHAT_PATH % "code",
-        headers={"authorization": f"Bearer {API_KEY}"},
-        json=_stream_body("code"),
-    ) as r:
+    with _stream(client, "code") as r:
         assert r.status_code == 200
         rid = r.headers["x-request-id"]
         node = int(r.headers["x-heady-node"])
@@ -222,12 +225,7 @@ def test_reset_mid_sse_curl_shows_the_error_event(client, fleet):
 def test_clean_end_without_done_is_relayed_untouched(client, fleet):
     for n in (7, 8):
         fleet.set(n, "stream_eof", after=4)
-    with client.http.stream(
-        "POST",
-        CHAT_PATH % "batch",
-        headers={"authorization": f"Bearer {API_KEY}"},
-        json=_stream_body("batch"),
-    ) as r:
+    with _stream(client, "batch") as r:
         assert r.status_code == 200
         raw = b"".join(r.iter_raw())
     events = _events(raw.decode())
@@ -241,12 +239,7 @@ def test_clean_end_without_done_is_relayed_untouched(client, fleet):
 
 
 def test_clean_end_with_done_is_relayed_untouched(client):
-    with client.http.stream(
-        "POST",
-        CHAT_PATH % "batch",
-        headers={"authorization": f"Bearer {API_KEY}"},
-        json=_stream_body("batch"),
-    ) as r:
+    with _stream(client, "batch") as r:
         raw = b"".join(r.iter_raw())
     events = _events(raw.decode())
     assert events[-1] == "[DONE]"
@@ -308,12 +301,7 @@ def test_cut_json_body_makes_curl_fail(client, fleet):
 def test_client_leaving_mid_stream_cancels_the_node_request(client, fleet, gateway):
     for n in (7, 8):
         fleet.set(n, "stream_eof", after=100_000, interval=0.02)  # a long answer
-    with client.http.stream(
-        "POST",
-        CHAT_PATH % "batch",
-        headers={"authorization": f"Bearer {API_KEY}", "x-request-id": "leaver-1"},
-        json=_stream_body("batch"),
-    ) as r:
+    with _stream(client, "batch", rid="leaver-1") as r:
         node = int(r.headers["x-heady-node"])
         lines = r.iter_lines()
         assert next(lines).startswith("data: {")
