@@ -2,7 +2,7 @@
 
 - `content_length`: the declared length per RFC 9110 §8.6 (`Content-Length = 1*DIGIT`), told
   apart as absent, valid, invalid (400) or too large (413).
-- `read_fault` / `replay_fault`: a body that could not be read, or arrived shorter than it
+- `read_fault` / `short_body_fault`: a body that could not be read, or arrived shorter than it
   said, is the client's fault; the shell answers 400 `bad_request_body` (or nothing, if the
   client is gone) and never marks a node down or replays it elsewhere.
 - `strip_key_params`: query parameters whose value is a client key never go to a node.
@@ -79,7 +79,7 @@ def read_fault(message: str) -> Fault | None:
     Returns why it is the client's, or None for the gateway's own misuse of the stream (which
     stays a logged internal error). Call it only for errors raised by reading the *request*
     body: the same "Network connection lost." also means a refused node on a fetch, which is
-    why a fetch error alone never decides (see `replay_fault`).
+    why a fetch error alone never decides (see `short_body_fault`).
     """
     lowered = message.lower()
     if any(text in lowered for text in _OWN_TEXTS):
@@ -90,10 +90,10 @@ def read_fault(message: str) -> Fault | None:
     return "unreadable"
 
 
-def replay_fault(declared: int | None, received: int) -> Fault | None:
-    """Did the buffered copy of a streamed body arrive whole? The runtime's tee'd copy of a
-    body cut short by the client reads back as the bytes that came (no error), so the length
-    is the only witness: fewer than declared means the client's upload was truncated."""
+def short_body_fault(declared: int | None, received: int) -> Fault | None:
+    """Did the body read arrive whole? A body cut short by the client can read back as the
+    bytes that came, without an error (measured: docs/client-faults.md), so the length is the
+    only witness: other than declared means the client's upload was truncated."""
     if declared is not None and received != declared:
         return "truncated"
     return None

@@ -236,7 +236,6 @@ class Default(WorkerEntrypoint):
             # With its Content-Length and no edge compression (relay_headers), a body that
             # breaks off can only end short, which every HTTP client reports.
             return Response(js.Response.new(resp.body, **init))
-        sse = True
         relay = jsio.Relay(resp.body)
         # Not in waitUntil: the response's own pump keeps the request alive while the body
         # flows, and when the client leaves the runtime tears the request down at once —
@@ -244,10 +243,10 @@ class Default(WorkerEntrypoint):
         # No reference is kept here: the pipe's promise holds the task while the body flows,
         # and a task kept in a module-level set would pin the frame of every request whose
         # client left (the task then never resumes: bench/README.md).
-        asyncio.ensure_future(self._finish(relay, sse, n, ex, config))  # noqa: RUF006
+        asyncio.ensure_future(self._finish(relay, n, ex, config))  # noqa: RUF006
         return Response(js.Response.new(relay.readable, **init))
 
-    async def _finish(self, relay, sse: bool, n: int, ex: Exchange, config) -> None:
+    async def _finish(self, relay, n: int, ex: Exchange, config) -> None:
         """Close the client's stream when the node's ended; if the node's broke, mark the node,
         log the cut and end the client's stream loudly."""
         started = _clock()
@@ -263,7 +262,7 @@ class Default(WorkerEntrypoint):
             ex.error = str(exc)[:200]
             _log(ex.log_line())
             sync.maybe_flush(self._store(), config.health, _clock, self._background, _log)
-            await jsio.end_loudly(writer, sse, ex.rid)
+            jsio.end_loudly(writer, ex.rid)
             return
         # Not awaited: the close settles only once the client has read everything, by when
         # the request may be over and this task would never resume (bench/README.md).

@@ -121,17 +121,12 @@ class Prober:
         return head, str(await resp.text())
 
 
-async def end_loudly(writer, sse: bool, rid: str) -> None:
-    """After a node's body broke: an SSE client gets one final error event and a clean end;
-    any other client an aborted body, which every HTTP client reports as incomplete."""
-    if not sse:
-        await writer.abort(js.Error.new("upstream disconnected"))
-        return
-    try:
-        await writer.write(js.TextEncoder.new().encode(sse_error_event(rid)))
-        await writer.close()
-    except Exception:  # the client left meanwhile: nothing more to tell it
-        pass
+def end_loudly(writer, rid: str) -> None:
+    """After a node's event stream broke: one final error event, then a clean end. Queued in
+    JS and not awaited: the writes settle as the client reads them, possibly after the request
+    is over, and a task waiting on them would then never resume (bench/README.md)."""
+    writer.write(js.TextEncoder.new().encode(sse_error_event(rid))).catch(IGNORE)
+    writer.close().catch(IGNORE)
 
 
 async def read_body(js_req, headers, config: GatewayConfig):
@@ -159,7 +154,7 @@ async def read_body(js_req, headers, config: GatewayConfig):
         return bd.body_error(fault)
     if body is None:
         return bd.BodyError(413, bd.TOO_LARGE, f"request body exceeds the {limit} byte limit")
-    fault = bd.replay_fault(declared, int(body.byteLength))
+    fault = bd.short_body_fault(declared, int(body.byteLength))
     return bd.body_error(fault) if fault else body
 
 

@@ -16,7 +16,7 @@ from body import (
     body_error,
     content_length,
     read_fault,
-    replay_fault,
+    short_body_fault,
     strip_key_params,
 )
 
@@ -96,7 +96,7 @@ def test_digits_round_trip(n):
     assert content_length(str(n), 10**15) == n
 
 
-# ---- read_fault / replay_fault ----------------------------------------------------------
+# ---- read_fault / short_body_fault ----------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -138,8 +138,8 @@ def test_read_fault_of_our_own_misuse_is_not_the_clients(message):
         (0, 0, None),
     ],
 )
-def test_replay_fault(declared, received, fault):
-    assert replay_fault(declared, received) == fault
+def test_short_body_fault(declared, received, fault):
+    assert short_body_fault(declared, received) == fault
 
 
 @pytest.mark.parametrize("fault", ["truncated", "malformed", "client_gone", "unreadable"])
