@@ -75,6 +75,7 @@ MODES = (
     "stream_reset",
     "stream_eof",
     "body_cut",
+    "chunked_json",
 )
 # vLLM's AuthenticationMiddleware guards exactly these prefixes (str.startswith, so "/v1x" too).
 GUARDED_PREFIX = ("/v1", "/v2", "/inference", "/cohere")
@@ -172,8 +173,12 @@ def parse_mode(mode: str, params: Mapping[str, Any] | None = None) -> ModeConfig
       process or the runtime dies;
     - ``stream_eof`` (``after``, ``interval``): ``after`` events, then a clean end of the
       chunked body without ``data: [DONE]``, as ``transformers serve`` ends every stream;
-    - ``body_cut`` (``size`` bytes): a non-streamed JSON answer of ``size`` bytes is cut
-      half-way (Content-Length promises all of it, then RST).
+    - ``body_cut`` (``size`` bytes, ``chunked``): a non-streamed JSON answer of ``size``
+      bytes is cut half-way (Content-Length promises all of it, then RST); with ``chunked``
+      the answer has no Content-Length (chunked framing, as a proxy that re-chunks sends it)
+      and the RST comes before the last chunk;
+    - ``chunked_json``: healthy, but non-streamed answers come whole with chunked framing and
+      no Content-Length (what a proxy that re-chunks passes on).
 
     Anything else the node serves (health, metrics, ...) stays healthy in these modes, so the
     gateway's probes still pass: only answers in flight fail.
@@ -210,6 +215,10 @@ def parse_mode(mode: str, params: Mapping[str, Any] | None = None) -> ModeConfig
         if size < 1024:
             raise ValueError(f"size must be at least 1024 bytes, got {size}")
         out["size"] = size
+        chunked = params.pop("chunked", False)
+        if not isinstance(chunked, bool):
+            raise ValueError(f"chunked must be true or false, got {chunked!r}")
+        out["chunked"] = chunked
     if params:
         raise ValueError(f"mode {mode!r} takes no parameter(s) {', '.join(sorted(params))}")
     return ModeConfig(mode, out)
@@ -460,7 +469,7 @@ class Node:
             rec.body, rec.received, rec.complete = req.body, req.received, True
         mode = self._mode
         name = mode.name
-        if name in ("healthy", "stream_reset", "stream_eof", "body_cut"):
+        if name in ("healthy", "stream_reset", "stream_eof", "body_cut", "chunked_json"):
             await self._serve(req, resp)
         elif name == "slow_headers":
             await asyncio.sleep(mode.params["delay"])
@@ -857,7 +866,12 @@ class Node:
                 obj = "text_completion"
             body = _dumps({**base, "object": obj, "choices": [choice], "usage": usage}).encode()
             if mode.name == "body_cut":
-                await self._cut_body(resp, body)
+                await self._cut_body(resp, body, mode.params.get("chunked", False))
+            elif mode.name == "chunked_json":
+                resp.start(200, [_JSON, self._node_header])
+                await resp.write(body[: len(body) // 2])
+                await resp.write(body[len(body) // 2 :])
+                await resp.end()
             else:
                 resp.send(200, [_JSON, self._node_header], body)
         finally:
@@ -871,9 +885,13 @@ class Node:
         await asyncio.sleep(_RST_GRACE_S)
         conn.reset()
 
-    async def _cut_body(self, resp: Response, body: bytes) -> None:
-        # Content-Length promises the whole body; half of it arrives, then the node dies.
-        resp.start_fixed(200, [_JSON, self._node_header], len(body))
+    async def _cut_body(self, resp: Response, body: bytes, chunked: bool) -> None:
+        # Content-Length (or, chunked, the framing) promises the whole body; half of it
+        # arrives, then the node dies.
+        if chunked:
+            resp.start(200, [_JSON, self._node_header])
+        else:
+            resp.start_fixed(200, [_JSON, self._node_header], len(body))
         await resp.write(body[: len(body) // 2])
         await self._die(resp)
 

@@ -69,7 +69,9 @@ def _clock() -> float:
 
 
 def _log(line: dict) -> None:
-    print(json.dumps(line, separators=(",", ":")))
+    # console.log itself, not print(): Pyodide's stdout path adds ~35 µs a line (measured,
+    # docs/benchmarks.md); the runtime captures both the same way.
+    js.console.log(json.dumps(line, separators=(",", ":")))
 
 
 def _json_response(body: str, status: int, headers: dict[str, str]) -> Response:
@@ -85,9 +87,8 @@ class Default(WorkerEntrypoint):
             _ISO.config = load_config({k: _env_str(self.env, k) for k in CONFIG_KEYS})
         return _ISO.config
 
-    def _store(self) -> jsio.KvStore | None:
-        kv = getattr(self.env, "HEALTH_KV", None)
-        return None if kv is None else jsio.KvStore(kv)
+    def _store(self) -> jsio.KvStore:
+        return jsio.KvStore(self.env)
 
     def _background(self, awaitable) -> None:
         self.ctx.waitUntil(create_proxy(asyncio.ensure_future(awaitable)))
@@ -108,8 +109,8 @@ class Default(WorkerEntrypoint):
         except Exception as exc:  # the promise: never a traceback to the client
             ex.error = "".join(traceback.format_exception(exc))[-2000:]
             response, streaming = self._error(ex, 500, "internal error; see the log for this id")
-        ex.status = response.status
         if not streaming:
+            ex.status = response.status
             _log(ex.log_line())
         return response
 
@@ -207,9 +208,14 @@ class Default(WorkerEntrypoint):
                 attempts=[a.public() for a in ex.attempts],
             )
         resp = upstream.responses[result.node]
-        return self._relay(resp, result.node, plan.is_fallback(result.node), ex, config), True
+        status = result.head.status if result.head else int(resp.status)
+        fallback = plan.is_fallback(result.node)
+        return self._relay(resp, status, result.node, fallback, ex, config), True
 
-    def _relay(self, resp, n: int, fallback: bool, ex: Exchange, config) -> Response:
+    def _relay(self, resp, status: int, n: int, fallback: bool, ex: Exchange, config):
+        """The node's answer for the client, as a JS Response: the SDK's `Response` wrapper
+        adds only type checks and crossings here (the entrypoint's `python_to_rpc` hands a
+        JS object through as it is), and this is the hot path."""
         heady = {
             "x-heady-node": str(n),
             "x-heady-role": ex.role or "",
@@ -222,33 +228,38 @@ class Default(WorkerEntrypoint):
             heady["x-heady-model"] = model
         cors = cors_headers(ex.origin, config.cors_origins)
         headers = relay_headers(js.Object.fromEntries(resp.headers).to_py(), cors, heady)
-        status = ex.status = int(resp.status)
+        ex.status = status
         init = {"status": status, "statusText": resp.statusText, "headers": jsio.js_obj(headers)}
-        if resp.body is None or ex.method == "HEAD" or status in _NO_BODY_STATUSES:
+        stream = resp.body  # each read of a JS attribute is a crossing: once
+        if stream is None or ex.method == "HEAD" or status in _NO_BODY_STATUSES:
             _log(ex.log_line())
             jsio.discard(resp)
-            return Response(js.Response.new(None, **init))
+            return js.Response.new(None, **init)
         # Logged now: if the client leaves, the request is torn down with no chance to log.
         # A stream that later breaks off adds a second line for the same request id.
         _log(ex.log_line())
-        if not is_sse(headers):
+        sse = is_sse(headers)
+        if not sse and "content-length" in headers:
             # Handed over as it is: the runtime pumps it natively (no JS or Python per chunk).
             # With its Content-Length and no edge compression (relay_headers), a body that
             # breaks off can only end short, which every HTTP client reports.
-            return Response(js.Response.new(resp.body, **init))
-        relay = jsio.Relay(resp.body)
+            return js.Response.new(stream, **init)
+        # An event stream, or a chunked body: the runtime would end either cleanly when the
+        # node's breaks (a silent truncation), so it goes through a relay the gateway ends.
+        relay = jsio.Relay(stream)
         # Not in waitUntil: the response's own pump keeps the request alive while the body
         # flows, and when the client leaves the runtime tears the request down at once —
         # which cancels the node's fetch. waitUntil would keep both alive for nobody.
         # No reference is kept here: the pipe's promise holds the task while the body flows,
         # and a task kept in a module-level set would pin the frame of every request whose
         # client left (the task then never resumes: bench/README.md).
-        asyncio.ensure_future(self._finish(relay, n, ex, config))  # noqa: RUF006
-        return Response(js.Response.new(relay.readable, **init))
+        asyncio.ensure_future(self._finish(relay, n, ex, config, sse))  # noqa: RUF006
+        return js.Response.new(relay.readable, **init)
 
-    async def _finish(self, relay, n: int, ex: Exchange, config) -> None:
+    async def _finish(self, relay, n: int, ex: Exchange, config, sse: bool) -> None:
         """Close the client's stream when the node's ended; if the node's broke, mark the node,
-        log the cut and end the client's stream loudly."""
+        log the cut and end the client's stream loudly: a final error event for an event
+        stream, an aborted body (no final chunk: every client sees it incomplete) otherwise."""
         started = _clock()
         try:
             await relay.piped
@@ -262,7 +273,10 @@ class Default(WorkerEntrypoint):
             ex.error = str(exc)[:200]
             _log(ex.log_line())
             sync.maybe_flush(self._store(), config.health, _clock, self._background, _log)
-            jsio.end_loudly(writer, ex.rid)
+            if sse:
+                jsio.end_loudly(writer, ex.rid)
+            else:
+                jsio.end_abruptly(writer)
             return
         # Not awaited: the close settles only once the client has read everything, by when
         # the request may be over and this task would never resume (bench/README.md).

@@ -27,9 +27,16 @@ _PIPE_OPTIONS = to_js(
 
 
 class Relay:
-    """A node's event stream piped JS-side into a stream the gateway owns, so that if the
-    node's body breaks the client's stream can be ended loudly (a final error event) instead of
-    the runtime's silent clean end. Python only awaits `piped` (how the pipe ended)."""
+    """A node's event stream (or chunked body) piped JS-side into a stream the gateway owns,
+    so that if the node's body breaks the client's stream can be ended loudly (a final error
+    event, or an abort) instead of the runtime's silent clean end. Python only awaits `piped`
+    (how the pipe ended).
+
+    A standard `TransformStream`, though each chunk then costs JS promise work (~0.1 ms CPU
+    an event, docs/benchmarks.md): the runtime's native `IdentityTransformStream` would pump
+    for free, but when its source errors, workerd's pipeTo marks the destination errored even
+    with preventAbort (`WritableStreamInternalController::doError` in
+    src/workerd/api/streams/internal.c++, v1.20241106), so nothing can be written after."""
 
     def __init__(self, node_body) -> None:
         stream = js.TransformStream.new()
@@ -44,18 +51,25 @@ def js_obj(d: dict):
 
 
 class KvStore:
-    """sync.HealthStore over the KV binding."""
+    """sync.HealthStore over the HEALTH_KV binding, looked up only when KV is used: most
+    requests never touch it, and every lookup is a crossing into JS. Without the binding
+    (a local run without KV) it reads nothing and writes nowhere."""
 
-    def __init__(self, kv) -> None:
-        self._kv = kv
+    def __init__(self, env) -> None:
+        self._env = env
 
     async def read(self) -> str | None:
+        kv = getattr(self._env, "HEALTH_KV", None)
+        if kv is None:
+            return None
         # 60 s is the shortest edge cache KV allows.
-        raw = await self._kv.get(KV_KEY, cacheTtl=60)
+        raw = await kv.get(KV_KEY, cacheTtl=60)
         return None if raw is None else str(raw)
 
     async def write(self, body: str, ttl_s: int) -> None:
-        await self._kv.put(KV_KEY, body, expirationTtl=ttl_s)
+        kv = getattr(self._env, "HEALTH_KV", None)
+        if kv is not None:
+            await kv.put(KV_KEY, body, expirationTtl=ttl_s)
 
 
 class Upstream:
@@ -129,6 +143,12 @@ def end_loudly(writer, rid: str) -> None:
     writer.close().catch(IGNORE)
 
 
+def end_abruptly(writer) -> None:
+    """After a node's chunked (non-event-stream) body broke: abort the client's body, so the
+    runtime never sends its final chunk and every client reports an incomplete body."""
+    writer.abort(js.Error.new("upstream disconnected")).catch(IGNORE)
+
+
 async def read_body(js_req, headers, config: GatewayConfig):
     """The whole request body, read once under the upload deadline, before any node is
     contacted: a slow or broken upload is the client's fault and must never cost a node a
@@ -141,9 +161,15 @@ async def read_body(js_req, headers, config: GatewayConfig):
     stream = js_req.body
     if stream is None:
         return None
-    # A declared length within the limit is read in one call; a chunked upload by chunks.
+    # A declared length is read by one readAtLeast (one await: the cheapest read measured,
+    # docs/benchmarks.md); a chunked upload, or one whose framing is not its Content-Length,
+    # by chunks with a running total.
+    exact = declared is not None and declared > 0 and "transfer-encoding" not in headers
     try:
-        body = await read_limited(stream, limit, config.timeouts.upload_s)
+        if exact:
+            body = await read_exact(stream, declared, config.timeouts.upload_s)
+        else:
+            body = await read_limited(stream, limit, config.timeouts.upload_s)
     except TimeoutError:
         secs = config.timeouts.upload_s
         return bd.BodyError(408, "upload_timeout", f"request body not sent within {secs:g} s")
@@ -156,6 +182,25 @@ async def read_body(js_req, headers, config: GatewayConfig):
         return bd.BodyError(413, bd.TOO_LARGE, f"request body exceeds the {limit} byte limit")
     fault = bd.short_body_fault(declared, int(body.byteLength))
     return bd.body_error(fault) if fault else body
+
+
+async def read_exact(stream, declared: int, upload_s: float):
+    """Read a body framed by its Content-Length: workerd's BYOB `readAtLeast` fills one
+    buffer of the declared size in a single await (the HTTP layer delivers no byte past the
+    declared length). It returns fewer bytes, done, if the client stopped short; a JS timer
+    cancels the reader at `upload_s` as in `read_limited`. TimeoutError as there."""
+    reader = stream.getReader(mode="byob")
+    started = time.monotonic()
+    timer = js.setTimeout(reader.cancel.bind(reader), max(1, int(upload_s * 1000)))
+    try:
+        chunk = await reader.readAtLeast(declared, js.Uint8Array.new(declared))
+    finally:
+        js.clearTimeout(timer)
+    got = chunk.value
+    size = 0 if got is None else int(got.byteLength)
+    if size < declared and time.monotonic() - started >= upload_s - 0.05:
+        raise TimeoutError
+    return got if got is not None else js.Uint8Array.new(0)
 
 
 async def read_limited(stream, limit: int, upload_s: float):

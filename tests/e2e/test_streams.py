@@ -295,6 +295,62 @@ def test_cut_json_body_makes_curl_fail(client, fleet):
     assert out.returncode in (18, 56), (out.returncode, out.stderr)
 
 
+def test_cut_chunked_json_body_is_logged_counted_and_never_whole(client, fleet, gateway):
+    """A body without Content-Length (chunked, as a re-chunking proxy sends it) that breaks
+    off goes through the relay, which sees the break: the attempt is logged as "cut" and
+    counted against the node, and the client's body is aborted. What the wire then shows is
+    the runtime's: kj's chunked writer sends the final chunk when an unfinished body is torn
+    down (`~HttpChunkedEntityWriter` in capnproto c++/src/kj/compat/http.c++, at the commit
+    workerd v1.20241106 pins and still today), so the client gets a short body that is not
+    the node's JSON, never a whole answer (docs/client-faults.md)."""
+    for n in (3, 4):
+        fleet.set(n, "body_cut", size=200_000, chunked=True)
+    raw = RawClient(client.gw.url)
+    try:
+        raw.send("POST", CHAT_PATH % "code", json.dumps(chat("code")).encode())
+        status, headers, body, _ = raw.response()
+    finally:
+        raw.close()
+    assert status == 200 and "content-length" not in headers
+    assert len(body) > 50_000  # what the node sent before it died, relayed
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(body)  # the half answer, never passed off as a whole one
+    rid = headers["x-request-id"]
+
+    def cut_line():
+        recs = [x for x in gateway.log_records() if x.get("request_id") == rid]
+        cuts = [x for x in recs if any(a["outcome"] == "cut" for a in x["attempts"])]
+        return cuts and cuts[-1]
+
+    rec = _wait(cut_line)
+    assert rec, "the cut was not logged"
+    (cut,) = [a for a in rec["attempts"] if a["outcome"] == "cut"]
+    assert cut["node"] == int(headers["x-heady-node"])
+    assert cut["reason"] == "upstream_disconnected" and cut["ms"] >= 0
+    by_node = {x["node"]: x for x in client.get("/api/status").json()["nodes"]}
+    assert by_node[cut["node"]]["failures"] >= 1, by_node[cut["node"]]
+
+
+def test_whole_chunked_json_body_is_relayed_untouched(client, fleet, gateway):
+    """The relay a chunked body goes through ends it cleanly when the node's ends cleanly,
+    byte for byte, logged once as a pass."""
+    for n in (3, 4):
+        fleet.set(n, "chunked_json")
+    raw = RawClient(client.gw.url)
+    try:
+        raw.send("POST", CHAT_PATH % "code", json.dumps(chat("code")).encode())
+        status, headers, body, ended = raw.response()
+    finally:
+        raw.close()
+    assert status == 200 and ended == "complete" and "content-length" not in headers
+    answer = json.loads(body)
+    assert answer["object"] == "chat.completion" and answer["choices"][0]["message"]["content"]
+    time.sleep(0.3)
+    rid = headers["x-request-id"]
+    recs = [x for x in gateway.log_records() if x.get("request_id") == rid]
+    assert len(recs) == 1 and [a["outcome"] for a in recs[0]["attempts"]] == ["pass"], recs
+
+
 # -- the client leaves ------------------------------------------------------------------------
 
 

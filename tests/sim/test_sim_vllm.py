@@ -333,12 +333,40 @@ def test_body_cut_promises_more_than_it_sends(nodes: Fleet) -> None:
     assert isinstance(err, ConnectionResetError) or err is None
 
 
+def test_chunked_body_cut_never_sends_the_last_chunk(nodes: Fleet) -> None:
+    """A chunked answer that dies half-way: no Content-Length, and the zero-size chunk that
+    ends a chunked body (RFC 9112 §7.1) never comes; only the reset says it broke."""
+    nodes.set(3, "body_cut", size=100_000, chunked=True)
+    with _raw_stream(nodes.port(3), {"model": "code", **CHAT}) as sock:
+        out, err = _read_all(sock)
+    head, _, body = out.partition(b"\r\n\r\n")
+    lines = [h.lower() for h in head.split(b"\r\n")]
+    assert b"transfer-encoding: chunked" in lines
+    assert not any(h.startswith(b"content-length") for h in lines)
+    assert len(body) > 50_000  # half of the answer arrived
+    assert not body.endswith(b"0\r\n\r\n")
+    assert isinstance(err, ConnectionResetError) or err is None
+
+
+def test_chunked_json_is_whole_without_content_length(nodes: Fleet) -> None:
+    nodes.set(3, "chunked_json")
+    with _raw_stream(nodes.port(3), {"model": "code", **CHAT}) as sock:
+        out, _ = _read_all(sock)
+    head, _, body = out.partition(b"\r\n\r\n")
+    lines = [h.lower() for h in head.split(b"\r\n")]
+    assert b"transfer-encoding: chunked" in lines
+    assert not any(h.startswith(b"content-length") for h in lines)
+    assert body.endswith(b"0\r\n\r\n")  # the final chunk: a whole answer
+
+
 def test_sim_modes_have_safe_defaults() -> None:
     from sim.node import parse_mode
 
     assert parse_mode("stream_reset").params == {"after": 2, "interval": 0.0}
     assert parse_mode("stream_eof").params == {"after": 2, "interval": 0.0}
-    assert parse_mode("body_cut").params == {"size": 256 * 1024}
+    assert parse_mode("body_cut").params == {"size": 256 * 1024, "chunked": False}
+    with pytest.raises(ValueError):
+        parse_mode("body_cut", {"chunked": "yes"})
     with pytest.raises(ValueError):
         parse_mode("body_cut", {"size": 10})
     with pytest.raises(ValueError):
