@@ -19,6 +19,9 @@ from health import KV_KEY
 from routing import upstream_url
 
 _PROBE_FIELDS = (*HEAD_FIELDS, "content-type")
+# Bodies up to this declared size are read in one call into a buffer allocated up front
+# (chat prompts mostly are); larger ones chunk by chunk (read_body).
+EXACT_READ_MAX_BYTES = 16 * 1024
 IGNORE = create_proxy(lambda *_: None)
 # The pipe leaves the client's stream open whatever happens: the shell decides its end.
 _PIPE_OPTIONS = to_js(
@@ -161,10 +164,15 @@ async def read_body(js_req, headers, config: GatewayConfig):
     stream = js_req.body
     if stream is None:
         return None
-    # A declared length is read by one readAtLeast (one await: the cheapest read measured,
-    # docs/benchmarks.md); a chunked upload, or one whose framing is not its Content-Length,
-    # by chunks with a running total.
-    exact = declared is not None and declared > 0 and "transfer-encoding" not in headers
+    # A small declared length is read by one readAtLeast (one await: the cheapest read a
+    # deadline can cut off, bench/README.md). Its buffer is allocated before a byte arrives,
+    # so a larger body, a chunked upload, or one whose framing is not its Content-Length is
+    # read by chunks with a running total: memory grows only with what was actually sent.
+    exact = (
+        declared is not None
+        and 0 < declared <= EXACT_READ_MAX_BYTES
+        and "transfer-encoding" not in headers
+    )
     try:
         if exact:
             body = await read_exact(stream, declared, config.timeouts.upload_s)

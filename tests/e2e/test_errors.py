@@ -83,6 +83,26 @@ def test_chunked_body_over_limit_is_413(client, fleet):
     assert not fleet.requests(3) and not fleet.requests(4)
 
 
+# Bodies up to 16 KiB declared (src/jsio.py EXACT_READ_MAX_BYTES) are read in one call, larger
+# ones chunk by chunk: both sides of the line, and the limit (64 KiB here), arrive byte-exact.
+@pytest.mark.parametrize("size", [1, 1024, 16 * 1024, 16 * 1024 + 1, 40_000, 64 * 1024])
+def test_declared_body_of_any_size_is_forwarded_byte_exact(client, fleet, size):
+    skeleton = json.dumps({"model": "code", "prompt": ""}).encode()
+    if size < len(skeleton):
+        body = b" " * size  # not JSON: the node's 400 is relayed, the bytes still count
+    else:
+        body = json.dumps({"model": "code", "prompt": "p" * (size - len(skeleton))}).encode()
+    assert len(body) == size
+    r = client.post(
+        "/api/heavy/code/v1/completions",
+        content=body,
+        headers={"content-type": "application/json"},
+    )
+    assert r.status_code in (200, 400), r.text
+    got = fleet.requests(int(r.headers["x-heady-node"]))[-1]
+    assert got.complete and got.declared == size and got.body == body
+
+
 def test_chunked_body_under_limit_is_forwarded_whole(client, fleet):
     body = json.dumps({"model": "code", "prompt": "p" * 4000}).encode()
 
