@@ -13,8 +13,10 @@ request (`bench/bare_py_log/`).
 
 from __future__ import annotations
 
+import json
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass, field
 
 from bench.common import BENCH, log, slope
@@ -32,6 +34,8 @@ LEVEL_KIB_PER_1K = 100.0  # last-half slope below this (0.1 KB/request) counts a
 class Curve:
     name: str
     samples: list[tuple[int, int]] = field(default_factory=list)  # (requests so far, VmRSS KiB)
+    # Python's side at the first and the last sample: (wasm heap bytes, tracked objects)
+    python: list[tuple[int, int]] = field(default_factory=list)
     errors: int = 0
     seconds: float = 0.0
     timed_out: bool = False  # stopped at the profile's time bound before the request goal
@@ -60,6 +64,7 @@ def _drive(bench: Bench, t: Target, goal: int, curve: Curve) -> None:
     deadline = time.monotonic() + bench.profile.memory_max_s
     done, reported = 0, 0
     curve.samples.append((0, mem_kib(t.workerd) or 0))
+    _python_side(t, curve)
     while done < goal:
         if time.monotonic() > deadline:
             curve.timed_out = True
@@ -74,6 +79,18 @@ def _drive(bench: Bench, t: Target, goal: int, curve: Curve) -> None:
         curve.samples.append((done, mem_kib(t.workerd) or 0))
         if r["requests"] == 0:
             break  # a dead target would never reach the goal
+    _python_side(t, curve)
+
+
+def _python_side(t: Target, curve: Curve) -> None:
+    """Pyodide's wasm heap and Python's tracked objects, from the harness adapter: if both
+    stay flat while RSS moves, what moves is the runtime's memory, not the Worker's."""
+    try:
+        with urllib.request.urlopen(t.url + "/__harness/heap", timeout=30) as r:
+            d = json.loads(r.read())
+        curve.python.append((int(d["wasm_heap_bytes"]), int(d["python_objects"])))
+    except (OSError, ValueError, KeyError) as exc:
+        log(f"memory {curve.name}: no heap probe ({exc})")
 
 
 def _variants(bench: Bench) -> list[tuple[Variant, bool, str]]:
@@ -117,6 +134,21 @@ def run(bench: Bench) -> list[Curve]:
     return curves
 
 
+def _python_cell(c: Curve) -> str:
+    if len(c.python) < 2:
+        return "n/a"
+    (h0, o0), (h1, o1) = c.python[0], c.python[-1]
+    return f"{h0 / 2**20:.0f} → {h1 / 2**20:.0f}, {o0:,} → {o1:,}"
+
+
+def _python_flat(c: Curve) -> bool:
+    """The wasm heap did not grow and tracked objects stayed within 5% (+1,000)."""
+    if len(c.python) < 2:
+        return False
+    (h0, o0), (h1, o1) = c.python[0], c.python[-1]
+    return h1 == h0 and o1 <= o0 * 1.05 + 1000
+
+
 def _mib(sample: tuple[int, int] | None) -> str:
     return "n/a" if sample is None else f"{sample[1] / 1024:.1f}"
 
@@ -132,6 +164,9 @@ def render(curves: list[Curve], bench: Bench) -> list[str]:
             else ("levels off" if last < LEVEL_KIB_PER_1K else "keeps climbing")
         )
         grown = (end[1] - c.samples[0][1]) / end[0] if end[0] else None
+        py = _python_cell(c)
+        if verdict == "keeps climbing" and _python_flat(c):
+            verdict = "keeps climbing (runtime side: Python flat)"
         rows.append(
             [
                 c.name,
@@ -144,6 +179,7 @@ def render(curves: list[Curve], bench: Bench) -> list[str]:
                 fmt(None if grown is None else grown * 1024, 0),
                 fmt(first, 1),
                 fmt(last, 1),
+                py,
                 verdict,
             ]
         )
@@ -158,6 +194,7 @@ def render(curves: list[Curve], bench: Bench) -> list[str]:
         "growth B/req (overall)",
         "slope 1st half KiB/1k req",
         "slope 2nd half KiB/1k req",
+        "Python: wasm heap MiB, objects (start → end)",
         f"verdict (2nd half < {LEVEL_KIB_PER_1K:g})",
     ]
     samples = "; ".join(
@@ -168,10 +205,11 @@ def render(curves: list[Curve], bench: Bench) -> list[str]:
         for c in curves
     )
     return [
-        *table(header, rows, range(1, 11)),
+        *table(header, rows, range(1, 10)),
         f"Fresh instances, driven concurrently ({CONNS} keep-alive connections each, "
         f"{bench.profile.memory_segment_s} s segments, at most {bench.profile.memory_max_s} s), "
-        "workerd VmRSS after each segment. "
+        "workerd VmRSS after each segment; the Python side (Pyodide's WebAssembly heap, "
+        "objects Python's GC tracks) from the harness's `/__harness/heap` before and after. "
         f"Samples (requests=MiB): {samples}.",
         "",
     ]

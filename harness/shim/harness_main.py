@@ -11,6 +11,7 @@ switches exist here and nowhere in `src/`:
   POST /__harness/reset      -> forget the isolate's health memory and the KV record, so each
                                 test starts from a cold gateway without a 3 s restart
   GET  /__harness/kv-value   -> the raw health record in KV
+  GET  /__harness/heap       -> Pyodide's WebAssembly heap size and Python's tracked objects
 """
 
 import json
@@ -110,6 +111,16 @@ async def on_fetch(request, env, ctx):
         import health
 
         return _json({"value": await env.HEALTH_KV.get(health.KV_KEY)})
+    if url.pathname == "/__harness/heap":
+        # The Python side of the isolate's memory, for the bench's memory section: Pyodide's
+        # WebAssembly heap (it only ever grows) and the objects Python's GC tracks. What RSS
+        # adds beyond these is the runtime's own (V8 heap, workerd).
+        import gc
+
+        import pyodide_js
+
+        heap = int(pyodide_js._module.HEAP8.length)
+        return _json({"wasm_heap_bytes": heap, "python_objects": len(gc.get_objects())})
     if url.pathname == "/__harness/kv-stats":
         snapshot = {**_COUNTS, "last_put": dict(_LAST_PUT)}
         if url.searchParams.get("reset"):

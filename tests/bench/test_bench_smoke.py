@@ -97,7 +97,10 @@ def test_memory_curve_per_target(table: str) -> None:
         row = rows[name]
         assert _num(row[1]) >= 1500 and _num(row[2]) == 0, row  # the smoke goal, no errors
         assert all(_num(row[i]) > 10 for i in (3, 4, 5, 6)), row  # RSS read (MiB)
-        assert row[10] in ("levels off", "keeps climbing"), row
+        # the Python side was probed: "W → W, N → N" (wasm heap MiB, tracked objects)
+        heap = re.fullmatch(r"(\d+) → (\d+), ([\d,]+) → ([\d,]+)", row[10])
+        assert heap and int(heap.group(1)) > 0 and int(heap.group(2)) >= int(heap.group(1)), row
+        assert row[11].startswith(("levels off", "keeps climbing")), row
 
 
 def test_chaos_calm_phase_loses_nothing(table: str) -> None:
