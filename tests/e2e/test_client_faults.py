@@ -581,6 +581,35 @@ def test_framing_the_runtime_rejects_never_reaches_a_node(gw, fleet, name, lines
     assert recorded(fleet, case=f"rt-{name}") == []
 
 
+def test_chunked_body_with_a_shorter_content_length_is_never_cut_to_it(gw, fleet):
+    """Transfer-Encoding and Content-Length together (a request-smuggling shape): the
+    runtime's parser frames the body by the chunks (RFC 9112 §6.3; kj's getEntityBody), so
+    reading only Content-Length bytes would pass a prefix off as the whole body. The gateway
+    either forwards the whole chunked body or answers 400; a node never gets the prefix."""
+    rid = "te-and-cl"
+    payload = json.dumps({"model": "code", "prompt": "the whole prompt, not its prefix"})
+    chunked = f"{len(payload):x}\r\n{payload}\r\n0\r\n\r\n".encode()
+    s = connect(gw)
+    s.sendall(
+        head("POST", CODE, JSON_CT, "transfer-encoding: chunked", "content-length: 5", rid=rid)
+        + chunked
+    )
+    resp = read_response(s, 15)
+    s.close()
+    assert resp is not None
+    status, headers, raw = resp
+    got = recorded(fleet, case=rid)
+    if status == 400 and "x-request-id" not in headers:
+        assert got == []  # refused by the runtime's parser before the Worker ran
+    elif status == 400:
+        assert_bad_body(resp, rid)
+        assert all(not r.complete for r in got), [r.body for r in got]
+    else:
+        assert status == 200, raw[:500]
+        assert [r.body for r in got] == [payload.encode()]  # whole, never the 5-byte prefix
+    assert_not_an_internal_error(gw, rid)
+
+
 @pytest.mark.parametrize(
     ("name", "lines", "body"),
     [
