@@ -214,8 +214,9 @@ class Default(WorkerEntrypoint):
 
     def _relay(self, resp, status: int, n: int, fallback: bool, ex: Exchange, config):
         """The node's answer for the client, as a JS Response: the SDK's `Response` wrapper
-        adds only type checks and crossings here (the entrypoint's `python_to_rpc` hands a
-        JS object through as it is), and this is the hot path."""
+        adds only type checks and crossings on the hot path, and the runtime hands a fetch
+        handler's result to `python_to_rpc`, which passes a JS object through as it is
+        (workerd src/pyodide/internal/introspection.py, `wrapper_func`)."""
         heady = {
             "x-heady-node": str(n),
             "x-heady-role": ex.role or "",
