@@ -207,10 +207,10 @@ class Default(WorkerEntrypoint):
                 headers={"retry-after": str(result.retry_after_s)},
                 attempts=[a.public() for a in ex.attempts],
             )
+        assert result.head is not None  # forward sets it with the node that answered
         resp = upstream.responses[result.node]
-        status = result.head.status if result.head else int(resp.status)
         fallback = plan.is_fallback(result.node)
-        return self._relay(resp, status, result.node, fallback, ex, config), True
+        return self._relay(resp, result.head.status, result.node, fallback, ex, config), True
 
     def _relay(self, resp, status: int, n: int, fallback: bool, ex: Exchange, config):
         """The node's answer for the client, as a JS Response: the SDK's `Response` wrapper
@@ -260,7 +260,7 @@ class Default(WorkerEntrypoint):
     async def _finish(self, relay, n: int, ex: Exchange, config, sse: bool) -> None:
         """Close the client's stream when the node's ended; if the node's broke, mark the node,
         log the cut and end the client's stream loudly: a final error event for an event
-        stream, an aborted body (no final chunk: every client sees it incomplete) otherwise."""
+        stream, an aborted body otherwise (which the wire shows as a short body)."""
         started = _clock()
         try:
             await relay.piped

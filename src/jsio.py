@@ -147,8 +147,9 @@ def end_loudly(writer, rid: str) -> None:
 
 
 def end_abruptly(writer) -> None:
-    """After a node's chunked (non-event-stream) body broke: abort the client's body, so the
-    runtime never sends its final chunk and every client reports an incomplete body."""
+    """After a node's chunked (non-event-stream) body broke: abort the client's body rather
+    than close it. The offline workerd still ends it with a final chunk (kj's chunked writer
+    does when a body is torn down: bench/README.md), so the client gets the short body."""
     writer.abort(js.Error.new("upstream disconnected")).catch(IGNORE)
 
 
@@ -192,36 +193,50 @@ async def read_body(js_req, headers, config: GatewayConfig):
     return bd.body_error(fault) if fault else body
 
 
+class _UploadDeadline:
+    """A JS timer that cancels `reader` at `upload_s`, cleared when the read is over: no
+    Python timer or promise outlives the request (either leaks what it holds:
+    bench/README.md). `passed` says afterwards whether the deadline is what ended the read."""
+
+    def __init__(self, reader, upload_s: float) -> None:
+        self._upload_s = upload_s
+        self._started = time.monotonic()
+        self._timer = js.setTimeout(reader.cancel.bind(reader), max(1, int(upload_s * 1000)))
+
+    def __enter__(self) -> "_UploadDeadline":
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        js.clearTimeout(self._timer)
+
+    @property
+    def passed(self) -> bool:
+        return time.monotonic() - self._started >= self._upload_s - 0.05  # coarse clocks
+
+
 async def read_exact(stream, declared: int, upload_s: float):
     """Read a body framed by its Content-Length: workerd's BYOB `readAtLeast` fills one
     buffer of the declared size in a single await (the HTTP layer delivers no byte past the
-    declared length). It returns fewer bytes, done, if the client stopped short; a JS timer
-    cancels the reader at `upload_s` as in `read_limited`. TimeoutError as there."""
+    declared length). It returns fewer bytes, done, if the client stopped short.
+    TimeoutError when the upload deadline cut it short."""
     reader = stream.getReader(mode="byob")
-    started = time.monotonic()
-    timer = js.setTimeout(reader.cancel.bind(reader), max(1, int(upload_s * 1000)))
-    try:
+    with _UploadDeadline(reader, upload_s) as deadline:
         chunk = await reader.readAtLeast(declared, js.Uint8Array.new(declared))
-    finally:
-        js.clearTimeout(timer)
     got = chunk.value
     size = 0 if got is None else int(got.byteLength)
-    if size < declared and time.monotonic() - started >= upload_s - 0.05:
+    if size < declared and deadline.passed:
         raise TimeoutError
     return got if got is not None else js.Uint8Array.new(0)
 
 
 async def read_limited(stream, limit: int, upload_s: float):
     """Read a body with a running total, so an endless upload is cut off at the limit instead
-    of exhausting the isolate's memory (None when over it), and within `upload_s`: a JS timer
-    cancels the reader, so no Python timer or promise outlives the request (either leaks what
-    it holds: bench/README.md). TimeoutError when the deadline cut the upload short."""
+    of exhausting the isolate's memory (None when over it), and within `upload_s`.
+    TimeoutError when the upload deadline cut the upload short."""
     reader = stream.getReader()
-    started = time.monotonic()
-    timer = js.setTimeout(reader.cancel.bind(reader), max(1, int(upload_s * 1000)))
     chunks = []
     total = 0
-    try:
+    with _UploadDeadline(reader, upload_s) as deadline:
         while True:
             chunk = await reader.read()
             if chunk.done:
@@ -231,9 +246,7 @@ async def read_limited(stream, limit: int, upload_s: float):
                 reader.cancel()
                 return None
             chunks.append(chunk.value)
-    finally:
-        js.clearTimeout(timer)
-    if time.monotonic() - started >= upload_s - 0.05:  # clocks here are coarse
+    if deadline.passed:
         raise TimeoutError  # the timer ended the read: whatever came is not the whole body
     if len(chunks) == 1:
         return chunks[0]
