@@ -114,6 +114,29 @@ class RawClient(HttpReader):
         self.sock.sendall(head.encode() + body)
 
 
+def _raw_chat(client, role: str) -> tuple[int, dict[str, str], bytes, str]:
+    """One non-streamed chat completion on a fresh raw connection: (status, headers, body,
+    how the body ended)."""
+    raw = RawClient(client.gw.url)
+    try:
+        raw.send("POST", CHAT_PATH % role, json.dumps(chat(role)).encode())
+        return raw.response()
+    finally:
+        raw.close()
+
+
+def _cut_record(gateway, rid: str) -> dict | None:
+    """The request's log line that carries its "cut" attempt (a cut adds a second line after
+    the one written at the head), once it is there."""
+
+    def cut_line():
+        recs = [x for x in gateway.log_records() if x.get("request_id") == rid]
+        cuts = [x for x in recs if any(a["outcome"] == "cut" for a in x["attempts"])]
+        return cuts and cuts[-1]
+
+    return _wait(cut_line)
+
+
 # -- a node dies mid-SSE ----------------------------------------------------------------------
 
 
@@ -133,13 +156,7 @@ def test_reset_mid_sse_ends_with_one_error_event_httpx(client, fleet, gateway):
     assert "[DONE]" not in events
 
     # logged as a failed attempt, counted against the node
-    def cut_line():
-        recs = [x for x in gateway.log_records() if x.get("request_id") == rid]
-        # a cut adds a second line after the one written at the head
-        cuts = [x for x in recs if any(a["outcome"] == "cut" for a in x["attempts"])]
-        return cuts and cuts[-1]
-
-    rec = _wait(cut_line)
+    rec = _cut_record(gateway, rid)
     assert rec, "no log line for the request"
     cut = [a for a in rec["attempts"] if a["outcome"] == "cut"]
     assert len(cut) == 1 and cut[0]["node"] == node, rec
@@ -271,12 +288,7 @@ def test_cut_json_body_fails_the_httpx_read(client, fleet, gateway):
 def test_cut_json_body_is_never_a_clean_end_on_the_wire(client, fleet):
     for n in (3, 4):
         fleet.set(n, "body_cut", size=200_000)
-    raw = RawClient(client.gw.url)
-    try:
-        raw.send("POST", CHAT_PATH % "code", json.dumps(chat("code")).encode())
-        status, headers, body, ended = raw.response()
-    finally:
-        raw.close()
+    status, headers, body, ended = _raw_chat(client, "code")
     assert status == 200
     assert ended != "complete", f"a cut body ended cleanly ({len(body)} bytes)"
     declared = headers.get("content-length")
@@ -305,24 +317,12 @@ def test_cut_chunked_json_body_is_logged_counted_and_never_whole(client, fleet, 
     the node's JSON, never a whole answer (docs/client-faults.md)."""
     for n in (3, 4):
         fleet.set(n, "body_cut", size=200_000, chunked=True)
-    raw = RawClient(client.gw.url)
-    try:
-        raw.send("POST", CHAT_PATH % "code", json.dumps(chat("code")).encode())
-        status, headers, body, _ = raw.response()
-    finally:
-        raw.close()
+    status, headers, body, _ = _raw_chat(client, "code")
     assert status == 200 and "content-length" not in headers
     assert len(body) > 50_000  # what the node sent before it died, relayed
     with pytest.raises(json.JSONDecodeError):
         json.loads(body)  # the half answer, never passed off as a whole one
-    rid = headers["x-request-id"]
-
-    def cut_line():
-        recs = [x for x in gateway.log_records() if x.get("request_id") == rid]
-        cuts = [x for x in recs if any(a["outcome"] == "cut" for a in x["attempts"])]
-        return cuts and cuts[-1]
-
-    rec = _wait(cut_line)
+    rec = _cut_record(gateway, headers["x-request-id"])
     assert rec, "the cut was not logged"
     (cut,) = [a for a in rec["attempts"] if a["outcome"] == "cut"]
     assert cut["node"] == int(headers["x-heady-node"])
@@ -336,12 +336,7 @@ def test_whole_chunked_json_body_is_relayed_untouched(client, fleet, gateway):
     byte for byte, logged once as a pass."""
     for n in (3, 4):
         fleet.set(n, "chunked_json")
-    raw = RawClient(client.gw.url)
-    try:
-        raw.send("POST", CHAT_PATH % "code", json.dumps(chat("code")).encode())
-        status, headers, body, ended = raw.response()
-    finally:
-        raw.close()
+    status, headers, body, ended = _raw_chat(client, "code")
     assert status == 200 and ended == "complete" and "content-length" not in headers
     answer = json.loads(body)
     assert answer["object"] == "chat.completion" and answer["choices"][0]["message"]["content"]

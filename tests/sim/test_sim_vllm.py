@@ -333,16 +333,23 @@ def test_body_cut_promises_more_than_it_sends(nodes: Fleet) -> None:
     assert isinstance(err, ConnectionResetError) or err is None
 
 
-def test_chunked_body_cut_never_sends_the_last_chunk(nodes: Fleet) -> None:
-    """A chunked answer that dies half-way: no Content-Length, and the zero-size chunk that
-    ends a chunked body (RFC 9112 §7.1) never comes; only the reset says it broke."""
-    nodes.set(3, "body_cut", size=100_000, chunked=True)
-    with _raw_stream(nodes.port(3), {"model": "code", **CHAT}) as sock:
+def _chunked_answer(nodes: Fleet, n: int) -> tuple[bytes, BaseException | None]:
+    """A chat answer from node `n` read raw, after checking it is framed by chunks and not
+    by a Content-Length: (the raw chunked body, how the connection ended)."""
+    with _raw_stream(nodes.port(n), {"model": "code", **CHAT}) as sock:
         out, err = _read_all(sock)
     head, _, body = out.partition(b"\r\n\r\n")
     lines = [h.lower() for h in head.split(b"\r\n")]
     assert b"transfer-encoding: chunked" in lines
     assert not any(h.startswith(b"content-length") for h in lines)
+    return body, err
+
+
+def test_chunked_body_cut_never_sends_the_last_chunk(nodes: Fleet) -> None:
+    """A chunked answer that dies half-way: no Content-Length, and the zero-size chunk that
+    ends a chunked body (RFC 9112 §7.1) never comes; only the reset says it broke."""
+    nodes.set(3, "body_cut", size=100_000, chunked=True)
+    body, err = _chunked_answer(nodes, 3)
     assert len(body) > 50_000  # half of the answer arrived
     assert not body.endswith(b"0\r\n\r\n")
     assert isinstance(err, ConnectionResetError) or err is None
@@ -350,12 +357,7 @@ def test_chunked_body_cut_never_sends_the_last_chunk(nodes: Fleet) -> None:
 
 def test_chunked_json_is_whole_without_content_length(nodes: Fleet) -> None:
     nodes.set(3, "chunked_json")
-    with _raw_stream(nodes.port(3), {"model": "code", **CHAT}) as sock:
-        out, _ = _read_all(sock)
-    head, _, body = out.partition(b"\r\n\r\n")
-    lines = [h.lower() for h in head.split(b"\r\n")]
-    assert b"transfer-encoding: chunked" in lines
-    assert not any(h.startswith(b"content-length") for h in lines)
+    body, _ = _chunked_answer(nodes, 3)
     assert body.endswith(b"0\r\n\r\n")  # the final chunk: a whole answer
 
 
