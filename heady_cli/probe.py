@@ -16,7 +16,7 @@ from heady_cli.config import mask_url, validate_url
 from heady_node.roles import ROLES, role_for_node
 from heady_shared.failures import EXPLAIN, HEAD_FIELDS, match
 from heady_shared.metrics import WAITING, gauge, parse_metrics
-from heady_shared.routes import NODE_NUMBERS
+from heady_shared.routes import NODE_NUMBERS, endpoint_key
 
 NGROK_SKIP = {"ngrok-skip-browser-warning": "1"}
 
@@ -117,7 +117,9 @@ def plan(raw: Mapping[int, str]) -> tuple[dict[int, str], list[NodeResult]]:
     for node in NODE_NUMBERS:
         role = role_for_node(node)
         if node not in raw:
-            fixed.append(NodeResult(node, role, "unconfigured", reason="COLAB_ENDPOINT not set"))
+            fixed.append(
+                NodeResult(node, role, "unconfigured", reason=f"{endpoint_key(node)} not set")
+            )
             continue
         try:
             targets[node] = validate_url(raw[node])

@@ -36,9 +36,21 @@ DEFAULT_POOLS: Mapping[str, Pool] = {
 }
 
 
+ENDPOINT_PREFIX = "COLAB_ENDPOINT_"
+
+
 def endpoint_key(node: int) -> str:
     """The Worker secret holding a node's tunnel URL."""
-    return f"COLAB_ENDPOINT_{node}"
+    return f"{ENDPOINT_PREFIX}{node}"
+
+
+def endpoint_node(key: str) -> int | None:
+    """The node number an `endpoint_key` name carries, or None for any other name. Any n >= 1
+    counts, even past NODE_COUNT, so a reader of .dev.vars can say the number is out of range."""
+    digits = key[len(ENDPOINT_PREFIX) :] if key.startswith(ENDPOINT_PREFIX) else ""
+    if digits.isascii() and digits.isdigit() and not digits.startswith("0"):
+        return int(digits)
+    return None
 
 
 def valid_role_name(name: object) -> bool:

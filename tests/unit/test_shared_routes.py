@@ -14,6 +14,7 @@ from heady_shared.routes import (
     NODE_NUMBERS,
     Pool,
     endpoint_key,
+    endpoint_node,
     nodes_for_role,
     parse_routes,
     role_of,
@@ -28,6 +29,32 @@ def test_node_numbering():
     assert NODE_COUNT == 8
     assert NODE_NUMBERS == (1, 2, 3, 4, 5, 6, 7, 8)
     assert [endpoint_key(n) for n in (1, 8)] == ["COLAB_ENDPOINT_1", "COLAB_ENDPOINT_8"]
+
+
+@pytest.mark.parametrize(
+    ("key", "node"),
+    [
+        ("COLAB_ENDPOINT_1", 1),
+        ("COLAB_ENDPOINT_8", 8),
+        ("COLAB_ENDPOINT_12", 12),  # past NODE_COUNT: still a node number, out of range
+        ("COLAB_ENDPOINT_0", None),
+        ("COLAB_ENDPOINT_01", None),
+        ("COLAB_ENDPOINT_", None),
+        ("COLAB_ENDPOINT_1a", None),
+        ("COLAB_ENDPOINT_-1", None),
+        ("COLAB_ENDPOINT_\u0663", None),  # a non-ASCII digit
+        ("colab_endpoint_1", None),
+        ("X_COLAB_ENDPOINT_1", None),
+        ("NODE_TOKEN", None),
+    ],
+)
+def test_endpoint_node_reads_back_what_endpoint_key_writes(key, node):
+    assert endpoint_node(key) == node
+
+
+@given(st.integers(1, 10**6))
+def test_endpoint_node_inverts_endpoint_key(n):
+    assert endpoint_node(endpoint_key(n)) == n
 
 
 def test_default_pools_are_what_an_unset_routes_var_gives():
