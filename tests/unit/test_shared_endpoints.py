@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from heady_shared.endpoints import MAX_URL_LENGTH, Endpoint, parse_endpoint
+from heady_shared.endpoints import MAX_URL_LENGTH, Endpoint, is_quick_tunnel, parse_endpoint
 
 # ---- endpoint verdict --------------------------------------------------------------------
 # The one verdict on a COLAB_ENDPOINT_n value: the gateway's config and `heady probe` read it.
@@ -206,3 +206,18 @@ def test_configured_endpoints_keep_the_stated_rules(scheme, rest):
     assert loopback or "." in host
     assert not host.endswith(".trycloudflare.com")
     assert "%" not in path and "." not in path.split("/") and ".." not in path.split("/")
+
+
+@pytest.mark.parametrize(
+    ("host", "quick"),
+    [
+        ("word-word-word.trycloudflare.com", True),
+        ("X.TryCloudflare.COM", True),
+        ("trycloudflare.com", False),  # the bare domain is no quick tunnel
+        ("nottrycloudflare.com", False),
+        ("node3.example.com", False),
+    ],
+)
+def test_quick_tunnel_rule(host, quick):
+    # The one rule: the gateway's verdict and the node's tunnel (heady_node.tunnel) both use it.
+    assert is_quick_tunnel(host) is quick
