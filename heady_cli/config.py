@@ -9,7 +9,12 @@ from heady_shared import devvars
 from heady_shared.endpoints import parse_endpoint
 from heady_shared.routes import NODE_COUNT, endpoint_node
 
-_ENV_KEYS = frozenset({"NODE_TOKEN", "GATEWAY_API_KEY", "GATEWAY_API_KEYS", "HEADY_GATEWAY_URL"})
+# The environment overrides .dev.vars for these, as for every COLAB_ENDPOINT_<n>; ROUTES and
+# the probe paths so `heady probe` asks what the gateway asks.
+_ENV_KEYS = frozenset(
+    {"NODE_TOKEN", "GATEWAY_API_KEY", "GATEWAY_API_KEYS", "HEADY_GATEWAY_URL"}
+    | {"ROUTES", "HEALTH_PATH", "METRICS_PATH"}
+)
 
 
 class CliError(Exception):

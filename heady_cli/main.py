@@ -36,7 +36,10 @@ def cmd_probe(args: argparse.Namespace) -> int:
     raw = endpoints(values)
     if not raw:
         raise CliError(f"no {ENDPOINT_PREFIX}1..{NODE_COUNT} set (in .dev.vars or the environment)")
-    targets, results = probe.plan(raw)
+    setup = probe.read_setup(values)
+    for problem in setup.problems:  # the gateway would use the default too
+        print(f"heady: warning: {problem}", file=sys.stderr)
+    targets, results = probe.plan(raw, setup.pools)
 
     if targets and not args.json:
         with Progress(
@@ -53,11 +56,11 @@ def cmd_probe(args: argparse.Namespace) -> int:
             def done(r: probe.NodeResult) -> None:
                 progress.update(task, advance=1, description=f"node {r.node} {r.state}")
 
-            results += asyncio.run(probe.probe_all(targets, token, args.timeout, done))
+            results += asyncio.run(probe.probe_all(targets, token, args.timeout, setup, done))
     elif targets:
-        results += asyncio.run(probe.probe_all(targets, token, args.timeout))
+        results += asyncio.run(probe.probe_all(targets, token, args.timeout, setup))
     results.sort(key=lambda r: r.node)
-    missing = probe.uncovered_roles(results)
+    missing = probe.uncovered_roles(results, setup.pools)
 
     if args.json:
         out = {
@@ -73,7 +76,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
             url = r.url if args.show_urls or not r.url else mask_url(r.url)
             table.add_row(
                 str(r.node),
-                r.role,
+                r.role or "-",
                 f"[{STATE_STYLE.get(r.state, 'white')}]{r.state}[/]",
                 "-" if r.latency_ms is None else f"{r.latency_ms:.0f} ms",
                 r.model or "-",
