@@ -25,6 +25,7 @@ from heady_node import gpu as gpu_mod
 from heady_node import launcher, presets, settings, status, tunnel, wrangler
 from heady_node.colab import get_secret
 from heady_node.roles import role_for_node
+from heady_shared.metrics import parse_metrics
 from heady_shared.routes import DEFAULT_POOLS, Pool, parse_routes, role_of
 
 DRY_RUN_GPU = "Tesla T4, 15360 MiB, 7.5, 550.54.15\n"
@@ -239,7 +240,7 @@ class NodeSession:
                 timeout=5.0,
             )
             resp.raise_for_status()
-            snap = status.snapshot(status.parse_metrics(resp.text))
+            snap = status.snapshot(parse_metrics(resp.text))
             line = status.status_line(clock, self.node, self.role, snap)
         except httpx.HTTPError as exc:
             line = status.status_line(clock, self.node, self.role, None, type(exc).__name__)

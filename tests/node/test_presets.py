@@ -14,7 +14,8 @@ from heady_node.gpu import (
     parse_cuda_version,
     parse_nvidia_smi,
 )
-from heady_node.roles import ROLES, nodes_for_role, role_for_node
+from heady_node.roles import ROLES, role_for_node
+from heady_shared.routes import nodes_for_role
 
 COMBOS = [(r, g) for r in ROLES for g in GPU_CLASSES]
 
