@@ -1,27 +1,22 @@
 """`heady probe`: check every configured node concurrently and say which roles are covered.
 
 The roles (ROUTES) and the paths asked (HEALTH_PATH, METRICS_PATH) are read from the same vars,
-by the same heady_shared functions, as the gateway reads them. `diagnose`, `plan` and
-`uncovered_roles` are pure (tested on canned responses); `probe_node` is the thin httpx shell.
+by the same heady_shared functions, as the gateway reads them. `read_setup`, `diagnose`, `plan`
+and `uncovered_roles` are pure (tested on canned responses); `probe_node` is the thin httpx shell.
 """
 
 import asyncio
 import json
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import httpx
 
 from heady_cli.config import CliError, mask_url, validate_url
 from heady_shared.failures import EXPLAIN, HEAD_FIELDS, match
 from heady_shared.metrics import WAITING, gauge, parse_metrics
-from heady_shared.probes import (
-    DEFAULT_HEALTH_PATH,
-    DEFAULT_METRICS_PATH,
-    parse_health_path,
-    parse_metrics_path,
-)
+from heady_shared.probes import parse_health_path, parse_metrics_path
 from heady_shared.routes import (
     DEFAULT_POOLS,
     NODE_NUMBERS,
@@ -38,10 +33,10 @@ NGROK_SKIP = {"ngrok-skip-browser-warning": "1"}
 class Setup:
     """What the gateway would read from the same vars: the role table and the probe paths."""
 
-    pools: Mapping[str, Pool] = field(default_factory=lambda: DEFAULT_POOLS)
-    health_path: str = DEFAULT_HEALTH_PATH
-    metrics_path: str | None = DEFAULT_METRICS_PATH  # None: the load is not read
-    problems: tuple[str, ...] = ()  # values the gateway would replace by their default
+    pools: Mapping[str, Pool]
+    health_path: str
+    metrics_path: str | None  # None: the load is not read
+    problems: tuple[str, ...]  # values the gateway would replace by their default
 
 
 def read_setup(values: Mapping[str, str]) -> Setup:
