@@ -34,13 +34,14 @@ from heady_cli.config import CliError, gateway_key, load_vars
 EXIT_OK, EXIT_ENDED_BADLY, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
 TERMINAL_EXIT = {"completed": EXIT_OK, "failed": 1, "expired": 1, "cancelled": 1}
 POLL_MIN_S, POLL_BACKOFF, POLL_MAX_S = 1.0, 1.5, 10.0
-RATE_WINDOW_S = 60.0  # recent rate once the watch has seen this long; run average before
+RATE_WINDOW_S = 60.0  # once the watch has seen this long: the rate over the last 2x this
 TRANSIENT = frozenset({408, 429, 500, 502, 503, 504, 520, 521, 522, 523, 524})
 MAX_TRANSIENT = 6  # consecutive failed polls before `watch` gives up (about 40 s of backoff)
 CHUNK = 1 << 16
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")  # ids go into URL paths: nothing else passes
-_sleep = time.sleep  # the tests replace these two
+_sleep = time.sleep  # the tests replace these three with one fake clock
 _monotonic = time.monotonic
+_now = time.time
 
 
 # --- pure core ---------------------------------------------------------------------------
@@ -266,14 +267,14 @@ class Api:
         self._http.close()
 
     def server_now(self) -> float:
-        return time.time() + self.clock_offset
+        return _now() + self.clock_offset
 
     def _check(self, resp: httpx.Response) -> httpx.Response:
         date = resp.headers.get("date")
         if date:
             with contextlib.suppress(TypeError, ValueError):
                 server = email.utils.parsedate_to_datetime(date).timestamp()
-                self.clock_offset = server - time.time()
+                self.clock_offset = server - _now()
         if not 200 <= resp.status_code < 300:
             body = resp.read()
             ctype = resp.headers.get("content-type", "")
