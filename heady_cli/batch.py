@@ -26,7 +26,7 @@ from typing import Any, BinaryIO
 import httpx
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn
-from rich.table import Table
+from rich.table import Column, Table
 from rich.text import Text
 
 from heady_cli.config import CliError, gateway_key, load_vars
@@ -35,6 +35,7 @@ EXIT_OK, EXIT_ENDED_BADLY, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
 TERMINAL_EXIT = {"completed": EXIT_OK, "failed": 1, "expired": 1, "cancelled": 1}
 POLL_MIN_S, POLL_BACKOFF, POLL_MAX_S = 1.0, 1.5, 10.0
 RATE_WINDOW_S = 60.0  # once the watch has seen this long: the rate over the last 2x this
+RATE_MIN_SPAN_S = 5.0  # no rate from less time than this
 TRANSIENT = frozenset({408, 429, 500, 502, 503, 504, 520, 521, 522, 523, 524})
 MAX_TRANSIENT = 6  # consecutive failed polls before `watch` gives up (about 40 s of backoff)
 CHUNK = 1 << 16
@@ -168,10 +169,20 @@ def line_rate(
     if recent and t_last - recent[0][0] >= RATE_WINDOW_S:
         t0, d0 = recent[0]
         return max(0.0, (d_last - d0) / (t_last - t0))
-    if in_progress_at is not None and t_last > in_progress_at and d_last > 0:
+    # Gateway timestamps are whole seconds (and the clock offset too): a rate over less than
+    # RATE_MIN_SPAN_S would be mostly rounding (2 lines in 0.01 s is not 200 lines/s).
+    if in_progress_at is not None and t_last - in_progress_at >= RATE_MIN_SPAN_S and d_last > 0:
         return d_last / (t_last - in_progress_at)
     t0, d0 = samples[0]
-    return (d_last - d0) / (t_last - t0) if t_last - t0 >= 1 and d_last > d0 else None
+    return (d_last - d0) / (t_last - t0) if t_last - t0 >= RATE_MIN_SPAN_S and d_last > d0 else None
+
+
+def batch_rate(view: BatchView, samples: Sequence[tuple[float, int]], now: float) -> float | None:
+    """An ended batch's rate is its own (done over its run), not the watch's late poll's."""
+    if not view.terminal:
+        return line_rate(samples, view.in_progress_at, now)
+    start, end = view.in_progress_at, view.ended_at
+    return view.done / (end - start) if start and end and end > start and view.done else None
 
 
 def eta_s(view: BatchView, rate: float | None) -> float | None:
@@ -196,13 +207,19 @@ def fmt_duration(seconds: float | None) -> str:
     return f"{h}:{m:02d}:{s % 60:02d}" if h else f"{m}:{s % 60:02d}"
 
 
-def fmt_rate(rate: float | None) -> str:
+def fmt_rate(rate: float | None, unit: str = " lines") -> str:
     if rate is None:
-        return "- lines/s"
-    return f"{rate:.1f} lines/s" if rate >= 0.1 else f"{rate * 60:.1f} lines/min"
+        return f"-{unit}/s"
+    return f"{rate:.1f}{unit}/s" if rate >= 0.1 else f"{rate * 60:.1f}{unit}/min"
 
 
-def clock_text(elapsed: float | None, rate: float | None, eta: float | None) -> str:
+def clock_text(
+    elapsed: float | None, rate: float | None, eta: float | None, compact: bool = False
+) -> str:
+    """`elapsed 0:20 · 4.0 lines/s · ETA 0:15`; compact (the live bar on 80 columns):
+    `0:20 elapsed · 4.0/s · ETA 0:15`."""
+    if compact:
+        return f"{fmt_duration(elapsed)} elapsed · {fmt_rate(rate, '')} · ETA {fmt_duration(eta)}"
     return f"elapsed {fmt_duration(elapsed)} · {fmt_rate(rate)} · ETA {fmt_duration(eta)}"
 
 
@@ -350,22 +367,23 @@ class _Clock(ProgressColumn):
         dt = 0.0 if f.get("ended") else _monotonic() - f.get("polled", _monotonic())
         elapsed = None if f.get("elapsed") is None else f["elapsed"] + dt
         eta = None if f.get("eta") is None else max(0.0, f["eta"] - dt)
-        return Text(clock_text(elapsed, f.get("rate"), eta), style="cyan")
+        return Text(clock_text(elapsed, f.get("rate"), eta, compact=True), style="cyan")
 
 
 class LiveDisplay:
     """A rich progress bar on a terminal (stderr, so stdout stays for ids and data)."""
 
     def __init__(self, console: Console) -> None:
+        # The id goes in a header line: on 80 columns the bar row keeps only what moves.
         self.progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            TextColumn("{task.fields[status]}"),
-            BarColumn(),
+            TextColumn("[bold]{task.fields[status]}"),
+            BarColumn(bar_width=None),
             MofNCompleteColumn(),
             TextColumn("[red]{task.fields[failed]}"),
-            _Clock(),
+            _Clock(table_column=Column(no_wrap=True)),
             TextColumn("[yellow]{task.fields[note]}"),
             console=console,
+            expand=True,
         )
         self.task: Any = None
 
@@ -387,11 +405,14 @@ class LiveDisplay:
         fields = {
             "status": view.status,
             "failed": f"{view.failed} failed" if view.failed else "",
-            "elapsed": elapsed, "rate": rate, "eta": eta, "note": note,
+            "elapsed": elapsed, "rate": rate, "eta": eta, "note": note[:60],
             "polled": _monotonic(), "ended": view.terminal,
         }  # fmt: skip
         total = view.total or None  # None: a pulsing bar while validating
         if self.task is None:
+            self.progress.console.print(
+                f"[bold]{view.id}[/] (Ctrl-C stops watching; the batch keeps running)"
+            )
             self.task = self.progress.add_task(view.id, total=total, completed=view.done, **fields)
         else:
             self.progress.update(self.task, total=total, completed=view.done, **fields)
@@ -455,7 +476,7 @@ def watch(api: Api, batch_id: str, display: LiveDisplay | LineDisplay) -> BatchV
             now = api.server_now()
             if not note:
                 samples = [*samples, (now, view.done)][-200:]
-            rate = line_rate(samples, view.in_progress_at, now)
+            rate = batch_rate(view, samples, now)
             display.show(view, elapsed_s(view, now), rate, eta_s(view, rate), note)
             if view.terminal:
                 return view

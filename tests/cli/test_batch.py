@@ -261,8 +261,9 @@ def test_watch_rich_bar_shows_progress_rate_and_eta(httpx_mock: HTTPXMock, env: 
     assert view.status == "completed" and view.done == 100
     text = sink.getvalue()
     assert "in_progress" in text and "40/100" in text and "2 failed" in text
-    assert "elapsed 0:20 · 4.0 lines/s · ETA 0:15" in text
-    assert "completed" in text and "100/100" in text and "elapsed 1:40" in text  # ended at +100
+    assert BID in text and "0:20 elapsed · 4.0/s · ETA 0:15" in text
+    # ended at +100, ran from +10: the batch's own rate, not the watch's
+    assert "completed" in text and "100/100" in text and "1:40 elapsed · 1.1/s · ETA 0:00" in text
 
 
 def test_watch_retries_transient_failures_then_gives_up(httpx_mock: HTTPXMock, capsys) -> None:
@@ -498,6 +499,11 @@ def test_line_rate_uses_the_run_average_then_the_recent_window() -> None:
     assert batch.line_rate([], T0, T0 + 5) is None
     # one sample: the run's average since in_progress_at
     assert batch.line_rate([(T0 + 20, 40)], T0 + 10, T0 + 20) == 4.0
+    # running for 0.5 s (whole-second timestamps): no rate rather than 80 lines/s
+    assert batch.line_rate([(T0 + 10.5, 40)], T0 + 10, T0 + 10.5) is None
+    # no in_progress_at: the watch's own samples, once they span RATE_MIN_SPAN_S
+    assert batch.line_rate([(T0, 10), (T0 + 2, 20)], None, T0 + 2) is None
+    assert batch.line_rate([(T0, 10), (T0 + 5, 20)], None, T0 + 5) == 2.0
     # no in_progress_at, no progress seen yet: unknown
     assert batch.line_rate([(T0, 0), (T0 + 5, 0)], None, T0 + 5) is None
     # a long watch: 1 line/s for 60 s, then a node died: 1 line per 6 s from then on
