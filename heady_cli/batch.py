@@ -465,24 +465,26 @@ def watch(api: Api, batch_id: str, display: LiveDisplay | LineDisplay) -> BatchV
     with display:
         while True:
             try:
-                view = api.batch(batch_id)
-                failures = 0
-                note = ""
+                view, note, failures = api.batch(batch_id), "", 0
             except ApiError as exc:
                 failures += 1
-                if not exc.transient or failures >= MAX_TRANSIENT or view is None:
+                if not exc.transient or failures >= MAX_TRANSIENT:
                     raise
                 note = f"retrying: {exc}"
-            now = api.server_now()
-            if not note:
-                samples = [*samples, (now, view.done)][-200:]
-            rate = batch_rate(view, samples, now)
-            display.show(view, elapsed_s(view, now), rate, eta_s(view, rate), note)
-            if view.terminal:
-                return view
+                if view is None:  # nothing to draw yet: say so once, on stderr
+                    _err(f"heady: {note}")
+            if view is not None:
+                now = api.server_now()
+                if not note:
+                    samples = [*samples, (now, view.done)][-200:]
+                rate = batch_rate(view, samples, now)
+                display.show(view, elapsed_s(view, now), rate, eta_s(view, rate), note)
+                if view.terminal:
+                    return view
             _sleep(interval)
-            interval = next_interval(interval, view.status != status)
-            status = view.status
+            changed = view is not None and view.status != status
+            interval = next_interval(interval, changed)
+            status = view.status if view is not None else None
 
 
 def _watch_and_report(api: Api, batch_id: str) -> int:

@@ -268,12 +268,14 @@ def test_watch_rich_bar_shows_progress_rate_and_eta(httpx_mock: HTTPXMock, env: 
 
 def test_watch_retries_transient_failures_then_gives_up(httpx_mock: HTTPXMock, capsys) -> None:
     url = f"{ROOT}/batches/{BID}"
+    httpx_mock.add_response(url=url, status_code=504, json={"error": {"message": "slow"}})
     httpx_mock.add_response(url=url, json=batch_obj("in_progress", 10, 1))
     httpx_mock.add_response(url=url, status_code=503, json={"error": {"message": "busy"}})
     httpx_mock.add_exception(httpx.ConnectError("refused"), url=url)
     httpx_mock.add_response(url=url, json=batch_obj("completed", 10, 10))
     assert main(["batch", "watch", BID]) == 0
     err = capsys.readouterr().err
+    assert err.splitlines()[0] == "heady: retrying: slow"  # before there is anything to draw
     assert "retrying: busy" in err and "retrying: cannot reach gateway" in err
 
     httpx_mock.add_response(url=url, json=batch_obj("in_progress", 10, 1))
