@@ -30,6 +30,7 @@ from rich.table import Column, Table
 from rich.text import Text
 
 from heady_cli.config import CliError, gateway_key, load_vars
+from heady_shared.routes import valid_role_name
 
 EXIT_OK, EXIT_ENDED_BADLY, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
 TERMINAL_EXIT = {"completed": EXIT_OK, "failed": 1, "expired": 1, "cancelled": 1}
@@ -274,8 +275,8 @@ class Api:
     _http: httpx.Client = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,31}", self.role):
-            raise CliError(f"not a role name: {self.role[:40]!r}")
+        if not valid_role_name(self.role):  # the gateway's own rule for ROUTES
+            raise CliError(f"not a role name (a-z, 0-9, -): {self.role[:40]!r}")
         self.root = f"{self.base}/api/heavy/{self.role}/v1"
         headers = {"authorization": f"Bearer {self.key}", "user-agent": "heady-cli"}
         self._http = httpx.Client(headers=headers, timeout=self.timeout)
@@ -300,9 +301,12 @@ class Api:
         return resp
 
     def _wrap(self, exc: httpx.HTTPError) -> CliError:
+        """A network failure, as an ApiError with the status that classes it as transient."""
         if isinstance(exc, httpx.TimeoutException):
             return ApiError(408, f"gateway at {self.base} did not answer within {self.timeout:g}s")
-        return ApiError(503, f"cannot reach gateway at {self.base}: {type(exc).__name__}")
+        if isinstance(exc, httpx.ConnectError):
+            return ApiError(503, f"cannot reach gateway at {self.base}: {type(exc).__name__}")
+        return ApiError(503, f"connection to gateway at {self.base} broke: {type(exc).__name__}")
 
     def request_json(self, method: str, path: str, **kw: Any) -> dict[str, Any]:
         try:

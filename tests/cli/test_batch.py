@@ -197,6 +197,24 @@ def test_submit_bad_local_file(tmp_path: Path, capsys, setup, message: str) -> N
     assert message in one_error_line(capsys.readouterr().err)
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["list", "--role", "Batch"], "not a role name (a-z, 0-9, -): 'Batch'"),
+        (["list", "--role", "../files"], "not a role name"),
+        (["submit", "p.jsonl", "--metadata", "novalue"], "--metadata wants KEY=VALUE"),
+        (["cancel", "batch_x?y=1"], "not a valid batch id"),
+        (["list", "--gateway", "gw.example.com"], "gateway URL must start with https://"),
+    ],
+)
+def test_bad_arguments_never_reach_the_gateway(
+    tmp_path: Path, capsys, args: list[str], message: str
+) -> None:
+    (tmp_path / "p.jsonl").write_bytes(LINES)
+    assert main(["batch", *args]) == 2  # httpx_mock: no request may be made
+    assert message in one_error_line(capsys.readouterr().err)
+
+
 def test_missing_gateway_or_key(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     monkeypatch.delenv("GATEWAY_API_KEY")
     assert main(["batch", "list"]) == 2
@@ -370,7 +388,8 @@ def test_results_interrupted_download_leaves_no_file(
     httpx_mock.add_response(url=f"{ROOT}/batches/{BID}", json=done)
     httpx_mock.add_response(url=f"{ROOT}/files/{OUT}/content", stream=IteratorStream(broken()))
     assert main(["batch", "results", BID, "-o", "out.jsonl"]) == 2
-    assert "cannot reach gateway" in one_error_line(capsys.readouterr().err)
+    line = one_error_line(capsys.readouterr().err)
+    assert line == f"heady: error: connection to gateway at {GW} broke: RemoteProtocolError"
     assert list(tmp_path.iterdir()) == []
 
 
