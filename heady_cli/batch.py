@@ -574,10 +574,17 @@ def _to_file(target: str, fetch: Callable[[BinaryIO], tuple[int, int]]) -> tuple
     looks like a finished one. `-` or a non-regular file (/dev/stdout) is written directly."""
     path = Path(target)
     if target == "-":
-        return fetch(sys.stdout.buffer)
+        result = fetch(sys.stdout.buffer)
+        sys.stdout.buffer.flush()
+        return result
+    if path.is_dir():
+        raise CliError(f"{path} is a directory; give a file name")
     if path.exists() and not path.is_file():
-        with path.open("wb") as fh:
-            return fetch(fh)
+        try:
+            with path.open("wb") as fh:
+                return fetch(fh)
+        except OSError as exc:
+            raise CliError(f"cannot write {path}: {exc.strerror or exc}") from None
     part = path.with_name(path.name + ".part")
     try:
         with part.open("wb") as fh:
@@ -604,6 +611,9 @@ def cmd_results(args: argparse.Namespace) -> int:
         if view.status == "failed" and not view.output_file_id:
             print("\n".join(summary(view)), file=sys.stderr)
             return TERMINAL_EXIT["failed"]
+        same = args.output and args.errors and args.output != "-"
+        if same and Path(args.output).resolve() == Path(args.errors).resolve():
+            raise CliError("-o and --errors name the same file")
         jobs = [("output", view.output_file_id, args.output)]
         if args.errors:
             jobs.append(("errors", view.error_file_id, args.errors))

@@ -406,6 +406,19 @@ def test_results_not_finished_or_failed_validation(httpx_mock: HTTPXMock, capsys
     assert "line 2: [invalid_json] line is not JSON" in capsys.readouterr().err
 
 
+def test_results_refuses_targets_it_cannot_write(
+    httpx_mock: HTTPXMock, tmp_path: Path, capsys
+) -> None:
+    done = batch_obj("completed", 1, 1, output_file_id=OUT, error_file_id=ERR)
+    httpx_mock.add_response(url=f"{ROOT}/batches/{BID}", json=done, is_reusable=True)
+    (tmp_path / "adir").mkdir()
+    assert main(["batch", "results", BID, "-o", "adir"]) == 2
+    assert "adir is a directory" in one_error_line(capsys.readouterr().err)
+    assert main(["batch", "results", BID, "-o", "x.jsonl", "--errors", "./x.jsonl"]) == 2
+    assert "the same file" in one_error_line(capsys.readouterr().err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir"]
+
+
 def test_results_completed_with_every_line_failed(
     httpx_mock: HTTPXMock, tmp_path: Path, capsys
 ) -> None:
