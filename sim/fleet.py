@@ -35,7 +35,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
-from heady_shared.routes import DEFAULT_POOLS, NODE_COUNT, roles_served_by
+from heady_node.gpu import GPU_CLASSES
+from heady_node.presets import Preset, preset_for, served_model_names
+from heady_shared.routes import DEFAULT_POOLS, NODE_COUNT, role_of
 from sim.node import DEFAULT_MODEL, Node, RecordedRequest, parse_mode
 from sim.server import HTTPServer, Request, Response
 
@@ -49,27 +51,30 @@ __all__ = [
 ]
 
 
-# The checkpoint each node of the default fleet serves: the node side's presets
-# (heady_node/presets.py) for a T4 on odd nodes and an L4 on even ones, so the two nodes of a
-# pair serve different models, as they do whenever Colab hands them different GPUs.
-NODE_MODELS: dict[int, str] = {
-    1: "Qwen/Qwen2.5-7B-Instruct-AWQ",
-    2: "Qwen/Qwen2.5-14B-Instruct-AWQ",
-    3: "Qwen/Qwen2.5-Coder-7B-Instruct-AWQ",
-    4: "Qwen/Qwen2.5-Coder-14B-Instruct-AWQ",
-    5: "Qwen/Qwen2-VL-2B-Instruct",
-    6: "Qwen/Qwen2.5-VL-7B-Instruct-AWQ",
-    7: "Qwen/Qwen2.5-3B-Instruct",
-    8: "Qwen/Qwen2.5-7B-Instruct-AWQ",
-}
+# The GPU each node of the default fleet stands in for: a T4 on odd nodes, an L4 on even ones,
+# so the two nodes of a pair serve different models, as they do whenever Colab hands them
+# different GPUs.
+NODE_GPUS: dict[int, str] = {n: "t4" if n % 2 else "l4" for n in range(1, NODE_COUNT + 1)}
+
+
+def _preset(n: int) -> Preset:
+    """The node side's preset (heady_node/presets.py) for node ``n``'s role on its GPU."""
+    role = role_of(n)
+    assert role is not None, f"node {n} is in no role's pair"  # the default table pairs all
+    return preset_for(role, GPU_CLASSES[NODE_GPUS[n]])
+
+
+# The checkpoint each node of the default fleet serves, read from the presets so the two
+# cannot drift apart.
+NODE_MODELS: dict[int, str] = {n: _preset(n).model.repo for n in NODE_GPUS}
 
 
 def default_served_names(n: int, pools: Mapping[str, Any] | None = None) -> tuple[str, ...]:
-    """What node ``n`` answers to, exactly as the node side starts it: its checkpoint's repo id,
-    then every role whose pair or fallback chain contains it (``roles_served_by``), so a
-    request that says ``"model": "<role>"`` succeeds on every node the plan may send it to."""
+    """What node ``n`` answers to, exactly as the node side starts it
+    (``heady_node.presets.served_model_names``): its checkpoint's repo id, then every role
+    whose pair or fallback chain contains it, so a request that says ``"model": "<role>"`` succeeds on every node the plan may send it to."""
     pools = DEFAULT_POOLS if pools is None else pools
-    return (NODE_MODELS.get(n, DEFAULT_MODEL), *roles_served_by(n, pools))
+    return served_model_names(NODE_MODELS.get(n, DEFAULT_MODEL), n, pools)
 
 
 T = TypeVar("T")
