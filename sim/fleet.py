@@ -72,7 +72,8 @@ NODE_MODELS: dict[int, str] = {n: _preset(n).model.repo for n in NODE_GPUS}
 def default_served_names(n: int, pools: Mapping[str, Any] | None = None) -> tuple[str, ...]:
     """What node ``n`` answers to, exactly as the node side starts it
     (``heady_node.presets.served_model_names``): its checkpoint's repo id, then every role
-    whose pair or fallback chain contains it, so a request that says ``"model": "<role>"`` succeeds on every node the plan may send it to."""
+    whose pair or fallback chain contains it, so a request that says ``"model": "<role>"``
+    succeeds on every node the plan may send it to."""
     pools = DEFAULT_POOLS if pools is None else pools
     return served_model_names(NODE_MODELS.get(n, DEFAULT_MODEL), n, pools)
 
