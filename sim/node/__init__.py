@@ -26,13 +26,16 @@ rule cites the vLLM source it mirrors; "vLLM" below is vllm-project/vllm, 0.2x-0
 Run alone as a stand-in for ``vllm serve``::
 
     python -m sim.node [serve] [MODEL] --port P [--host H] [--node N] [--api-key K]
-                       [--served-model-name A [B ...]] [--model M] [...ignored vLLM flags]
+                       [--served-model-name A [B ...]] [--model M] [--max-num-seqs S]
+                       [--sim-token-s T] [...ignored vLLM flags]
 
 The package, one job per module: ``modes`` (what a node can be switched to), ``vllm`` (the
 healthy vLLM API), ``faults`` (what a failing node sends), ``record`` (what reached it),
-``lifecycle`` (``Node``: port, mode, start/stop), ``cli`` (``python -m sim.node``).
+``capacity`` (``--max-num-seqs`` and time per token), ``lifecycle`` (``Node``: port, mode,
+start/stop), ``cli`` (``python -m sim.node``).
 """
 
+from sim.node.capacity import Capacity
 from sim.node.cli import main
 from sim.node.lifecycle import DEFAULT_MODEL, Node
 from sim.node.modes import MODES, ModeConfig, parse_mode
@@ -47,6 +50,7 @@ __all__ = [
     "MAX_MODEL_LEN",
     "MODES",
     "VLLM_VERSION",
+    "Capacity",
     "ModeConfig",
     "Node",
     "RecordedRequest",

@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 
+from sim.node.capacity import parse_capacity
 from sim.node.lifecycle import DEFAULT_MODEL, Node
 
 __all__ = ["main"]
@@ -25,6 +26,18 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--api-key", default=None)
     parser.add_argument("--served-model-name", nargs="+", default=None)
     parser.add_argument("--model", default=None)
+    parser.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=None,
+        help="vLLM's limit of running sequences; more requests wait (default: no limit)",
+    )
+    parser.add_argument(
+        "--sim-token-s",
+        type=float,
+        default=0.0,
+        help="simulator only: seconds per generated token of one sequence (default 0)",
+    )
     args, _unknown = parser.parse_known_args(argv)
     return args
 
@@ -39,6 +52,12 @@ def main(argv: list[str] | None = None) -> int:
     api_key = args.api_key or os.environ.get("VLLM_API_KEY") or None
     dev_mode = os.environ.get("VLLM_SERVER_DEV_MODE", "0") not in ("", "0")
 
+    try:
+        capacity = parse_capacity({"max_num_seqs": args.max_num_seqs, "token_s": args.sim_token_s})
+    except ValueError as e:
+        print(f"python -m sim.node: {e}", file=sys.stderr)
+        return 2
+
     async def run() -> None:
         node = Node(
             args.node,
@@ -48,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             model=model,
             served_names=args.served_model_name,
             dev_mode=dev_mode,
+            capacity=capacity,
         )
         await node.start()
         stop = asyncio.Event()

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from sim.node import faults
+from sim.node.capacity import UNLIMITED, Capacity, Scheduler, parse_capacity
 from sim.node.modes import HEALTHY, number, parse_mode
 from sim.node.record import HISTORY, RecordedRequest
 from sim.node.vllm import VllmApi
@@ -43,6 +44,7 @@ class Node(VllmApi):
         served_names: Sequence[str] | None = None,
         dev_mode: bool = False,
         history: int = HISTORY,
+        capacity: Capacity = UNLIMITED,
     ) -> None:
         self.number = number
         self.model = model
@@ -60,7 +62,9 @@ class Node(VllmApi):
         self._log: deque[RecordedRequest] = deque(maxlen=history)
         self._log_lock = threading.Lock()
         self._total = 0
-        self._running = 0  # in-flight completions, reported as vllm:num_requests_running
+        # Admits completions (vllm:num_requests_running / _waiting); reset() restores `capacity`.
+        self._scheduler = Scheduler(capacity)
+        self._capacity = capacity
         self._seq = 0
         self._hung: set[HTTPConnection] = set()
         self._node_header = ("x-sim-node", str(number))
@@ -142,7 +146,16 @@ class Node(VllmApi):
             self._log.clear()
             self._total = 0
 
+    @property
+    def capacity(self) -> Capacity:
+        return self._scheduler.capacity
+
+    async def set_capacity(self, **params: Any) -> None:
+        """Change ``max_num_seqs`` (None: no limit) and/or ``token_s``; the others stay."""
+        self._scheduler.set_capacity(parse_capacity(params, self._scheduler.capacity))
+
     async def reset(self) -> None:
+        self._scheduler.set_capacity(self._capacity)
         await self.set_mode("healthy")
         self.load = 0
         self._set_paused(False)
@@ -162,6 +175,9 @@ class Node(VllmApi):
             "served_names": list(self.served_names),
             "dev_mode": self.dev_mode,
             "paused": self.paused,
+            **self._scheduler.capacity.to_dict(),
+            "running": self._scheduler.running,
+            "waiting": self._scheduler.waiting,
         }
 
     def _set_paused(self, paused: bool) -> None:

@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from sim.node import faults
+from sim.node.capacity import Scheduler
 from sim.node.modes import ModeConfig
 from sim.node.wire import JSON, SSE_TYPE, dumps, error_body
 from sim.server import Request, Response
@@ -81,7 +82,7 @@ class VllmApi:
     _resumed: asyncio.Event | None
     _mode: ModeConfig
     _total: int
-    _running: int
+    _scheduler: Scheduler
     _seq: int
     _node_header: tuple[str, str]
 
@@ -156,7 +157,9 @@ class VllmApi:
         elif path == "/version":
             self._json(resp, 200, {"version": VLLM_VERSION})
         elif path == "/load":
-            self._json(resp, 200, {"server_load": self._running})
+            # vLLM's load_aware_call counts every request inside a handler, queued or running.
+            sched = self._scheduler
+            self._json(resp, 200, {"server_load": sched.running + sched.waiting})
         elif path == "/v1/models":
             self._json(resp, 200, self._models())
         elif path in ("/v1/chat/completions", "/v1/completions"):
@@ -198,13 +201,15 @@ class VllmApi:
 
     def _metrics(self) -> str:
         m = f'model_name="{self.served_names[0]}"'
+        # `load` stands for requests queued by clients the simulator does not see (set by tests).
+        waiting = self.load + self._scheduler.waiting
         return (
             "# HELP vllm:num_requests_running Number of requests currently running on GPU.\n"
             "# TYPE vllm:num_requests_running gauge\n"
-            f"vllm:num_requests_running{{{m}}} {float(self._running)}\n"
+            f"vllm:num_requests_running{{{m}}} {float(self._scheduler.running)}\n"
             "# HELP vllm:num_requests_waiting Number of requests waiting to be processed.\n"
             "# TYPE vllm:num_requests_waiting gauge\n"
-            f"vllm:num_requests_waiting{{{m}}} {float(self.load)}\n"
+            f"vllm:num_requests_waiting{{{m}}} {float(waiting)}\n"
             "# HELP vllm:gpu_cache_usage_perc GPU KV-cache usage. 1 means 100 percent usage.\n"
             "# TYPE vllm:gpu_cache_usage_perc gauge\n"
             f"vllm:gpu_cache_usage_perc{{{m}}} {min(self.load, 100) / 100}\n"
@@ -392,13 +397,16 @@ class VllmApi:
             "total_tokens": prompt_tokens + len(words),
         }
         base = {"id": rid, "created": int(time.time()), "model": model, "node": self.number}
-        self._running += 1
+        await self._scheduler.admit()  # queued while max_num_seqs are running
         try:
             if payload.get("stream") is True:
                 options = payload.get("stream_options")
                 with_usage = isinstance(options, dict) and options.get("include_usage") is True
                 await self._stream(resp, base, words, finish, usage if with_usage else None, chat)
                 return
+            token_s = self._scheduler.capacity.token_s
+            if token_s:
+                await asyncio.sleep(token_s * len(words))  # generated before the answer leaves
             text = " ".join(words)
             if mode.name == "body_cut":
                 text += " " + "x" * mode.params["size"]  # a large answer, to be cut half-way
@@ -422,7 +430,7 @@ class VllmApi:
             else:
                 resp.send(200, [JSON, self._node_header], body)
         finally:
-            self._running -= 1
+            self._scheduler.release()
 
     async def _stream(
         self,
@@ -460,11 +468,16 @@ class VllmApi:
         mode = self._mode
         cut = mode.params["after"] if mode.name in ("stream_reset", "stream_eof") else None
         interval = mode.params.get("interval", 0.0) if cut is not None else 0.0
+        token_s = self._scheduler.capacity.token_s
+        first = 1 if chat else 0  # chat opens with the role chunk, sent before any token
+        tokens = range(first, first + len(words))
         for i, event in enumerate(events):
             if i == cut:
                 break
             if i and interval:
                 await asyncio.sleep(interval)
+            if token_s and i in tokens:
+                await asyncio.sleep(token_s)  # one engine iteration per token
             await resp.write(event)
         else:
             await resp.write(b"data: [DONE]\n\n")
