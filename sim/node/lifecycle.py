@@ -31,7 +31,9 @@ class Node(VllmApi):
     properties, which are safe from any thread.
 
     ``model`` is the checkpoint path (the ``root`` of every model card); ``served_names`` the
-    names the engine answers to (vLLM's ``--served-model-name``; default: ``model``)."""
+    names the engine answers to (vLLM's ``--served-model-name``; default: ``model``);
+    ``capacity`` its ``--max-num-seqs`` and time per token (``sim.node.capacity``; default: no
+    limit, no delay)."""
 
     def __init__(
         self,

@@ -87,7 +87,7 @@ class VllmApi:
     _node_header: tuple[str, str]
 
     def _set_paused(self, paused: bool) -> None:
-        raise NotImplementedError
+        raise NotImplementedError  # Node's: it owns the event that holds paused requests
 
     def _json(self, resp: Response, status: int, obj: Any) -> None:
         resp.send(status, [JSON, self._node_header], dumps(obj).encode())
