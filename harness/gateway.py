@@ -90,6 +90,17 @@ def _python_modules(main: Path, extra_dirs: Iterator[tuple[Path, str]]) -> list[
     return modules
 
 
+def _rule_modules(src: Path, rules: list[dict]) -> list[dict[str, str]]:
+    """The files wrangler.toml's [[rules]] bundle beside the Python modules (Text: the status
+    page's HTML, CSS and script), with their type, as wrangler does."""
+    return [
+        {"name": path.relative_to(src).as_posix(), "file": str(path), "type": rule["type"]}
+        for rule in rules
+        for pattern in rule["globs"]
+        for path in sorted(src.glob(pattern))
+    ]
+
+
 def build_config(
     *,
     bindings: Mapping[str, str],
@@ -106,7 +117,8 @@ def build_config(
     merged.update(bindings)
     return {
         "modulesRoot": str(CACHE / "modules"),
-        "modules": _python_modules(SHIM / "harness_main.py", iter(dirs)),
+        "modules": _python_modules(SHIM / "harness_main.py", iter(dirs))
+        + _rule_modules(src, wrangler.get("rules", [])),
         "compatibilityDate": HARNESS_COMPAT_DATE,
         "compatibilityFlags": [
             f
