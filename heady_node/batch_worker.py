@@ -580,8 +580,12 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="take work whenever there is some (default for batch-role nodes)",
     )
-    mode.add_argument("--when-idle", dest="always", action="store_false",
-                      help="take work only while the engine's queue is empty (other roles)")  # fmt: skip
+    mode.add_argument(
+        "--when-idle",
+        dest="always",
+        action="store_false",
+        help="take work only while the engine's queue is empty (other roles)",
+    )
     p.add_argument("--concurrency", type=int, default=32, help="lines in flight to start with")
     p.add_argument("--max-concurrency", type=int, default=256)
     p.add_argument("--fixed", action="store_true", help="keep --concurrency, do not adapt it")
