@@ -89,6 +89,7 @@ class WorkerConfig:
     request_timeout_s: float = 600.0  # one line's answer (the gateway's ROLE_TIMEOUTS_S)
     tune_interval_s: float = 1.0
     gateway_attempts: int = 3  # PUT/commit tries on a network error before giving the shard up
+    max_shards: int = 2  # shards held at once: the next one starts while the last one drains
 
 
 def check_gateway_url(url: str) -> str:
@@ -190,12 +191,13 @@ class _Outcome:
     output_tokens: int = 0
 
 
-@dataclass
+@dataclass(eq=False)  # identity: kept in a set while it runs
 class _Shard:
     """The running shard's results, in input order (None: not finished)."""
 
     results: list[_Outcome | None]
     in_flight: int = 0
+    draining: bool = False  # every line has started (or none will): room for the next shard
 
     def finished(self) -> list[_Outcome]:
         return [r for r in self.results if r is not None]
@@ -210,6 +212,9 @@ class BatchWorker:
     engine: httpx.AsyncClient = field(init=False)
     limit: int = field(init=False)
     leases: int = field(init=False, default=0)
+    _shards: set[_Shard] = field(init=False, default_factory=set)  # lines shards running now
+    _wake: asyncio.Event = field(init=False, default_factory=asyncio.Event)
+    _tuner: asyncio.Task[None] | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         cfg = self.cfg
@@ -233,36 +238,52 @@ class BatchWorker:
 
     # -- the loop -----------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event | None = None, max_leases: int | None = None) -> None:
-        """Lease, work, commit, until `stop` is set (a shard in progress is abandoned: its lease
-        expires) or `max_leases` leases were handled."""
+        """Lease, work, commit, until `stop` is set (shards in progress are abandoned: their
+        leases expire) or `max_leases` leases were handled.
+
+        The engine's batch stays full across shard boundaries: once every line of the running
+        shard has started, its tail runs while the next shard is leased and started (at most
+        `max_shards` at once, all sharing `self.limit` lines in flight)."""
         stop = stop or asyncio.Event()
+        active: set[asyncio.Task[str]] = set()
         idle_rounds = 0
-        while not stop.is_set() and (max_leases is None or self.leases < max_leases):
-            step = asyncio.create_task(self.step())
-            stopper = asyncio.create_task(stop.wait())
-            await asyncio.wait((step, stopper), return_when=asyncio.FIRST_COMPLETED)
-            stopper.cancel()
-            if not step.done():
-                step.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await step
-                return
-            worked = step.result()
-            if worked:
-                idle_rounds = 0
-                continue
-            delay = bl.backoff_s(idle_rounds, self.cfg.poll_s, self.cfg.poll_max_s, self.rand())
-            idle_rounds += 1
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), delay)
+        try:
+            while not stop.is_set():
+                active = {t for t in active if not t.done()}
+                more = max_leases is None or self.leases < max_leases
+                if not (more or active):
+                    return
+                self._wake.clear()
+                delay = None
+                room = len(active) < self.cfg.max_shards
+                if more and room and all(shard.draining for shard in self._shards):
+                    lease = await self._ask_logged()
+                    if lease is not None:
+                        self.leases += 1
+                        idle_rounds = 0
+                        active.add(asyncio.create_task(self.handle(lease)))
+                        await asyncio.sleep(0)  # let it register its shard before we look
+                        continue
+                    delay = bl.backoff_s(
+                        idle_rounds, self.cfg.poll_s, self.cfg.poll_max_s, self.rand()
+                    )
+                    idle_rounds += 1
+                await _first(stop, self._wake, active, delay)
+        finally:
+            for task in active:
+                task.cancel()
+            await asyncio.gather(*active, return_exceptions=True)
+
+    async def _ask_logged(self) -> _Lease | None:
+        try:
+            return await self.ask()
+        except (httpx.HTTPError, GatewayError) as exc:
+            log.warning("lease request failed: %s", _why(exc))
+            return None
 
     async def step(self) -> bool:
         """One round: ask for a lease and handle it. False when there was nothing to do."""
-        try:
-            lease = await self.ask()
-        except (httpx.HTTPError, GatewayError) as exc:
-            log.warning("lease request failed: %s", _why(exc))
-            return False
+        lease = await self._ask_logged()
         if lease is None:
             return False
         self.leases += 1
@@ -332,10 +353,13 @@ class BatchWorker:
             outcome = "engine not answering: shard abandoned, its lease will expire"
         except (httpx.HTTPError, GatewayError) as exc:
             outcome = f"gateway failed ({_why(exc)}): shard abandoned, its lease will expire"
+        except Exception as exc:  # a bug must cost one lease (it expires), never the worker
+            log.exception("lease %s failed", lease.id)
+            outcome = f"worker error {type(exc).__name__}: shard abandoned, its lease will expire"
         finally:
             await beat.stop()
         log.info(
-            "lease %s %s batch %s seq %s: %s (%.1fs, %d heartbeats)",
+            "lease %s %s %s seq %s: %s (%.1fs, %d heartbeats)",
             lease.id, lease.kind, lease.batch_id, lease.seq, outcome,
             time.monotonic() - start, beat.beats,
         )  # fmt: skip
@@ -360,6 +384,19 @@ class BatchWorker:
     async def _lines(self, lease: _Lease, beat: _Heartbeat) -> str:
         # A shard is SHARD_LINES lines: read it whole (streamed, then the connection is free)
         # rather than hold the gateway's response open for the minutes the lines take.
+        shard = _Shard([])
+        self._shards.add(shard)
+        try:
+            return await self._run_shard(lease, beat, shard)
+        finally:
+            self._shards.discard(shard)
+            shard.draining = True
+            self._wake.set()
+            if not self._shards and self._tuner is not None:
+                self._tuner.cancel()
+                self._tuner = None
+
+    async def _run_shard(self, lease: _Lease, beat: _Heartbeat, shard: _Shard) -> str:
         raws: list[bytes] = []
         async with self.gw.stream("GET", lease.input, headers={TOKEN_HEADER: lease.token}) as resp:
             _expect(resp, 200)
@@ -367,7 +404,7 @@ class BatchWorker:
                 if not is_blank(raw):
                     raws.append(raw)
         requests = [bl.parse_request(raw, lease.endpoint) for raw in raws]
-        shard = _Shard([None] * len(requests))
+        shard.results = [None] * len(requests)
         await self._run_all(requests, shard, beat)
         if beat.lost.is_set():
             raise LeaseLost
@@ -403,22 +440,28 @@ class BatchWorker:
         return f"{what}: {len(done)}/{len(requests)} lines ({len(done) - completed} failed)"
 
     async def _run_all(self, requests: list[bl.Request], shard: _Shard, beat: _Heartbeat) -> None:
-        """Keep up to `self.limit` lines in flight until all ran or the heartbeat says stop;
-        then lines still running are cancelled (their results would not be committed)."""
+        """Keep lines in flight (this shard's share of `self.limit`) until all ran or the
+        heartbeat says stop; then lines still running are cancelled (they would not be
+        committed)."""
         running: dict[asyncio.Task[_Outcome], int] = {}
         stopper = asyncio.create_task(beat.stop_starting.wait())
-        tuner = asyncio.create_task(self._tune(shard)) if self.cfg.adaptive else None
+        if self.cfg.adaptive and (self._tuner is None or self._tuner.done()):
+            self._tuner = asyncio.create_task(self._tune())
         nxt = 0
         try:
             while True:
+                others = sum(s.in_flight for s in self._shards if s is not shard)
                 while (
                     not beat.stop_starting.is_set()
                     and nxt < len(requests)
-                    and (len(running) < self.limit)
+                    and len(running) < max(1, self.limit - others)
                 ):
                     running[asyncio.create_task(self._run_line(requests[nxt]))] = nxt
                     nxt += 1
                 shard.in_flight = len(running)
+                if not shard.draining and (nxt == len(requests) or beat.stop_starting.is_set()):
+                    shard.draining = True
+                    self._wake.set()  # the loop may lease the next shard now
                 if not running or beat.stop_starting.is_set():
                     break
                 done, _ = await asyncio.wait(
@@ -428,12 +471,12 @@ class BatchWorker:
                     if task is not stopper:
                         shard.results[running.pop(task)] = task.result()  # EngineDown rises
         finally:
-            for task in (*running, stopper, *([tuner] if tuner else [])):
+            shard.in_flight = 0
+            for task in (*running, stopper):
                 task.cancel()
-            await asyncio.gather(*running, stopper, *([tuner] if tuner else []),
-                                 return_exceptions=True)  # fmt: skip
+            await asyncio.gather(*running, stopper, return_exceptions=True)
 
-    async def _tune(self, shard: _Shard) -> None:
+    async def _tune(self) -> None:
         """Adjust `self.limit` from the engine's queue (batch_lines.next_concurrency)."""
         lim = bl.Limits(low=1, high=self.cfg.max_concurrency, step=max(1, self.limit // 4))
         before = 0
@@ -442,7 +485,8 @@ class BatchWorker:
             load = await self._load()
             if load is None:
                 continue
-            self.limit = bl.next_concurrency(self.limit, shard.in_flight, load[0], before, lim)
+            in_flight = sum(s.in_flight for s in self._shards)
+            self.limit = bl.next_concurrency(self.limit, in_flight, load[0], before, lim)
             before = load[0]
 
     async def _run_line(self, req: bl.Request) -> _Outcome:
@@ -487,6 +531,18 @@ class BatchWorker:
                     return resp
             await self.sleep(bl.backoff_s(attempt, 1.0, 10.0, self.rand()))
             attempt += 1
+
+
+async def _first(
+    stop: asyncio.Event, wake: asyncio.Event, tasks: set[asyncio.Task[str]], timeout: float | None
+) -> None:
+    """Wait until stop or wake is set, a task ends, or `timeout` s pass."""
+    waiters = [asyncio.create_task(stop.wait()), asyncio.create_task(wake.wait())]
+    try:
+        await asyncio.wait((*waiters, *tasks), timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waiters:
+            w.cancel()
 
 
 def _answer(req: bl.Request, resp: httpx.Response) -> _Outcome:
@@ -597,6 +653,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s batch-worker: %(message)s", stream=sys.stderr
     )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not one line per engine request
     credential = os.environ.get(CREDENTIAL_ENV, "").strip()
     token = (os.environ.get(ENGINE_TOKEN_ENV) or os.environ.get("HEADY_NODE_TOKEN") or "").strip()
     problems = [

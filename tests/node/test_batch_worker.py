@@ -20,6 +20,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from heady_node import batch_worker, launcher
@@ -418,6 +419,33 @@ def test_concurrency_adapts_to_the_engine_queue(gateway, fleet) -> None:
     assert shrunk.limit < 32
 
 
+def test_the_next_shard_starts_while_the_last_one_drains(gateway, fleet) -> None:
+    # A paused engine (vLLM's /pause) holds completions but answers /v1/models and /metrics.
+    m = model(fleet)
+    first = gateway.offer(shard_file(gateway, m, 3))
+    second = gateway.offer(Work("lines", offset=first.offset, length=first.length,
+                                first_line=3, n_lines=3))  # fmt: skip
+    httpx.post(fleet.url(1) + "/pause").raise_for_status()
+    held: list[int] = []
+
+    def resume_once_both_leased() -> None:
+        wait_for(lambda: len(gateway.works) == 2)
+        time.sleep(0.3)
+        held.append(sum(1 for r in fleet.requests(1) if r.path == EP))
+        httpx.post(fleet.url(1) + "/resume").raise_for_status()
+
+    resumer = threading.Thread(target=resume_once_both_leased)
+    resumer.start()
+    try:
+        run_leases(config(gateway, fleet, concurrency=4, adaptive=False), 2)
+    finally:
+        resumer.join(30)
+    # all three lines of the first shard had started: the second was leased before any
+    # commit, and took only what was left of the limit (4 - 3 = 1 line in flight)
+    assert held == [4]
+    assert gateway.commits[first.id]["completed"] == gateway.commits[second.id]["completed"] == 3
+
+
 # -- as a process: the CLI and the node session ------------------------------------------------
 def wait_for(cond, timeout: float = 20.0) -> None:
     end = time.monotonic() + timeout
@@ -435,12 +463,13 @@ def test_worker_process_started_for_a_dev_node(gateway, fleet, tmp_path: Path) -
         gateway.url, CREDENTIAL, fleet.url(1), 7, engine_token=ENGINE_TOKEN, log_path=log
     )
     try:
-        wait_for(lambda: work.id in gateway.commits)
+        wait_for(lambda: "valid: 2 lines" in log.read_text())
     finally:
         assert launcher.stop(proc, grace=5) is not None
     assert gateway.commits[work.id]["total"] == 2
     text = log.read_text()
-    assert f"lease {work.id} validate" in text and "valid: 2 lines" in text
+    assert f"lease {work.id} validate batch_{'0' * 24} seq 0: valid: 2 lines, 1 shards, {m}" in text
+    assert "HTTP Request" not in text  # one line per lease, not one per request
     assert CREDENTIAL not in text and ENGINE_TOKEN not in text
 
 
