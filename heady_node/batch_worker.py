@@ -382,8 +382,6 @@ class BatchWorker:
 
     # -- lines --------------------------------------------------------------------------------
     async def _lines(self, lease: _Lease, beat: _Heartbeat) -> str:
-        # A shard is SHARD_LINES lines: read it whole (streamed, then the connection is free)
-        # rather than hold the gateway's response open for the minutes the lines take.
         shard = _Shard([])
         self._shards.add(shard)
         try:
@@ -397,6 +395,8 @@ class BatchWorker:
                 self._tuner = None
 
     async def _run_shard(self, lease: _Lease, beat: _Heartbeat, shard: _Shard) -> str:
+        # A shard is SHARD_LINES lines: read it whole (streamed, then the connection is free)
+        # rather than hold the gateway's response open for the minutes the lines take.
         raws: list[bytes] = []
         async with self.gw.stream("GET", lease.input, headers={TOKEN_HEADER: lease.token}) as resp:
             _expect(resp, 200)

@@ -212,6 +212,19 @@ def line(cid: str, mdl: str, url: str = EP, **body: Any) -> bytes:
     return json.dumps({"custom_id": cid, "method": "POST", "url": url, "body": b}).encode() + b"\n"
 
 
+def test_leases_and_gateway_urls_never_send_the_credential_elsewhere() -> None:
+    lease = {"id": "wrk_1", "token": "t", "kind": "lines", "input": "https://elsewhere/x"}
+    assert batch_worker._Lease.parse(lease).input == "/api/nodes/v1/leases/wrk_1/input"
+    for bad in ({"id": "../x", "token": "t"}, {"id": "wrk_1"}, None):
+        with pytest.raises(batch_worker.GatewayError):
+            batch_worker._Lease.parse(bad)
+    assert batch_worker.check_gateway_url("https://gw.example.com/") == "https://gw.example.com"
+    assert batch_worker.check_gateway_url("http://127.0.0.1:8787") == "http://127.0.0.1:8787"
+    for bad_url in ("http://gw.example.com", "ftp://x", "gw.example.com"):
+        with pytest.raises(ValueError):
+            batch_worker.check_gateway_url(bad_url)
+
+
 # -- validate ---------------------------------------------------------------------------------
 def test_validate_commits_errors_with_line_numbers_for_a_bad_file(gateway, fleet) -> None:
     m = model(fleet)
