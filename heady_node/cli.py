@@ -2,6 +2,8 @@
 
     heady-node install --tunnel cloudflare      # driver/CUDA check, then vLLM + the tunnel agent
     heady-node serve --node 3                   # GPU -> preset -> vLLM + guard -> tunnel -> status
+    heady-node batch-worker --gateway URL       # pull batch work (serve starts it by itself when
+                                                # HEADY_GATEWAY_URL + HEADY_NODE_CREDENTIAL are set)
 
 Settings come from flags or the environment (HEADY_NODE, HEADY_TUNNEL, HEADY_MODEL, HEADY_PORT,
 HEADY_MEDIA_DOMAINS, HEADY_ROUTES, HEADY_DRY_RUN); secrets (NODE_TOKEN, CF_TUNNEL_TOKEN_<n>, ...)
