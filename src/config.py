@@ -180,13 +180,15 @@ def load_config(env: Mapping[str, str | None]) -> GatewayConfig:
     if cap < base:
         problems.append("COOLDOWN_MAX_S is below COOLDOWN_BASE_S; using the base for both")
         cap = base
-    probe_path = (env.get("HEALTH_PATH") or "/health").strip()
+    probe_path = (env.get("HEALTH_PATH") or "").strip() or "/health"
     if not probe_path.startswith("/") or "//" in probe_path or ".." in probe_path:
         problems.append("HEALTH_PATH: must be an absolute path such as /health; using /health")
         probe_path = "/health"
     metrics_raw = env.get("METRICS_PATH")
     metrics_path: str | None = "/metrics" if metrics_raw is None else metrics_raw.strip() or None
-    if metrics_path is not None and (not metrics_path.startswith("/") or ".." in metrics_path):
+    if metrics_path is not None and (
+        not metrics_path.startswith("/") or "//" in metrics_path or ".." in metrics_path
+    ):
         problems.append("METRICS_PATH: must be an absolute path or empty; using /metrics")
         metrics_path = "/metrics"
     health = HealthPolicy(

@@ -322,6 +322,7 @@ def test_role_timeouts_bad_values_are_ignored(value):
         ("/healthz", "/healthz", False),
         (" /v1/models ", "/v1/models", False),
         ("", "/health", False),
+        ("   ", "/health", False),  # blank is unset, as for every other setting
         ("health", "/health", True),
         ("//evil.example/x", "/health", True),
         ("/a/../b", "/health", True),
@@ -343,6 +344,7 @@ def test_health_path(raw, path, problem):
         ("/stats", "/stats", False),
         ("metrics", "/metrics", True),
         ("/../metrics", "/metrics", True),
+        ("//evil.example/metrics", "/metrics", True),  # the same rule as HEALTH_PATH
     ],
 )
 def test_metrics_path(raw, path, problem):
