@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from config import HealthPolicy
+from heady_shared.metrics import MAX_LOAD, WAITING, queue_depth
 from health import (
     FORGET_AFTER_S,
     KV_KEY,
@@ -19,7 +20,6 @@ from health import (
     MAX_COOLDOWN_S,
     MAX_FAILURES,
     MAX_LATENCY_MS,
-    MAX_LOAD,
     MIN_KV_TTL_S,
     RECORD_VERSION,
     HealthState,
@@ -807,6 +807,16 @@ def test_encode_never_emits_a_number_that_cannot_round_trip(h):
     back = decode(body, NOW)[0]
     expected = bounded(h, NOW)
     assert back == ({4: expected} if NOW - expected.at < FORGET_AFTER_S and expected.at else {})
+
+
+def test_every_load_a_probe_reads_survives_the_kv_record():
+    # one bound for a load: what a probe believes, the shared record keeps (and nothing more)
+    for reported, load in ((MAX_LOAD, MAX_LOAD), (MAX_LOAD + 1, None)):
+        assert queue_depth(f"{WAITING} {reported}\n", "text/plain") == load
+        v = HealthView()
+        v.nodes[3] = with_probe(HealthState("up", since=NOW, at=NOW), NOW, load, 5.0)
+        body, _ = encode(v, NOW)
+        assert decode(body, NOW)[0][3].load == load
 
 
 def test_the_model_id_round_trips_and_junk_is_dropped():
