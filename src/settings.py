@@ -313,7 +313,7 @@ def _routes(spec: Setting, raw: str | None, found: Findings) -> Any:
 
 
 def _paths(spec: Setting, raw: str | None, found: Findings) -> tuple[str, ...]:
-    """ "/v1/" forwards everything below /v1; "/tokenize" only that path."""
+    """Absolute paths: "/v1/" forwards everything below /v1, "/tokenize" only that path."""
     if _blank(raw):
         return DEFAULTS[spec.name]
     out = []
@@ -340,7 +340,7 @@ def _paths(spec: Setting, raw: str | None, found: Findings) -> tuple[str, ...]:
 def _origins(spec: Setting, raw: str | None, found: Findings) -> tuple[str, ...]:
     """("*",) allows any origin."""
     origins = tuple(o.strip().rstrip("/") for o in (raw or "").split(",") if o.strip())
-    return origins or ("*",)
+    return origins or DEFAULTS[spec.name]
 
 
 def _number(spec: Setting, raw: str | None, found: Findings) -> float:
@@ -436,8 +436,8 @@ def _declared_defaults() -> dict[str, Any]:
         found = Findings()
         try:
             values[s.name] = s.read(s.default, found)
-        except KeyError:  # its parser fell back to the default being declared
-            found.problems.append("falls back")
+        except KeyError:  # its parser needed the very default it is reading
+            found.problems.append(s.name)
         if found.problems or found.fatal:
             raise ValueError(f"settings: {s.name}'s declared default {s.default!r} is invalid")
     return values
