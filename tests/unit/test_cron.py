@@ -18,6 +18,7 @@ from cron import ProbeResult, fold, nodes_to_probe, probe, probe_all
 from heady_shared.routes import NODE_NUMBERS
 from heady_shared.schedule import cron_period_s
 from health import HealthState, HealthView
+from tests.unit.conftest import fleet_config
 
 SLOT = 1800.0
 BASE = 1_700_001_000.0 // SLOT * SLOT  # a slot boundary
@@ -25,11 +26,7 @@ NOW = BASE + 17.0
 
 
 def cfg(unusable=(), **extra):
-    env = {
-        f"COLAB_ENDPOINT_{n}": f"https://node{n}.example" for n in NODE_NUMBERS if n not in unusable
-    }
-    env.update(extra)
-    return load_config(env)
+    return fleet_config(slots=dict.fromkeys(unusable, "unconfigured"), **extra)
 
 
 CFG = cfg()

@@ -14,12 +14,13 @@ from hypothesis import strategies as st
 
 import health as hl
 from attempt import Attempt, Head, judge
-from config import HealthPolicy, load_config
+from config import HealthPolicy
 from forward import MIN_ATTEMPT_S, Forwarded, cut, forward, retry_after
 from heady_shared.failures import match
 from heady_shared.routes import NODE_NUMBERS, Pool
 from health import HealthState, HealthView
 from routing import Plan, make_plan
+from tests.unit.conftest import fleet_config
 
 T0 = 1_700_000_000.0
 POLICY = HealthPolicy()  # cooldown base 30 s, cap 600 s
@@ -464,7 +465,7 @@ def test_attempt_loop_properties(plan, script, before, attempt_s, deadline_in, s
     check_run(plan, script, before, attempt_s, deadline_in, start)
 
 
-CFG = load_config({f"COLAB_ENDPOINT_{n}": f"https://node{n}.example" for n in NODE_NUMBERS})
+CFG = fleet_config()
 
 
 @given(
