@@ -22,6 +22,12 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from heady_shared.endpoints import parse_endpoint
+from heady_shared.probes import (
+    DEFAULT_HEALTH_PATH,
+    DEFAULT_METRICS_PATH,
+    parse_optional_path,
+    parse_path,
+)
 from heady_shared.routes import NODE_NUMBERS, endpoint_key, parse_routes
 
 Kind = Literal[
@@ -240,7 +246,7 @@ SETTINGS: tuple[Setting, ...] = (
         kind="path",
         into="health.probe_path",
         doc="Probe path on each node",
-        default="/health",
+        default=DEFAULT_HEALTH_PATH,
         in_wrangler=True,
     ),
     Setting(
@@ -248,7 +254,7 @@ SETTINGS: tuple[Setting, ...] = (
         kind="path or empty",
         into="health.metrics_path",
         doc="Load (queue depth) path on each node; empty: none",
-        default="/metrics",
+        default=DEFAULT_METRICS_PATH,
         in_wrangler=True,
     ),
     Setting(
@@ -388,27 +394,17 @@ def _seconds_by_role(spec: Setting, raw: str | None, found: Findings) -> dict[st
     return out
 
 
-def _absolute(path: str) -> bool:
-    return path.startswith("/") and "//" not in path and ".." not in path
-
-
 def _path(spec: Setting, raw: str | None, found: Findings) -> str:
-    path = (raw or "").strip() or str(spec.default)
-    if not _absolute(path):
-        found.problems.append(
-            f"{spec.name}: must be an absolute path such as {spec.default}; using {spec.default}"
-        )
-        return str(spec.default)
+    path, problem = parse_path(spec.name, raw, str(spec.default))
+    if problem:
+        found.problems.append(problem)
     return path
 
 
 def _path_or_empty(spec: Setting, raw: str | None, found: Findings) -> str | None:
-    path = str(spec.default) if raw is None else raw.strip() or None
-    if path is not None and not _absolute(path):
-        found.problems.append(
-            f"{spec.name}: must be an absolute path or empty; using {spec.default}"
-        )
-        return str(spec.default)
+    path, problem = parse_optional_path(spec.name, raw, str(spec.default))
+    if problem:
+        found.problems.append(problem)
     return path
 
 
