@@ -115,7 +115,12 @@ def build_config(
         ],
         "bindings": merged,
         "kvNamespaces": {ns["binding"]: ns["id"] for ns in wrangler.get("kv_namespaces", [])},
+        "r2Buckets": {b["binding"]: b["bucket_name"] for b in wrangler.get("r2_buckets", [])},
+        "d1Databases": {d["binding"]: d["database_id"] for d in wrangler.get("d1_databases", [])},
+        # R2 and D1 persist beside the KV folder (.wrangler/state/{kv,r2,d1}, as wrangler's).
         "kvPersist": persist or False,
+        "r2Persist": str(Path(persist).parent / "r2") if persist else False,
+        "d1Persist": str(Path(persist).parent / "d1") if persist else False,
         "host": "127.0.0.1",
         "port": port,
         "verbose": verbose,
@@ -259,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--persist",
         default=str(ROOT / ".wrangler" / "state" / "kv"),
-        help="folder for the local KV (use '' for in-memory)",
+        help="folder for the local KV, with R2 and D1 beside it (use '' for in-memory)",
     )
     ap.add_argument(
         "--cron-every",
