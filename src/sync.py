@@ -18,8 +18,6 @@ from config import HealthPolicy
 from services import Services
 from storage import HealthStore
 
-__all__ = ["HealthStore", "HealthSync"]
-
 
 class HealthSync:
     """One isolate's node health (`view`, under `policy`) and its exchange with KV. Each

@@ -42,7 +42,7 @@ class Clock:
 
 
 class FakeStore:
-    """sync.HealthStore in memory. `read_s`/`write_s` delay the call (None: hang forever);
+    """storage.HealthStore in memory. `read_s`/`write_s` delay the call (None: hang forever);
     `ticks` makes every call last that many event-loop turns; `read_error`/`write_error` make
     it raise. Records how many calls were in flight at once."""
 
