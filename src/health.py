@@ -131,9 +131,9 @@ def is_transition(old: HealthState, new: HealthState) -> bool:
 
 
 def covers(theirs: HealthState | None, mine: HealthState, policy: HealthPolicy) -> bool:
-    """Does a KV record already say what we know? Then writing ours would be a wasted write.
-    A down mark counts as known when KV holds one ending at most half a base cooldown
-    earlier: another isolate saw the same outage."""
+    """Does KV's record for a node (`theirs`) already say what this isolate knows (`mine`)?
+    Then writing ours would be a wasted write. A down mark counts as known when KV holds
+    one ending at most half a base cooldown earlier: another isolate saw the same outage."""
     if mine.at == 0.0:
         return True  # nothing observed here beyond what was read
     if theirs is None:
