@@ -16,7 +16,7 @@ NODE_TOKEN = "bench-node-token"
 POST_PATH = "/v1/completions"
 STREAM_PATH = "/v1/completions"  # streams (stamped events) while the node is in `sse` mode
 ROLE = "reasoning"  # default routes: nodes 1 and 2, fallback 1, 2
-# Clients name the role as the model; every node answers to the roles it may serve (issue 8).
+# Clients name the role as the model; every node answers to the roles it may serve.
 SMALL_BODY = '{"model":"reasoning","prompt":"hello","max_tokens":8}'
 
 

@@ -1,5 +1,5 @@
 """`heady batch submit | watch | results | list | cancel`: the operator side of the gateway's
-OpenAI-compatible Files + Batches API (issue 16), over httpx with the client key.
+OpenAI-compatible Files + Batches API, over httpx with the client key.
 
 Decisions (progress, rate and ETA, polling interval, error lines, exit codes) are pure functions
 over the Batch JSON; the httpx/rich shell around them stays thin. Exit codes: 0 done (watch: the

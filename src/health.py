@@ -16,6 +16,7 @@ from typing import Literal
 from config import HealthPolicy
 from heady_shared.metrics import MAX_LOAD
 from heady_shared.routes import NODE_NUMBERS
+from settings import BY_NAME
 
 State = Literal["up", "down", "unknown"]
 KV_KEY = "health:v1"
@@ -27,7 +28,7 @@ MIN_KV_TTL_S = 60  # KV rejects expirationTtl below 60 s
 # hostile write) put there is clamped into these before it is trusted or written back. Each
 # stays far below 2**53, so it crosses into JS as a Number, never a BigInt. A load is bounded
 # by heady_shared.metrics.MAX_LOAD, the bound its probe reading already passed.
-MAX_COOLDOWN_S = 86400.0  # the largest COOLDOWN_MAX_S setting (src/settings.py)
+MAX_COOLDOWN_S = float(BY_NAME["COOLDOWN_MAX_S"].hi or 0)  # the largest settable cooldown
 MAX_FAILURES = 64  # cooldown_s stops growing long before this
 MAX_LATENCY_MS = 3_600_000.0
 MAX_CLOCK_SKEW_S = 5.0  # a write stamped further ahead than this is not believed

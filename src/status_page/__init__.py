@@ -28,7 +28,6 @@ from heady_shared.failures import EXPLAIN
 
 PATH = "/"
 POLL_MS = 5000  # how often the page polls /api/status while its tab is visible
-ALLOW = "GET, HEAD, OPTIONS"
 HERE = os.path.dirname(os.path.abspath(__file__))
 _SLOT = re.compile(r"\{\{(\w+)\}\}")
 

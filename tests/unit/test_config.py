@@ -1,5 +1,5 @@
 """config.py: the Worker's vars and secrets -> GatewayConfig (endpoint verdicts and ROUTES
-come from heady_shared, tested in test_shared.py; every number's declared bounds, in
+come from heady_shared, tested in test_shared_*.py; every number's declared bounds, in
 test_settings.py; here: the defaults, how load_config uses the shared verdicts, keys, flags,
 tokens, paths, the cooldown cap and the per-role time-outs). The fleet's env: conftest.py."""
 

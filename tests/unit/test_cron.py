@@ -1,4 +1,4 @@
-"""cron.py: sparse probe scheduling (the cron period itself is in test_shared.py), what a
+"""cron.py: sparse probe scheduling (the cron period itself is in test_shared_schedule.py), what a
 probe answer means (the failure rules, the load from a health body or the metrics path) and
 how answers are recorded in health."""
 

@@ -556,7 +556,7 @@ def test_event_sequences_keep_the_state_sane(seq):
         assert h.at <= t
 
 
-# ---- corrupt or hostile KV records (issue 9) -------------------------------------------
+# ---- corrupt or hostile KV records: decoded safely -------------------------------------------
 
 JS_SAFE = 2**53  # beyond this a Python int crosses into JS as a BigInt
 
