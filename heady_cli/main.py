@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn
 from rich.table import Table
 
-from heady_cli import gateway, probe, secrets
+from heady_cli import batch, gateway, probe, secrets
 from heady_cli.config import CliError, endpoints, gateway_key, load_vars, mask_url
 from heady_shared.routes import ENDPOINT_PREFIX, NODE_COUNT
 
@@ -198,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--timeout", type=float, default=15.0)
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=cmd_status)
+
+    batch.add_parser(sub)  # heady batch submit|watch|results|list|cancel (heady_cli/batch.py)
     return p
 
 

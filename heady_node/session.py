@@ -22,8 +22,18 @@ from pathlib import Path
 
 import httpx
 
+from heady_node import (
+    batch_worker,
+    guard,
+    image_presets,
+    launcher,
+    presets,
+    settings,
+    status,
+    tunnel,
+    wrangler,
+)
 from heady_node import gpu as gpu_mod
-from heady_node import guard, image_presets, launcher, presets, settings, status, tunnel, wrangler
 from heady_node.colab import get_secret
 from heady_node.roles import role_for_node
 from heady_shared.metrics import parse_metrics
@@ -78,6 +88,7 @@ class NodeSession:
     engine_proc: subprocess.Popen | None = field(init=False, default=None)
     image_proc: subprocess.Popen | None = field(init=False, default=None)
     tunnel_proc: subprocess.Popen | None = field(init=False, default=None)
+    worker_proc: subprocess.Popen | None = field(init=False, default=None)  # batch worker
     public_url: str | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
@@ -238,6 +249,7 @@ class NodeSession:
             )
         if self.image_preset is not None:
             self.start_images()
+        self.start_batch_worker()
 
     def image_argv(self) -> list[str]:
         assert self.image_preset is not None and self.gpu is not None
@@ -275,6 +287,30 @@ class NodeSession:
             self.out(f"Image engine failed, serving chat only: {exc}")
             return
         self.out(f"Image engine healthy after {waited:.1f}s (drew a warm-up image)")
+
+    def start_batch_worker(self) -> bool:
+        """With HEADY_GATEWAY_URL and the secret HEADY_NODE_CREDENTIAL set, run the batch worker
+        (heady_node.batch_worker) beside the engine: it pulls batch work from the gateway."""
+        url = self.secret(batch_worker.GATEWAY_ENV).strip()
+        credential = self.secret(batch_worker.CREDENTIAL_ENV).strip()
+        if not (url and credential):
+            if url or credential:
+                self.out(
+                    f"Batch worker not started: it needs both {batch_worker.GATEWAY_ENV} and "
+                    f"{batch_worker.CREDENTIAL_ENV}"
+                )
+            return False
+        log = self.log_dir / f"batch-worker-node{self.node}.log"
+        try:
+            self.worker_proc = batch_worker.start_process(
+                url, credential, self.local_url, self.node,
+                engine_token=self._token(), log_path=log, always=self.role == "batch",
+            )  # fmt: skip
+        except ValueError as exc:  # a bad gateway URL: the engine still serves interactive work
+            self.out(f"Batch worker not started: {exc}")
+            return False
+        self.out(f"Batch worker: pulling batch work from {url} (log: {log})")
+        return True
 
     def open_tunnel(self) -> str | None:
         """Start (or restart) the tunnel; on failure the engine keeps running and this can be run
@@ -327,6 +363,7 @@ class NodeSession:
             ("engine", self.engine_proc),
             ("images", self.image_proc),
             ("tunnel", self.tunnel_proc),
+            ("batch worker", self.worker_proc),
         )
         for name, proc in procs:
             if proc is not None and proc.poll() is not None:
@@ -361,10 +398,11 @@ class NodeSession:
 
     def stop(self) -> None:
         """Stop the tunnel and the engine (idempotent: says so only when something ran)."""
-        procs = [p for p in (self.tunnel_proc, self.image_proc, self.engine_proc) if p is not None]
+        running = (self.worker_proc, self.tunnel_proc, self.image_proc, self.engine_proc)
+        procs = [p for p in running if p is not None]
         for proc in procs:
             launcher.stop(proc, grace=10.0)
-        self.tunnel_proc = self.engine_proc = self.image_proc = None
+        self.worker_proc = self.tunnel_proc = self.engine_proc = self.image_proc = None
         self.public_url = None
         if procs:
             self.out(f"Node {self.node} stopped.")

@@ -122,13 +122,6 @@ def role_of(node: int, pools: Mapping[str, Pool] = DEFAULT_POOLS) -> str | None:
     return next((p.role for p in pools.values() if node in p.pair), None)
 
 
-def nodes_for_role(role: str, pools: Mapping[str, Pool] = DEFAULT_POOLS) -> tuple[int, ...]:
-    pool = pools.get(role)
-    if pool is None:
-        raise ValueError(f"unknown role {role!r}; expected one of {', '.join(pools)}")
-    return pool.pair
-
-
 def roles_served_by(node: int, pools: Mapping[str, Pool] = DEFAULT_POOLS) -> tuple[str, ...]:
     """Every role whose requests may reach this node (its own pair or the fallback chain).
 

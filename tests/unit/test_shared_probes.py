@@ -26,7 +26,7 @@ def test_defaults_are_vllms_routes():
         ("/healthz", "/healthz", False),
         (" /v1/models ", "/v1/models", False),
         ("", "/health", False),
-        ("   ", "/health", True),  # set to blanks: not a path
+        ("   ", "/health", False),  # blank: unset, like every other setting
         ("health", "/health", True),
         ("//evil.example/x", "/health", True),
         ("/a/../b", "/health", True),

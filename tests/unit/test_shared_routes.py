@@ -15,7 +15,6 @@ from heady_shared.routes import (
     Pool,
     endpoint_key,
     endpoint_node,
-    nodes_for_role,
     parse_routes,
     role_of,
     roles_served_by,
@@ -143,14 +142,6 @@ def test_empty_fallback_leaves_nodes_1_and_2_their_own_role_only():
 )
 def test_role_of_default(node, role):
     assert role_of(node) == role
-
-
-def test_nodes_for_role():
-    assert nodes_for_role("code") == (3, 4)
-    pools, _ = parse_routes(REMAPPED)
-    assert nodes_for_role("embed", pools) == (6,)
-    with pytest.raises(ValueError, match="unknown role 'code'; expected one of chat, embed"):
-        nodes_for_role("code", pools)
 
 
 node_lists = st.lists(st.sampled_from(NODE_NUMBERS), unique=True, max_size=4)
