@@ -123,7 +123,8 @@ class JobQueue:
             out += [f"# HELP {name} {text}", f"# TYPE {name} {kind}", f"{name}{label} {value}"]
         text = "\n".join(out) + "\n"
         if ready:
-            text += capabilities.exposition((capabilities.IMAGE_GENERATION,))
+            # No HELP/TYPE: the node guard puts this after its own capability lines.
+            text += capabilities.exposition((capabilities.IMAGE_GENERATION,), header=False)
         return text
 
 

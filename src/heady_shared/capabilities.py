@@ -33,15 +33,19 @@ _LINE = re.compile(
 )
 
 
-def exposition(capabilities: tuple[str, ...] | frozenset[str] | list[str]) -> str:
-    """Prometheus text for the given capabilities (HELP/TYPE once, one sample each)."""
+def exposition(
+    capabilities: tuple[str, ...] | frozenset[str] | list[str], *, header: bool = True
+) -> str:
+    """Prometheus text for the given capabilities, one sample each. `header=False` leaves out
+    HELP/TYPE, for a part appended after another part that already had them (the image
+    engine's line after the guard's)."""
     names = [c for c in KNOWN if c in set(capabilities)]
     if not names:
         return ""
     lines = [
         f"# HELP {METRIC} What this node serves (1 = yes), for the gateway's routing.",
         f"# TYPE {METRIC} gauge",
-    ]
+    ][: 2 if header else 0]
     lines += [f'{METRIC}{{capability="{c}"}} 1' for c in names]
     return "\n".join(lines) + "\n"
 
