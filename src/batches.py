@@ -248,8 +248,12 @@ async def settle(db: Db, ids: Ids, b: Row, now: float, deep: bool = False) -> Ro
         await close(db, ids, b, ACTIVE_BATCH, "expired", now)
     elif status == "cancelling":
         await jobdb.drop_open_work(db, batch_id, now, expired_leases_only=True)
+        if await jobdb.has_open_work(db, batch_id):
+            return b
         await close(db, ids, b, ("cancelling",), "cancelled", now)
     elif status == "in_progress" and deep:
+        if await jobdb.has_open_work(db, batch_id):
+            return b
         await close(db, ids, b, ("in_progress",), "completed", now)
     else:
         return b

@@ -288,6 +288,15 @@ async def drop_open_work(db: Db, batch_id: str, now: float, expired_leases_only:
         )
 
 
+async def has_open_work(db: Db, batch_id: str) -> bool:
+    row = await _one(
+        db,
+        "SELECT 1 AS x FROM work WHERE batch_id = ? AND state IN (?, ?) LIMIT 1",
+        (batch_id, *OPEN_WORK),
+    )
+    return row is not None
+
+
 async def done_shards(db: Db, batch_id: str) -> list[Row]:
     return await db.all(
         "SELECT seq, out_blob, out_bytes, err_blob, err_bytes FROM work"
