@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from urllib.parse import unquote_to_bytes
 
 MAX_FIELD_BYTES = 4096  # a text field larger than this is not one we read
+TAIL_MARGIN = MAX_FIELD_BYTES + 1024  # see _tail: more than a field with its headers
 FILE_FIELD = "file"
 
 
@@ -120,24 +121,21 @@ def _parse(buf: bytes, at: int, dash: bytes) -> tuple[list[_Part], bool]:
 
 def _tail(suffix: bytes, dash: bytes, base: int) -> tuple[int, list[_Part]]:
     """Where the file's data ends (absolute offset) and the parts after it, from the suffix
-    read starting at absolute offset `base`."""
+    read starting at absolute offset `base`: the first delimiter in the read ends the file.
+
+    That holds only if the read starts inside the file's data. So the first delimiter must lie
+    at least TAIL_MARGIN bytes into the read: a part we did not see would have to be larger
+    than that, and no field we accept is (its start, a delimiter, would be in the read)."""
     delimiter = b"\r\n" + dash
-    # The file's closing delimiter may straddle the start of the suffix read: try each split
-    # of it, a complete well-formed tail decides (ordinary data is never a valid tail).
-    for k in range(len(delimiter) - 1, 0, -1):
-        if suffix.startswith(delimiter[k:]):
-            buf = delimiter[:k] + suffix
-            try:
-                parts, closed = _parse(buf, 2, dash)
-            except MultipartError:
-                continue
-            if closed and all(p.end is not None for p in parts):
-                return base - k, [_shift(p, base - k) for p in parts]
     at = suffix.find(delimiter)
     if at < 0:
         raise MultipartError("the multipart body has no closing boundary")
+    if at < TAIL_MARGIN:
+        raise MultipartError(
+            "the form fields after the file part are too large; send them before the file"
+        )
     parts, closed = _parse(suffix, at + 2, dash)
-    if not closed:
+    if not closed or any(p.end is None for p in parts):
         raise MultipartError("the multipart body has no closing boundary")
     return base + at, [_shift(p, base) for p in parts]
 
