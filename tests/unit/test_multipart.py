@@ -181,7 +181,11 @@ def test_a_big_field_before_the_file_is_refused() -> None:
         located(request.headers["content-type"], request.read())
 
 
-def test_a_big_field_after_the_file_is_refused() -> None:
+def test_a_big_field_after_the_file_is_unseen() -> None:
+    """The limit of two reads: a field larger than the suffix read after the file cannot be
+    told from file data (its headers lie in the unread middle). Here it is `purpose`, so the
+    envelope has none and files.create_file answers 400; docs/batch.md says to send fields
+    before the file, as the SDK does."""
     body = (
         b'--x\r\nContent-Disposition: form-data; name="file"; filename="a"\r\n\r\n'
         + b"{}\n" * 50000
@@ -189,8 +193,8 @@ def test_a_big_field_after_the_file_is_refused() -> None:
         + b"p" * 70000
         + b"\r\n--x--\r\n"
     )
-    with pytest.raises(MultipartError):
-        located("multipart/form-data; boundary=x", body)
+    env = located("multipart/form-data; boundary=x", body)
+    assert env.fields == {}
 
 
 def test_boundary_of() -> None:
