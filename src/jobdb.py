@@ -421,7 +421,8 @@ async def lease_row(db: Db, lease_id: str, token: str) -> Row | None:
     and the input file's blob; None if the lease is not current."""
     return await _one(
         db,
-        "SELECT w.*, b.status AS batch_status, b.endpoint AS endpoint, b.model AS model,"
+        "SELECT w.*, b.status AS batch_status, b.expires_at AS batch_expires_at,"
+        " b.endpoint AS endpoint, b.model AS model,"
         " f.blob AS file_blob, f.data_offset AS file_data_offset, f.bytes AS file_bytes"
         " FROM work w JOIN batches b ON b.id = w.batch_id"
         " LEFT JOIN files f ON f.id = b.input_file_id"
@@ -430,13 +431,17 @@ async def lease_row(db: Db, lease_id: str, token: str) -> Row | None:
     )
 
 
-async def extend_lease(db: Db, lease_id: str, token: str, expires_at: float) -> Row | None:
+async def extend_lease(
+    db: Db, lease_id: str, token: str, now: float, expires_at: float
+) -> Row | None:
+    """A heartbeat: the lease runs on, unless it is not current or its batch's window ended."""
     return await _one(
         db,
         "UPDATE work SET expires_at = ? WHERE lease_id = ? AND token = ? AND state = 'leased'"
+        " AND (SELECT expires_at FROM batches WHERE id = work.batch_id) > ?"
         " RETURNING expires_at, (SELECT status FROM batches WHERE id = work.batch_id)"
         " AS batch_status",
-        (expires_at, lease_id, token),
+        (expires_at, lease_id, token, now),
     )
 
 

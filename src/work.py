@@ -131,16 +131,24 @@ async def lease(
     return ok({"lease": _lease_view(row, settings)})
 
 
-async def _current(db: Db, lease_id: str, token: str) -> Row | None:
-    return await jobdb.lease_row(db, lease_id, token)
+async def _current(db: Db, ids: Ids, lease_id: str, token: str, now: float) -> Row | None:
+    """The work a current lease holds, or None. A lease whose batch is past its completion
+    window is not current: the batch is expired here and then (its work cancelled)."""
+    w = await jobdb.lease_row(db, lease_id, token)
+    if w is not None and num(w["batch_expires_at"]) <= now:
+        b = await jobdb.batch_by_id(db, str(w["batch_id"]))
+        if b is not None:
+            await batches.settle(db, ids, b, now)
+        return None
+    return w
 
 
-async def lease_input(db: Db, lease_id: str, token: str | None) -> ApiResult:
+async def lease_input(db: Db, ids: Ids, lease_id: str, token: str | None, now: float) -> ApiResult:
     """`GET .../leases/<id>/input` (token in `x-heady-lease-token`): a stream plan of the
     work's byte range of the input file's data, or 409 when the lease is not current."""
     if not token:
         return bad_body("the x-heady-lease-token header is required", "token")
-    w = await _current(db, lease_id, token)
+    w = await _current(db, ids, lease_id, token, now)
     if w is None or w.get("file_blob") is None:
         return lease_lost(lease_id)
     start = num(w["file_data_offset"]) + num(w["offset"])
@@ -165,7 +173,7 @@ async def heartbeat(
     token = _token(req)
     if isinstance(token, ApiResult):
         return token
-    row = await jobdb.extend_lease(db, lease_id, token, now + settings.lease_s)
+    row = await jobdb.extend_lease(db, lease_id, token, now, now + settings.lease_s)
     if row is None:
         return lease_lost(lease_id)
     cancel = row["batch_status"] not in jobdb.ACTIVE_BATCH
@@ -174,10 +182,12 @@ async def heartbeat(
 
 async def result_target(
     db: Db,
+    ids: Ids,
     lease_id: str,
     token: str | None,
     part: str,
     content_length: str | None,
+    now: float,
     settings: BatchSettings,
 ) -> str | ApiResult:
     """`PUT .../leases/<id>/results/{output|error}`: the R2 key the shell streams the body
@@ -194,7 +204,7 @@ async def result_target(
         return error(
             413, f"a result part may be at most {settings.max_file_bytes} bytes", "file_too_large"
         )
-    w = await _current(db, lease_id, token)
+    w = await _current(db, ids, lease_id, token, now)
     if w is None:
         return lease_lost(lease_id)
     if w["kind"] != "lines":
@@ -219,7 +229,7 @@ async def commit(
     token = _token(req)
     if isinstance(token, ApiResult):
         return token
-    w = await _current(db, lease_id, token)
+    w = await _current(db, ids, lease_id, token, now)
     if w is None:
         if await _drop_parts(db, blobs, lease_id, token):
             return ok({"state": "done"})  # a retry of a commit that was accepted

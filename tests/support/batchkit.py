@@ -171,7 +171,9 @@ class Gateway:
         return result.body["lease"] if result.status == 200 else None
 
     def read_input(self, lease: dict, token: str | None = None):
-        result = drive(work.lease_input(self.db, lease["id"], token or lease["token"]))
+        result = drive(
+            work.lease_input(self.db, self.ids, lease["id"], token or lease["token"], self.now)
+        )
         if result.status != 200:
             return result
         return drive(self.blobs.read_parts(result.stream))
@@ -183,7 +185,14 @@ class Gateway:
     def put(self, lease: dict, part: str, data: bytes, token: str | None = None):
         target = drive(
             work.result_target(
-                self.db, lease["id"], token or lease["token"], part, str(len(data)), self.settings
+                self.db,
+                self.ids,
+                lease["id"],
+                token or lease["token"],
+                part,
+                str(len(data)),
+                self.now,
+                self.settings,
             )
         )
         if isinstance(target, str):
