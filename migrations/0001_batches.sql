@@ -58,7 +58,7 @@ CREATE TABLE IF NOT EXISTS work (
   state TEXT NOT NULL,            -- 'pending' | 'leased' | 'done' | 'cancelled'
   offset INTEGER NOT NULL,        -- byte range of the file's data
   length INTEGER NOT NULL,
-  first_line INTEGER NOT NULL,    -- 1-based
+  first_line INTEGER NOT NULL,    -- 0-based index of its first request in the batch
   n_lines INTEGER NOT NULL,
   lease_id TEXT,
   token TEXT,

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import jobdb
 from files import parse_limit, purge_deleted
-from jobdb import ACTIVE_BATCH, ApiResult, Ids, Row, error, num, ok, opt_int
+from jobdb import ACTIVE_BATCH, ApiResult, Ids, Row, error, json_body, num, ok, opt_int
 from storage import Blobs, Db
 
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
@@ -75,16 +75,6 @@ def batch_object(b: Row) -> dict[str, object]:
     return obj
 
 
-def _json_body(body: object) -> object:
-    """A request body as the shell hands it (bytes, str, or already parsed); raises
-    ValueError when it is not JSON."""
-    if isinstance(body, bytes | bytearray | memoryview):
-        body = bytes(body).decode("utf-8")
-    if isinstance(body, str):
-        return json.loads(body)
-    return body
-
-
 def _check_metadata(meta: object) -> str | None:
     if meta is None:
         return None
@@ -115,7 +105,7 @@ async def create_batch(
 ) -> ApiResult:
     """`POST /v1/batches`: a `validating` batch and the one work item that validates it."""
     try:
-        req = _json_body(body)
+        req = json_body(body)
     except (UnicodeDecodeError, ValueError):
         return error(400, "the request body is not valid JSON", "invalid_json")
     if not isinstance(req, dict):

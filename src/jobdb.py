@@ -79,6 +79,16 @@ class Ids:
         return secrets.token_urlsafe(24)
 
 
+def json_body(body: object) -> object:
+    """A request body as the shell hands it (bytes, str, or already parsed); raises
+    ValueError when it is not JSON."""
+    if isinstance(body, bytes | bytearray | memoryview):
+        body = bytes(body).decode("utf-8")
+    if isinstance(body, str):
+        return json.loads(body)
+    return body
+
+
 def num(value: object, default: int = 0) -> int:
     """An integer column as D1 hands it back (a JS number may arrive as float)."""
     if value is None:
@@ -214,7 +224,7 @@ async def insert_batch(db: Db, b: Row, validate: Row) -> None:
                 [b[c.strip()] for c in cols],
             ),
             (
-                WORK_INSERT + " VALUES (?, ?, 'validate', 0, 'pending', ?, ?, 1, 0)",
+                WORK_INSERT + " VALUES (?, ?, 'validate', 0, 'pending', ?, ?, 0, 0)",
                 [validate["id"], b["id"], validate["offset"], validate["length"]],
             ),
         ]

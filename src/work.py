@@ -38,7 +38,7 @@ def bad_body(message: str, param: str | None = None) -> ApiResult:
 
 def _parse(body: object) -> dict[str, object] | ApiResult:
     try:
-        value = batches._json_body(body)
+        value = jobdb.json_body(body)
     except (UnicodeDecodeError, ValueError):
         return bad_body("the body is not valid JSON")
     if not isinstance(value, dict):
@@ -331,13 +331,13 @@ def _check_plan(req: dict[str, object], w: Row, settings: BatchSettings) -> str 
     if not isinstance(shards, list) or not 0 < len(shards) <= total:
         return "'shards' must be a non-empty list"
     keys = ("offset", "length", "first_line", "n_lines")
-    line, end, size = 1, 0, num(w["length"])
+    line, end, size = 0, 0, num(w["length"])
     plan: list[dict] = []
     for i, s in enumerate(shards):
         if not isinstance(s, dict) or not all(_is_count(s.get(k)) for k in keys):
             return f"shards[{i}] must be {{offset, length, first_line, n_lines}} integers"
         if s["first_line"] != line:
-            return f"shards[{i}].first_line must be {line} (shards are contiguous, 1-based)"
+            return f"shards[{i}].first_line must be {line} (contiguous 0-based request indexes)"
         if not 1 <= s["n_lines"] <= settings.shard_lines:
             return f"shards[{i}].n_lines must be 1..{settings.shard_lines}"
         if s["offset"] < end or s["length"] < 1 or s["offset"] + s["length"] > size:
@@ -345,7 +345,7 @@ def _check_plan(req: dict[str, object], w: Row, settings: BatchSettings) -> str 
         line += s["n_lines"]
         end = s["offset"] + s["length"]
         plan.append({k: s[k] for k in keys} | {"seq": i + 1})
-    if line - 1 != total:
+    if line != total:
         return "the shards' n_lines must add up to 'total'"
     return plan
 

@@ -76,7 +76,7 @@ def shard_plan(data: bytes, shard_lines: int) -> tuple[int, list[dict[str, int]]
             {
                 "offset": group[0][0],
                 "length": group[-1][1] - group[0][0],
-                "first_line": i + 1,
+                "first_line": i,
                 "n_lines": len(group),
             }
         )

@@ -59,7 +59,7 @@ def test_a_50000_line_plan_is_one_statement() -> None:
     g.create_batch(ME, g.upload(ME, data).body["id"])
     lease = g.lease(7)
     shards = [
-        {"offset": i * 300, "length": 300, "first_line": i * 100 + 1, "n_lines": 100}
+        {"offset": i * 300, "length": 300, "first_line": i * 100, "n_lines": 100}
         for i in range(500)
     ]
     before = g.db.statements

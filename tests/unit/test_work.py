@@ -41,7 +41,7 @@ def test_lease_shape() -> None:
     assert {k: shard[k] for k in ("kind", "seq", "first_line", "n_lines", "model")} == {
         "kind": "lines",
         "seq": 1,
-        "first_line": 1,
+        "first_line": 0,
         "n_lines": 3,
         "model": MODEL,
     }
@@ -184,12 +184,12 @@ def test_validate_plan_checks() -> None:
     data = jsonl(7)
     g.create_batch(ME, g.upload(ME, data).body["id"])
     v = g.lease(7)
-    good = {"offset": 0, "length": len(data), "first_line": 1, "n_lines": 3}
+    good = {"offset": 0, "length": len(data), "first_line": 0, "n_lines": 3}
     bad_plans = [
         {"model": "", "total": 3, "shards": [good]},
         {"model": MODEL, "total": 0, "shards": [good]},
         {"model": MODEL, "total": 3, "shards": []},
-        {"model": MODEL, "total": 3, "shards": [{**good, "first_line": 0}]},
+        {"model": MODEL, "total": 3, "shards": [{**good, "first_line": 1}]},
         {"model": MODEL, "total": 4, "shards": [{**good, "n_lines": 4}]},  # > SHARD_LINES
         {"model": MODEL, "total": 3, "shards": [{**good, "length": len(data) + 1}]},
         {"model": MODEL, "total": 6, "shards": [good, good]},  # overlapping ranges
