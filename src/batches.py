@@ -306,5 +306,5 @@ async def expire_due(db: Db, blobs: Blobs, ids: Ids, now: float) -> int:
     for b in await jobdb.batches_to_settle(db, now):
         after = await settle(db, ids, b, now, deep=True)
         moved += after["status"] != b["status"]
-    await purge_deleted(db, blobs)
+    await purge_deleted(db, blobs, now)
     return moved

@@ -293,9 +293,9 @@ async def _drop_blobs(db: Db, blobs: Blobs, f: Row) -> None:
     await jobdb.forget_blobs(db, str(f["id"]))
 
 
-async def purge_deleted(db: Db, blobs: Blobs) -> int:
-    """The cron's sweep: blobs of deleted files that no unfinished batch reads any more."""
-    rows = await jobdb.purgeable_files(db)
+async def purge_deleted(db: Db, blobs: Blobs, now: float) -> int:
+    """The cron's sweep: blobs of deleted or expired files that no unfinished batch reads."""
+    rows = await jobdb.purgeable_files(db, now)
     for f in rows:
         await _drop_blobs(db, blobs, f)
     return len(rows)

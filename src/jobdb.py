@@ -188,14 +188,18 @@ async def file_in_use(db: Db, file_id: str) -> bool:
     return row is not None
 
 
-async def purgeable_files(db: Db, limit: int = 20) -> list[Row]:
-    """Deleted files whose blobs are still stored and no unfinished batch reads."""
-    return await db.all(
-        "SELECT id, blob, parts FROM files f WHERE deleted_at IS NOT NULL"
+async def purgeable_files(db: Db, now: float, limit: int = 20) -> list[Row]:
+    """Deleted or expired files whose blobs are still stored and no unfinished batch reads."""
+    unread = (
         " AND (blob IS NOT NULL OR parts IS NOT NULL)"
         " AND NOT EXISTS (SELECT 1 FROM batches b WHERE b.input_file_id = f.id"
-        " AND b.status IN (?, ?, ?)) LIMIT ?",
-        (*ACTIVE_BATCH, "cancelling", limit),
+        " AND b.status IN (?, ?, ?))"
+    )
+    busy = (*ACTIVE_BATCH, "cancelling")
+    return await db.all(
+        f"SELECT id, blob, parts FROM files f WHERE deleted_at IS NOT NULL{unread}"
+        f" UNION SELECT id, blob, parts FROM files f WHERE expires_at <= ?{unread} LIMIT ?",
+        (*busy, now, *busy, limit),
     )
 
 

@@ -130,6 +130,9 @@ def test_expires_after() -> None:
     assert r.body["expires_at"] == int(g.now) + 7200
     g.now += 7201
     assert drive(files.get_file(g.db, ME, r.body["id"], g.now)).status == 404
+    assert g.blobs.objects  # the body stays until the cron's sweep
+    assert drive(files.purge_deleted(g.db, g.blobs, g.now)) == 1
+    assert g.blobs.objects == {}
 
 
 def test_bad_expires_after() -> None:
