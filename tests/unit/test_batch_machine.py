@@ -84,9 +84,14 @@ class BatchMachine(RuleBasedStateMachine):
         self.held[node] = [h for h in self.held[node] if h is not lease]
 
     def _snapshot(self) -> list:
+        """What a refused commit must leave alone: counts and the committed shards. (It may
+        expire a batch past its window: that move is due whoever asks first.)"""
         return self.g.db.rows(
-            "SELECT id, status, completed, failed, total FROM batches ORDER BY id"
-        ) + self.g.db.rows("SELECT id, state, completed, failed, out_blob FROM work ORDER BY id")
+            "SELECT id, completed, failed, total FROM batches ORDER BY id"
+        ) + self.g.db.rows(
+            "SELECT id, completed, failed, out_blob, err_blob FROM work"
+            " WHERE state = 'done' ORDER BY id"
+        )
 
     def _prepare(self, lease: dict, upto: int) -> bool:
         """The node runs its shard (all lines, or `upto` when cancelling) and uploads."""
