@@ -96,3 +96,25 @@ def test_render_adds_the_request_id() -> None:
         }
     }
     assert json.loads(ApiResult(200, {"a": 1}).render("r")) == {"a": 1}
+
+
+def test_the_core_imports_only_the_stdlib_and_src() -> None:
+    """The Worker bundles src/ as it is and Pyodide has no wheels for it: stdlib only."""
+    import ast
+    import sys
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parents[2] / "src"
+    local = {p.stem for p in src.glob("*.py")} | {"heady_shared"}
+    core = ["files", "batches", "work", "jobdb", "multipart", "storage"]
+    paths = [src / f"{m}.py" for m in core] + [src / "heady_shared" / "nodeauth.py"]
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            for name in names:
+                top = name.split(".")[0]
+                assert top in sys.stdlib_module_names or top in local, (path.name, name)
