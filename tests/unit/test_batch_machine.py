@@ -42,6 +42,8 @@ def ids_in(blob: bytes) -> list[str]:
 
 
 class BatchMachine(RuleBasedStateMachine):
+    CANCEL_FROM = 5  # a cancel goes through when chance (0..5) is at least this: rarely
+
     def __init__(self) -> None:
         super().__init__()
         self.g = Gateway(SETTINGS)
@@ -208,7 +210,7 @@ class BatchMachine(RuleBasedStateMachine):
 
     @rule(which=st.integers(0, 1), chance=st.integers(0, 5))
     def cancel(self, which: int, chance: int) -> None:
-        if chance < 5:
+        if chance < self.CANCEL_FROM:
             return  # rarer than the node traffic, so most batches run to an end
         batch_id = sorted(self.inputs)[which % len(self.inputs)]
         status = self.g.batch(OWNER, batch_id)["status"]
@@ -292,6 +294,22 @@ BatchMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 TestBatchMachine = BatchMachine.TestCase
+
+
+class CancelMachine(BatchMachine):
+    """The same with frequent cancels, so nodes often learn of one by heartbeat and commit
+    partial shards."""
+
+    CANCEL_FROM = 0
+
+
+CancelMachine.TestCase.settings = settings(
+    max_examples=200,
+    stateful_step_count=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+TestCancelMachine = CancelMachine.TestCase
 
 
 def test_machine_reaches_every_outcome() -> None:
