@@ -42,9 +42,6 @@ class Bench:
     def target(self, name: str) -> Target:
         return next(t for t in self.targets if t.name == name)
 
-    def gateways(self) -> list[Target]:
-        return [t for t in self.targets if t.name.startswith("gateway")]
-
     def once(self, key: str, measure: Callable[[], T]) -> T:
         """A measurement several sections share (e.g. the load runs feed latency, CPU, KV)."""
         if key not in self._memo:
