@@ -70,7 +70,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
         print(json.dumps(out, indent=2))
     else:
         table = Table(title="Heady nodes (direct probe)")
-        for col in ("node", "role", "state", "latency", "model", "queue", "endpoint", "reason"):
+        cols = ("node", "role", "state", "latency", "model", "queue", "serves", "endpoint")
+        for col in (*cols, "reason"):
             table.add_column(col, overflow="fold")
         for r in results:
             url = r.url if args.show_urls or not r.url else mask_url(r.url)
@@ -81,6 +82,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
                 "-" if r.latency_ms is None else f"{r.latency_ms:.0f} ms",
                 r.model or "-",
                 "-" if r.queue is None else str(r.queue),
+                "-" if r.capabilities is None else ", ".join(r.capabilities) or "nothing",
                 url or "-",
                 r.reason or "",
             )

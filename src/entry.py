@@ -18,6 +18,7 @@ import js
 from pyodide.ffi import create_proxy
 from workers import Response, WorkerEntrypoint
 
+import capability
 import cron
 import jsio
 import status_page
@@ -26,7 +27,7 @@ from config import GatewayConfig, load_config
 from dispatch import ROUTES, Match, Row, resolve
 from errors import error_body
 from exchange import Exchange
-from forward import Budget, ForwardResult, cut, forward
+from forward import Budget, ForwardResult, cut, forward, retry_after
 from headers import (
     MAX_HEADER_BYTES,
     auth_problem,
@@ -241,10 +242,17 @@ class Default(WorkerEntrypoint):
             if isinstance(body, BodyError):
                 return self._error(ex, body.status, body.message, body.type)
 
+        need = capability.needs(
+            call.method, route.rest, lambda: jsio.body_contains(body, capability.IMAGE_PART)
+        )
         io, sync = self._io(), _ISO.sync
         await sync.refresh(io)
-        plan = make_plan(config.pools[route.role], config, sync.view, _clock(), _ISO.turn)
+        now = _clock()
+        plan = make_plan(config.pools[route.role], config, sync.view, now, _ISO.turn, need)
         _ISO.turn += 1
+        if not plan.nodes and need is not None:
+            wait = retry_after(sync.view, plan.capable, now, config.health)
+            return self._no_capable(ex, plan, f"none of them is up (retry in {wait} s)", wait)
         if not plan.nodes:
             message = f"no configured node serves role {route.role!r}"
             return self._error(ex, 503, message, "no_nodes", headers={"retry-after": "60"})
@@ -257,6 +265,11 @@ class Default(WorkerEntrypoint):
         result = await forward(plan, upstream, sync, budget)
         ex.attempts = result.attempts
         sync.maybe_flush(io)
+        if result.node is None and need is not None:
+            tried = ", ".join(str(a.node) for a in ex.attempts)
+            return self._no_capable(
+                ex, plan, f"none of those tried ({tried}) answered", result.retry_after_s or 1
+            )
         if result.node is None:
             return self._error(
                 ex,
@@ -267,6 +280,25 @@ class Default(WorkerEntrypoint):
                 attempts=[a.public() for a in ex.attempts],
             )
         return self._relay(result, plan, ex, config)
+
+    def _no_capable(self, ex: Exchange, plan: Plan, why: str, retry_after_s: int):
+        """503 for a request no node that has its capability can serve now."""
+        need = plan.need or ""
+        have = ", ".join(map(str, plan.capable)) or "none reports it yet"
+        message = (
+            f"no node that serves {capability.label(need)} can take this {plan.role!r} "
+            f"request: {why}; nodes with {capability.label(need)}: {have}"
+        )
+        return self._error(
+            ex,
+            503,
+            message,
+            "no_capable_node",
+            headers={"retry-after": str(retry_after_s)},
+            capability=need,
+            nodes=list(plan.capable),
+            attempts=[a.public() for a in ex.attempts],
+        )
 
     def _relay(self, result: ForwardResult, plan: Plan, ex: Exchange, config: GatewayConfig):
         """The node's answer for the client, as a JS Response: the SDK's `Response` wrapper

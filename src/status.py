@@ -30,6 +30,9 @@ def status_body(
                 "latency_ms": h.latency_ms,
                 "load": view.load(node.number, now),
                 "model": h.model,
+                # What the node reports it serves (null: not known yet); routing keeps
+                # requests that need a capability off nodes without it.
+                "capabilities": list(h.capabilities) if h.capabilities is not None else None,
                 "checked_at": iso(h.checked_at),
             }
         )

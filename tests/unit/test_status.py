@@ -29,6 +29,7 @@ NODE_KEYS = {
     "failures",
     "latency_ms",
     "load",
+    "capabilities",
     "checked_at",
 }
 SECRETS = ("secret-tunnel", "tok-SECRET", "client-KEY")
