@@ -85,6 +85,7 @@ def test_a_node_nobody_has_seen():
         "latency_ms": None,
         "load": None,
         "model": None,
+        "capabilities": None,
         "checked_at": None,
     }
 
