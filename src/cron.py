@@ -115,11 +115,15 @@ def record_probes(
             if r.ok
             else health.on_failure(old, now, r.reason, config.health)
         )
-        new = health.with_probe(new, now, r.load, r.ms, r.model)
-        news = (r.load is not None and r.load != old.load) or (r.model not in (None, old.model))
+        new = health.with_probe(new, now, r.load, r.ms, r.model, r.capabilities)
+        news = (
+            (r.load is not None and r.load != old.load)
+            or (r.model not in (None, old.model))
+            or (r.capabilities is not None and r.capabilities != old.capabilities)
+        )
         if not view.apply(r.node, new) and news:
-            # A changed load steers balancing elsewhere, a new model id is shown to clients:
-            # both are worth sharing.
+            # A changed load steers balancing elsewhere, a new model id is shown to clients,
+            # changed capabilities decide which requests may go there: all worth sharing.
             view.dirty = True
             view.changes += 1
 
