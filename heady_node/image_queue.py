@@ -20,12 +20,13 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from heady_shared import capabilities
+from heady_shared.metrics import IMAGES_WAITING
 
 T = TypeVar("T")
 
 PREFIX = "heady_images"
 RUNNING = f"{PREFIX}:num_requests_running"
-WAITING = f"{PREFIX}:num_requests_waiting"
+WAITING = IMAGES_WAITING  # heady_shared.metrics counts it in the node's queue depth
 MAX_RETRY_AFTER_S = 600
 
 

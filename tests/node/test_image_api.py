@@ -291,3 +291,18 @@ def test_session_plans_images_on_vision_nodes_only(tmp_path) -> None:
             image_model="stabilityai/stable-diffusion-xl-base-1.0",
         )
     assert time.monotonic() - started < 5  # refused in preflight, before anything starts
+
+
+def test_status_line_shows_the_image_queue_on_vision_nodes_only() -> None:
+    from heady_node import status
+
+    vision = status.snapshot(
+        {"vllm:num_requests_running": 1, "heady_images:num_requests_running": 1,
+         "heady_images:num_requests_waiting": 2}
+    )  # fmt: skip
+    line = status.status_line("12:00", 5, "vision", vision)
+    assert line.endswith("| queue ? | images running 1 queue 2")
+    plain = status.status_line(
+        "12:00", 3, "code", status.snapshot({"vllm:num_requests_running": 1})
+    )
+    assert "images" not in plain
