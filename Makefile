@@ -67,7 +67,7 @@ test-py313: $(VENV)/.installed
 # ~190 MB) is the one the machines keep for 3.11; plain `pip install torch` pulls gigabytes of
 # CUDA wheels. One pin list (requirements-torch.txt) for every torch test (image engine now,
 # fine-tuning later). The marker is named after the pin list's hash, so editing a pin
-# reinstalls and nothing else does. First install ~1.5 min with warm pip caches; tests ~45 s.
+# reinstalls and nothing else does. First install ~1.5 min with warm pip caches; tests ~75 s CPU.
 PY311 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.11.*/bin/python3.11) $(shell command -v python3.11))
 TORCH_VENV := .venv-torch
 TORCH_PINS_HASH = $(shell sha256sum requirements-torch.txt | cut -c1-16)
