@@ -80,7 +80,7 @@ class GatewayConfig:
     upstream_paths: tuple[str, ...]  # forwarded path prefixes ("/v1/") or exact paths
     problems: tuple[str, ...]  # non-fatal: reported in /api/status
     fatal: tuple[str, ...]  # the gateway cannot route at all: heavy routes answer 503
-    batch: BatchSettings = BatchSettings()  # Files + Batch API (docs/batch.md)
+    batch: BatchSettings = field(default_factory=BatchSettings)  # Files + Batch API (docs/batch.md)
 
     def node(self, number: int) -> Node:
         return self.nodes[number - 1]
