@@ -110,7 +110,8 @@ def requests(n: int, endpoint: str = CHAT, prefix: str = "req", bad=()) -> bytes
     lines = []
     for i in range(n):
         if endpoint == CHAT:
-            body = {"model": "batch", "messages": [] if i in bad else [{"role": "user", "content": f"line {i}"}], "max_tokens": 4}  # fmt: skip
+            messages = [] if i in bad else [{"role": "user", "content": f"line {i}"}]
+            body = {"model": "batch", "messages": messages, "max_tokens": 4}
         else:
             body = {"model": "batch", "prompt": [] if i in bad else f"line {i}", "max_tokens": 4}
         item = {"custom_id": f"{prefix}-{i}", "method": "POST", "url": endpoint, "body": body}
@@ -136,8 +137,13 @@ def finished(b) -> bool:
 
 def served(client: openai.OpenAI, b) -> tuple[Counter, list[dict], list[dict]]:
     """custom_id counts over output and error files, and both files' lines."""
-    out = [json.loads(x) for x in client.files.content(b.output_file_id).text.splitlines()] if b.output_file_id else []  # fmt: skip
-    err = [json.loads(x) for x in client.files.content(b.error_file_id).text.splitlines()] if b.error_file_id else []  # fmt: skip
+
+    def lines(file_id: str | None) -> list[dict]:
+        if file_id is None:
+            return []
+        return [json.loads(x) for x in client.files.content(file_id).text.splitlines()]
+
+    out, err = lines(b.output_file_id), lines(b.error_file_id)
     return Counter(x["custom_id"] for x in out + err), out, err
 
 
@@ -241,27 +247,33 @@ def test_lists_paginate_with_after_and_has_more(gw):
         client.files.create(file=(f"p{i}.jsonl", requests(1, prefix=f"p{i}")), purpose="batch")
         for i in range(5)
     ]
+    # Newest first: created_at (whole seconds) descending, ties by id: one page holds it all.
+    whole = [f.id for f in client.files.list().data]
+    assert sorted(whole) == sorted(f.id for f in made)
     page = client.files.list(limit=2)
-    assert len(page.data) == 2 and page.has_more
-    walked = [f.id for f in client.files.list(limit=2)]  # the SDK follows `after` itself
-    assert walked == [f.id for f in reversed(made)]  # newest first
+    assert [f.id for f in page.data] == whole[:2] and page.has_more
+    assert [f.id for f in client.files.list(limit=2)] == whole  # the SDK follows `after`
     second = client.files.list(limit=2, after=page.data[-1].id)
-    assert [f.id for f in second.data] == walked[2:4] and second.has_more
-    last = client.files.list(limit=2, after=walked[3])
-    assert [f.id for f in last.data] == walked[4:] and not last.has_more
+    assert [f.id for f in second.data] == whole[2:4] and second.has_more
+    last = client.files.list(limit=2, after=whole[3])
+    assert [f.id for f in last.data] == whole[4:] and not last.has_more
     asc = client.files.list(order="asc", purpose="batch")
-    assert [f.id for f in asc.data] == [f.id for f in made]
+    assert [f.id for f in asc.data] == whole[::-1]
+    with pytest.raises(openai.BadRequestError):
+        client.files.list(limit=0)
 
     batches = [
         client.batches.create(input_file_id=f.id, endpoint=CHAT, completion_window="24h")
         for f in made[:3]
     ]
+    order = [b.id for b in client.batches.list(limit=100).data]
+    assert sorted(order) == sorted(b.id for b in batches)
     first = client.batches.list(limit=2)
-    assert [b.id for b in first.data] == [b.id for b in reversed(batches)][:2] and first.has_more
+    assert [b.id for b in first.data] == order[:2] and first.has_more
     rest = client.batches.list(limit=2, after=first.data[-1].id)
-    assert [b.id for b in rest.data] == [batches[0].id] and not rest.has_more
-    assert [b.id for b in client.batches.list(limit=1)] == [b.id for b in reversed(batches)]
-    for b in batches:  # nobody leases them: cancelled at once (no work was leased)
+    assert [b.id for b in rest.data] == order[2:] and not rest.has_more
+    assert [b.id for b in client.batches.list(limit=1)] == order  # walked page by page
+    for b in batches:  # nobody leased them: cancelled at once
         assert client.batches.cancel(b.id).status == "cancelled"
     with pytest.raises(openai.ConflictError):
         client.batches.cancel(batches[0].id)  # a finished batch cannot be cancelled
@@ -432,6 +444,7 @@ def test_cancel_keeps_the_partial_output(gw, fleet, workers):
     done = wait_for(client, b.id, finished, timeout=30)
     assert done.status == "cancelled" and done.cancelled_at
     ids, out, _ = served(client, done)
+    assert all(x["response"]["status_code"] == 200 for x in out)
     assert 20 <= done.request_counts.completed < 200
     assert sum(ids.values()) == len(ids) == done.request_counts.completed
     assert set(ids) <= {f"k-{i}" for i in range(200)}
