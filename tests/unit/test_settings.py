@@ -44,7 +44,8 @@ def test_every_kind_has_one_parser():
 
 
 def test_every_config_field_is_filled_by_exactly_one_setting():
-    own = {"nodes", "timeouts", "health", "batch", "problems", "fatal"}  # built by load_config itself
+    # built by load_config itself
+    own = {"nodes", "timeouts", "health", "batch", "problems", "fatal"}
     fields = [f"nodes.{n}" for n in NODE_NUMBERS]
     fields += [f.name for f in dataclasses.fields(GatewayConfig) if f.name not in own]
     fields += [f"timeouts.{f.name}" for f in dataclasses.fields(Timeouts)]
