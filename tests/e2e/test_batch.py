@@ -296,6 +296,11 @@ def test_retrieve_delete_and_a_batch_on_a_deleted_file(gw):
     assert exc.value.body["code"] == "file_not_found"
     assert exc.value.body["param"] == "input_file_id"
 
+    # The cron also runs the batch housekeeping, and says so in its log line.
+    gw.scheduled()
+    (probe,) = [x for x in gw.log_records() if x.get("msg") == "probe"][-1:]
+    assert isinstance(probe["batches_moved"], int)
+
 
 # ---- bad input ----------------------------------------------------------------------------------
 
