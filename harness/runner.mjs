@@ -104,8 +104,8 @@ try {
   const url = await mf.ready;
   for (const [binding, dir] of Object.entries(cfg.d1Migrations ?? {})) {
     const applied = await migrate(binding, dir);
-    if (applied.length && cfg.verbose) {
-      process.stderr.write(`runner: ${binding}: applied ${applied.join(", ")}\n`);
+    if (applied.length) {
+      process.stderr.write(`runner: ${binding}: applied migrations ${applied.join(", ")}\n`);
     }
   }
   process.stdout.write(JSON.stringify({ ready: url.origin, pid: process.pid }) + "\n");

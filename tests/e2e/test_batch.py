@@ -434,6 +434,20 @@ def test_node_api_takes_node_credentials_only(gw):
     assert logged and all(x.get("status") != 500 for x in logged)
 
 
+# ---- the harness's migrations ------------------------------------------------------------------
+
+
+def test_a_persisted_database_is_migrated_once(fleet, tmp_path):
+    """As `wrangler d1 migrations apply`: applied on first start, recorded, not again."""
+    cfg = build_config(bindings=fleet_bindings(fleet), persist=str(tmp_path / "state" / "kv"))
+    with Gateway(cfg) as first:
+        assert any("applied migrations 0001_batches.sql" in x for x in first.lines)
+        f = sdk(first).files.create(file=("kept.jsonl", requests(2)), purpose="batch")
+    with Gateway(cfg) as second:
+        assert not any("applied migrations" in x for x in second.lines)
+        assert sdk(second).files.retrieve(f.id).bytes == f.bytes
+
+
 # ---- cancel and node death --------------------------------------------------------------------
 
 
