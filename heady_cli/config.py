@@ -12,7 +12,7 @@ from heady_shared.routes import NODE_COUNT, endpoint_node
 # The environment overrides .dev.vars for these, as for every COLAB_ENDPOINT_<n>; ROUTES and
 # the probe paths so `heady probe` asks what the gateway asks.
 _ENV_KEYS = frozenset(
-    {"NODE_TOKEN", "GATEWAY_API_KEY", "GATEWAY_API_KEYS", "HEADY_GATEWAY_URL"}
+    {"NODE_TOKEN", "NODE_SECRET", "GATEWAY_API_KEY", "GATEWAY_API_KEYS", "HEADY_GATEWAY_URL"}
     | {"ROUTES", "HEALTH_PATH", "METRICS_PATH"}
 )
 

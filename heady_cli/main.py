@@ -96,6 +96,10 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 
 def cmd_secrets(args: argparse.Namespace) -> int:
+    if args.node_credential is not None:
+        secret = load_vars(args.dev_vars).get("NODE_SECRET", "")
+        text = secrets.credential_json(secret, args.node_credential)
+        return _emit(args, text, hint="set it as that node's secret (heady_node reads it)")
     urls: dict[int, str] = {}
     if args.file:
         try:
@@ -104,11 +108,19 @@ def cmd_secrets(args: argparse.Namespace) -> int:
             raise CliError(f"cannot read {args.file}: {exc.strerror or exc}") from None
     urls.update(secrets.parse_args_urls(args.urls))
     values: dict[str, str] = {}
-    if not urls or args.with_token:
+    if not urls or args.with_token or args.with_node_secret:
         values = load_vars(args.dev_vars)
     if not urls:
         urls = endpoints(values)
-    text = secrets.bulk_json(urls, values.get("NODE_TOKEN", "") if args.with_token else None)
+    text = secrets.bulk_json(
+        urls,
+        values.get("NODE_TOKEN", "") if args.with_token else None,
+        values.get("NODE_SECRET", "") if args.with_node_secret else None,
+    )
+    return _emit(args, text)
+
+
+def _emit(args: argparse.Namespace, text: str, hint: str = "") -> int:
     if args.output:
         path = Path(args.output)
         try:
@@ -116,8 +128,12 @@ def cmd_secrets(args: argparse.Namespace) -> int:
             path.write_text(text + "\n")
         except OSError as exc:
             raise CliError(f"cannot write {path}: {exc.strerror or exc}") from None
-        print(f"wrote {len(json.loads(text))} secret(s) to {path}; upload with:", file=sys.stderr)
-        print(f"  npx wrangler secret bulk {path}", file=sys.stderr)
+        if hint:
+            print(f"wrote {path}; {hint}", file=sys.stderr)
+        else:
+            count = len(json.loads(text))
+            print(f"wrote {count} secret(s) to {path}; upload with:", file=sys.stderr)
+            print(f"  npx wrangler secret bulk {path}", file=sys.stderr)
     else:
         print(text)
     return EXIT_OK
@@ -190,6 +206,13 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--file", help=f"KEY=value file with {ENDPOINT_PREFIX}n lines")
     se.add_argument("--dev-vars", help="used when no URL is given (default ./.dev.vars)")
     se.add_argument("--with-token", action="store_true", help="include NODE_TOKEN as well")
+    se.add_argument("--with-node-secret", action="store_true", help="include NODE_SECRET as well")
+    se.add_argument(
+        "--node-credential",
+        type=int,
+        metavar="N",
+        help="instead: node N's HEADY_NODE_CREDENTIAL, derived from NODE_SECRET",
+    )
     se.add_argument("-o", "--output", help="write the JSON here (mode 600) instead of stdout")
     se.set_defaults(func=cmd_secrets)
 

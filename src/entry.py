@@ -20,6 +20,7 @@ from workers import Response, WorkerEntrypoint
 
 import capability
 import cron
+import jobs_shell
 import jsio
 import status_page
 from body import BodyError
@@ -34,9 +35,7 @@ from headers import (
     cors_headers,
     header_bytes,
     is_sse,
-    key_matches,
     preflight_headers,
-    presented_key,
     relay_headers,
     request_headers_for_node,
     request_id,
@@ -172,11 +171,9 @@ class Default(WorkerEntrypoint):
     def _denied(self, row: Row, config: GatewayConfig, headers, ex: Exchange):
         if row.auth == "none":
             return None
-        if row.auth == "node":  # a node's own calls carry the node token, not a client key
-            ok = bool(config.node_token) and key_matches(
-                presented_key(headers), (config.node_token or "",)
-            )
-            problem = None if ok else (401, "unauthorized", "missing or invalid node token")
+        if row.auth == "node":  # a node's own calls carry its node credential, not a client key
+            ok = jobs_shell.node_of(config, headers) is not None
+            problem = None if ok else (401, "unauthorized", "missing or invalid node credential")
         else:
             problem = auth_problem(headers, config.api_keys, config.auth_disabled)
         if problem is None:
@@ -221,7 +218,8 @@ class Default(WorkerEntrypoint):
     async def _status(self, call: _Call, config: GatewayConfig, _params):
         ex, sync = call.ex, _ISO.sync
         await sync.refresh(self._io())
-        body = status_body(config, sync.view, _clock(), ex.rid, VERSION)
+        jobs = await jobs_shell.status_batches(self, call, config)
+        body = status_body(config, sync.view, _clock(), ex.rid, VERSION, jobs)
         cors = cors_headers(ex.origin, config.cors_origins)
         return self._json(ex, json.dumps(body), 200, {"x-request-id": ex.rid, **cors})
 
@@ -388,11 +386,13 @@ class Default(WorkerEntrypoint):
             _clock,
         )
         wrote = await sync.flush(io) if sync.flush_due(_clock()) else False
+        jobs = await jobs_shell.cron(self)
         _log(
             {
                 "msg": "probe",
                 "probed": [r.log() for r in results],
                 "wrote_kv": wrote,
+                **jobs,
                 "ms": round(max(0.0, _clock() - started) * 1000, 1),
             }
         )
@@ -405,6 +405,19 @@ _HANDLERS = {
     "status": Default._status,
     "forward": Default._forward,
     "page": Default._page,
+    # Files + Batch API and the node API (jobs_shell.py)
+    "files": jobs_shell.files_root,
+    "file": jobs_shell.file_one,
+    "file_content": jobs_shell.file_content,
+    "batches": jobs_shell.batches_root,
+    "batch": jobs_shell.batch_one,
+    "batch_cancel": jobs_shell.batch_cancel,
+    "jobs_unknown": jobs_shell.unknown,
+    "node_lease": jobs_shell.node_lease,
+    "node_input": jobs_shell.node_input,
+    "node_heartbeat": jobs_shell.node_heartbeat,
+    "node_results": jobs_shell.node_results,
+    "node_commit": jobs_shell.node_commit,
 }
 
 

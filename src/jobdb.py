@@ -554,3 +554,49 @@ async def commit_invalid(
 
 async def work_row(db: Db, lease_id: str) -> Row | None:
     return await _one(db, "SELECT * FROM work WHERE lease_id = ?", (lease_id,))
+
+
+# ---------------------------------------------------------------------------- status
+
+
+async def running_batches(db: Db) -> int:
+    """Batches of every owner still at work (validating, in progress, cancelling)."""
+    row = await _one(
+        db,
+        "SELECT COUNT(*) AS n FROM batches WHERE status IN (?, ?, ?)",
+        (*ACTIVE_BATCH, "cancelling"),
+    )
+    return num(row["n"]) if row else 0
+
+
+async def open_batches(db: Db, owner: str, limit: int) -> list[Row]:
+    """This owner's batches still at work, newest first."""
+    return await db.all(
+        "SELECT * FROM batches WHERE owner = ? AND status IN (?, ?, ?)"
+        " ORDER BY created_at DESC, id DESC LIMIT ?",
+        (owner, *ACTIVE_BATCH, "cancelling", limit),
+    )
+
+
+async def shard_states(db: Db, batch_ids: Sequence[str]) -> list[Row]:
+    """(batch_id, state, n) of the lines work of these batches."""
+    if not batch_ids:
+        return []
+    return await db.all(
+        "SELECT batch_id, state, COUNT(*) AS n FROM work"
+        f" WHERE batch_id IN ({_marks(len(batch_ids))}) AND kind = 'lines'"
+        " GROUP BY batch_id, state",
+        list(batch_ids),
+    )
+
+
+async def lease_holders(db: Db, batch_ids: Sequence[str], now: float) -> list[Row]:
+    """Current (unlapsed) leases of these batches' work: who holds which shard."""
+    if not batch_ids:
+        return []
+    return await db.all(
+        "SELECT batch_id, node, seq, kind, n_lines, expires_at FROM work"
+        f" WHERE batch_id IN ({_marks(len(batch_ids))}) AND state = 'leased'"
+        " AND expires_at >= ? ORDER BY batch_id, seq",
+        [*batch_ids, now],
+    )
