@@ -14,7 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from rich.table import Table
 
 from heady_cli import batch, gateway, probe, secrets
-from heady_cli.config import CliError, endpoints, gateway_key, load_vars, mask_url
+from heady_cli.config import CliError, endpoints, load_vars, mask_url, resolve_gateway
 from heady_shared.routes import ENDPOINT_PREFIX, NODE_COUNT
 
 EXIT_OK, EXIT_UNHEALTHY, EXIT_ERROR = 0, 1, 2
@@ -140,15 +140,7 @@ def _emit(args: argparse.Namespace, text: str, hint: str = "") -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    values = load_vars(args.dev_vars) if (args.dev_vars or not (args.gateway and args.key)) else {}
-    base = args.gateway or values.get("HEADY_GATEWAY_URL", "")
-    key = args.key or gateway_key(values)
-    if not base:
-        raise CliError("no gateway URL: pass --gateway or set HEADY_GATEWAY_URL")
-    if not key:
-        raise CliError("no gateway key: pass --key or set GATEWAY_API_KEY (or GATEWAY_API_KEYS)")
-    if not base.startswith(("https://", "http://")):
-        raise CliError(f"gateway URL must start with https://, got {base[:60]!r}")
+    base, key = resolve_gateway(args.gateway, args.key, args.dev_vars)
     st = gateway.fetch_status(base, key, args.timeout)
     missing = gateway.uncovered_roles(st)
     if args.json:
