@@ -172,7 +172,7 @@ class TrainMachine(RuleBasedStateMachine):
     def succeed(self, pick: int, chance: int) -> None:
         if chance < RARE:  # let most runs train, die and resume for a while first
             return
-        node, lease = self._pick(pick)
+        _, lease = self._pick(pick)
         m = self.jobs[lease["job_id"]]
         target = self.g.put_adapter(lease, b"adapter:" + lease["id"].encode())
         current, active = self._current(lease), m.status in ACTIVE
