@@ -546,3 +546,16 @@ def test_every_statement_of_a_lifecycle_uses_an_index() -> None:
         plan = [r[3] for r in g.db.conn.execute("EXPLAIN QUERY PLAN " + sql, params)]
         scans = [p for p in plan if p.startswith("SCAN") and not p.startswith(allowed)]
         assert not scans, (sql, plan)
+
+
+def test_a_deleted_training_file_stays_readable_until_its_job_ends() -> None:
+    g = FtGateway()
+    job = new_job(g)
+    fid = job["training_file"]
+    assert drive(files.delete_file(g.db, g.blobs, ME, fid, g.now)).status == 200
+    drive(files.purge_deleted(g.db, g.blobs, g.now))
+    lease = g.train_lease(7)
+    assert g.read(lease) == chat_lines(12)
+    assert train_to_success(g, lease).status == 200
+    assert drive(files.purge_deleted(g.db, g.blobs, g.now)) == 1
+    assert not any(k.startswith("u/") for k in g.blobs.objects)
