@@ -313,6 +313,14 @@ async def append_events(
     return await db.batch(statements)
 
 
+async def metrics_events(db: Db, job_id: str, limit: int = 20_000) -> list[Row]:
+    return await db.all(
+        "SELECT data FROM ft_events WHERE job_id = ? AND type = 'metrics' AND data IS NOT NULL"
+        " ORDER BY seq LIMIT ?",
+        (job_id, limit),
+    )
+
+
 async def checkpoint_at(db: Db, job_id: str, step: int) -> Row | None:
     return await _one(
         db,

@@ -19,7 +19,7 @@ import work
 from finetune import METRIC_KEYS, FtSettings, check_hyperparameters, job_hex
 from finetune_db import ACTIVE_JOB, CUR
 from heady_shared import ftnames
-from jobdb import ApiResult, BatchSettings, Ids, Row, error, json_body, num, ok
+from jobdb import ApiResult, BatchSettings, Ids, Row, error, insert_file_sql, json_body, num, ok
 from storage import Blobs, Db
 
 API = "/api/nodes/v1/leases"
@@ -535,19 +535,32 @@ async def _succeed(
     size = await blobs.size(key)
     if not size:
         return bad_body("upload the adapter (PUT .../adapter) before committing ok: true")
-    if ctx["job_status"] not in ACTIVE_JOB:
-        await blobs.delete([key])
-        return job_not_running(ctx["job_status"])
     name = model_name(ctx)
     done = "EXISTS (SELECT 1 FROM ft_jobs WHERE id = ? AND status = 'succeeded')"
+    results = await _results_file(db, blobs, ids, ctx, now)
     job_update = (
         "UPDATE ft_jobs SET status = 'succeeded', finished_at = ?, fine_tuned_model = ?,"
         " trained_tokens = ?, hyperparameters = coalesce(?, hyperparameters),"
         " method = CASE WHEN ? IS NULL THEN method"
-        " ELSE json_set(method, '$.supervised.hyperparameters', json(?)) END"
+        " ELSE json_set(method, '$.supervised.hyperparameters', json(?)) END,"
+        " result_files = ?"
         f" WHERE id = ? AND status IN (?, ?, ?) AND {CUR}",
-        [int(now), name, tokens, hp_json, hp_json, hp_json, job_id, *ACTIVE_JOB, lease_id, token],
+        [
+            int(now),
+            name,
+            tokens,
+            hp_json,
+            hp_json,
+            hp_json,
+            json.dumps([results["id"]]),
+            job_id,
+            *ACTIVE_JOB,
+            lease_id,
+            token,
+        ],
     )
+    sql, params = insert_file_sql(results, f"{CUR} AND {done}")
+    results_row = (sql, [*params, lease_id, token, job_id])
     adapter = (
         "INSERT INTO ft_adapters (name, owner, job_id, base, slug, blob, bytes, created_at)"
         f" SELECT ?, ?, ?, ?, ?, ?, ?, ? WHERE {CUR} AND {done} ON CONFLICT (name) DO NOTHING",
@@ -565,7 +578,7 @@ async def _succeed(
             job_id,
         ],
     )
-    extra = [adapter]
+    extra = [adapter, results_row]
     for message in (f"New fine-tuned model created: {name}", "The job has successfully completed"):
         sql, params = finetune_db.event_sql(
             ids.new("ftevent-"), job_id, now, message, when=f"{CUR} AND {done}"
@@ -574,10 +587,50 @@ async def _succeed(
     changed = await finetune_db.commit_train(db, job_id, lease_id, token, job_update, extra, now)
     if changed[0] == 1:
         return ok({"state": "done", "fine_tuned_model": name})
+    await blobs.delete([key, str(results["blob"])])  # never served
     if changed[-1] == 1:  # the job ended (cancelled) while its node finished: not succeeded
-        await blobs.delete([key])
         return job_not_running("cancelled")
     return await _refused(db, blobs, lease_id, token)
+
+
+RESULT_COLUMNS = ("step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy")
+
+
+def _cell(value: object) -> str:
+    return repr(value) if type(value) in (int, float) else ""
+
+
+async def _results_file(db: Db, blobs: Blobs, ids: Ids, ctx: Row, now: float) -> Row:
+    """The job's results file (OpenAI's `result_files`: a CSV of the metrics per logged
+    step), built from its `metrics` events and stored under this lease's key; its files row
+    is inserted by the commit's transaction only if the job succeeds."""
+    job_id, lease_id = str(ctx["job_id"]), str(ctx["lease_id"])
+    lines = [",".join(RESULT_COLUMNS)]
+    for e in await finetune_db.metrics_events(db, job_id):
+        try:
+            data = json.loads(str(e["data"]))
+        except ValueError:
+            continue
+        if not isinstance(data, dict) or type(data.get("step")) is not int:
+            continue
+        data.setdefault("train_accuracy", data.get("train_mean_token_accuracy"))
+        lines.append(",".join(_cell(data.get(k)) for k in RESULT_COLUMNS))
+    body = ("\n".join(lines) + "\n").encode()
+    key = f"ft/{job_id}/results/{lease_id}.csv"
+    await blobs.put(key, body, length=len(body), content_type="text/csv")
+    return {
+        "id": ids.new("file-"),
+        "owner": ctx["owner"],
+        "purpose": "fine-tune-results",
+        "filename": "step_metrics.csv",
+        "bytes": len(body),
+        "created_at": int(now),
+        "expires_at": None,
+        "status": "processed",
+        "blob": key,
+        "data_offset": 0,
+        "parts": None,
+    }
 
 
 async def _fail(

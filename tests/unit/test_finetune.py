@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from openai.types import Model
+from openai.types import FileObject, Model
 from openai.types.fine_tuning import FineTuningJob, FineTuningJobEvent
 from openai.types.fine_tuning.jobs import FineTuningJobCheckpoint
 
@@ -87,6 +87,12 @@ def test_every_client_body_parses_as_the_sdk_types() -> None:
     assert c.fine_tuned_model_checkpoint == f"{parsed.fine_tuned_model}:ckpt-step-2"
     models = drive(finetune.models_for_owner(g.db, ME))
     assert [Model.model_validate(m).id for m in models] == [parsed.fine_tuned_model]
+    [results] = parsed.result_files
+    meta = drive(files.get_file(g.db, ME, results, g.now)).body
+    assert FileObject.model_validate(meta).purpose == "fine-tune-results"
+    csv = g.content(ME, results).decode()
+    assert csv == "step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy\n1,,,,\n"
+    assert drive(files.get_file(g.db, OTHER, results, g.now)).status == 404
 
 
 # ---------------------------------------------------------------------------- create
@@ -459,13 +465,30 @@ def test_a_cancelled_job_never_succeeds() -> None:
     assert g.beat(lease).body["cancel"] is True
     assert g.put_checkpoint(lease, 5, b"late").status == 409
     assert g.put_adapter(lease, b"again").status == 409
+    assert g.send_events(lease, [{"message": "Training stopped at step 5"}]).status == 200
     r = g.commit_train(lease, {"ok": True, "trained_tokens": 9})
     assert (r.status, r.body["error"]["code"]) == (409, "job_not_running")
-    assert not any("/adapter/" in k for k in g.blobs.objects)  # never served: deleted
-    assert g.send_events(lease, [{"message": "Training stopped at step 5"}]).status == 200
-    assert g.commit_train(lease, {"ok": False, "cancelled": True}).status == 200
+    assert not any("/adapter/" in k or "/results/" in k for k in g.blobs.objects)  # deleted
+    assert g.db.rows("SELECT state FROM work WHERE batch_id = ?", [job["id"]]) == [
+        {"state": "done"}
+    ]
     assert g.job(ME, job["id"])["status"] == "cancelled"
+    assert g.db.rows("SELECT count(*) AS n FROM files WHERE purpose = 'fine-tune-results'") == [
+        {"n": 0}
+    ]
     assert drive(finetune.models_for_owner(g.db, ME)) == []
+
+
+def test_a_node_stopping_for_a_cancel_commits_cancelled() -> None:
+    g = FtGateway()
+    job = new_job(g)
+    lease = g.train_lease(7)
+    assert g.commit_train(lease, {"ok": False, "cancelled": True}).status == 400  # not cancelled
+    g.cancel_job(ME, job["id"])
+    assert g.beat(lease).body["cancel"] is True
+    assert g.commit_train(lease, {"ok": False, "cancelled": True, "steps": 3}).status == 200
+    assert g.job(ME, job["id"])["status"] == "cancelled"
+    assert g.beat(lease).status == 409
 
 
 def test_cancel_of_a_waiting_job_drops_its_work_and_of_a_finished_one_is_refused() -> None:
@@ -559,3 +582,23 @@ def test_a_deleted_training_file_stays_readable_until_its_job_ends() -> None:
     assert train_to_success(g, lease).status == 200
     assert drive(files.purge_deleted(g.db, g.blobs, g.now)) == 1
     assert not any(k.startswith("u/") for k in g.blobs.objects)
+
+
+def test_the_results_file_is_the_metrics_per_logged_step() -> None:
+    g = FtGateway()
+    new_job(g)
+    lease = g.train_lease(7)
+    steps = [
+        {"step": 10, "train_loss": 2.5, "train_mean_token_accuracy": 0.5},
+        {"step": 20, "train_loss": 1.25, "valid_loss": 1.5, "valid_mean_token_accuracy": 0.75},
+        {"step": "bad"},
+    ]
+    events = [{"type": "metrics", "message": f"m{i}", "data": d} for i, d in enumerate(steps)]
+    assert g.send_events(lease, events).body == {"accepted": 3}
+    assert train_to_success(g, lease).status == 200
+    [job] = g.jobs(ME).body["data"]
+    assert g.content(ME, job["result_files"][0]).decode().splitlines() == [
+        "step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy",
+        "10,2.5,0.5,,",
+        "20,1.25,,1.5,0.75",
+    ]
