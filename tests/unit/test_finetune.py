@@ -602,3 +602,30 @@ def test_the_results_file_is_the_metrics_per_logged_step() -> None:
         "10,2.5,0.5,,",
         "20,1.25,,1.5,0.75",
     ]
+
+
+def test_the_training_nodes_bodies_as_heady_node_sends_them() -> None:
+    """The request and commit bodies of heady_node's fine-tuning runner (issue 19, node side):
+    L's paths under the lease, metrics header, commit with steps/seed, stop for a cancel."""
+    g = FtGateway()
+    job = new_job(g, validation_file=g.training_file(ME, n=3), seed=7)
+    lease = g.train_lease(7)
+    base = f"/api/nodes/v1/leases/{lease['id']}/"
+    assert lease["input"].startswith(base) and lease["validation_input"].startswith(base)
+    assert (lease["job_id"], lease["model"], lease["seed"]) == (job["id"], BASE, 7)
+    assert lease["hyperparameters"] == job["hyperparameters"]
+    assert (
+        g.send_events(
+            lease, [{"level": "info", "type": "message", "message": "Validating training file"}]
+        ).status
+        == 200
+    )
+    metrics = {"step": 4, "train_loss": 1.5, "train_mean_token_accuracy": 0.25}
+    step = {"level": "info", "type": "metrics", "message": "Step 4/8: training loss=1.5000"}
+    assert g.send_events(lease, [step | {"data": {**metrics, "total_steps": 8}}]).status == 200
+    assert g.put_checkpoint(lease, 4, b"tar", metrics).status == 200
+    assert g.put_adapter(lease, b"tar").startswith("ft/")
+    hp = {"n_epochs": 2, "batch_size": 8, "learning_rate_multiplier": 1.0}
+    body = {"ok": True, "steps": 8, "trained_tokens": 640, "hyperparameters": hp, "seed": 7}
+    assert g.commit_train(lease, body).status == 200
+    assert g.job(ME, job["id"])["hyperparameters"] == hp
