@@ -629,3 +629,25 @@ def test_the_training_nodes_bodies_as_heady_node_sends_them() -> None:
     body = {"ok": True, "steps": 8, "trained_tokens": 640, "hyperparameters": hp, "seed": 7}
     assert g.commit_train(lease, body).status == 200
     assert g.job(ME, job["id"])["hyperparameters"] == hp
+
+
+def test_the_fine_tuning_core_imports_only_the_stdlib_and_src() -> None:
+    """The Worker bundles src/ as it is and Pyodide has no wheels for it: stdlib only."""
+    import ast
+    import sys
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parents[2] / "src"
+    local = {p.stem for p in src.glob("*.py")} | {"heady_shared"}
+    paths = [*src.glob("finetune*.py"), src / "heady_shared" / "ftnames.py"]
+    assert len(paths) == 4
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            for name in names:
+                top = name.split(".")[0]
+                assert top in sys.stdlib_module_names or top in local, (path.name, name)
