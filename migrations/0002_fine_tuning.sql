@@ -22,7 +22,8 @@ CREATE TABLE IF NOT EXISTS ft_jobs (
   trained_tokens INTEGER,
   error TEXT,                          -- JSON {code, message, param}
   result_files TEXT NOT NULL DEFAULT '[]',
-  metadata TEXT                        -- JSON object
+  metadata TEXT,                       -- JSON object
+  node_events INTEGER NOT NULL DEFAULT 0 -- events its nodes stored (capped; no count(*) per call)
 );
 CREATE INDEX IF NOT EXISTS ft_jobs_owner_created ON ft_jobs (owner, created_at, id);
 CREATE INDEX IF NOT EXISTS ft_jobs_status ON ft_jobs (status, created_at);

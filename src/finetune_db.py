@@ -300,14 +300,22 @@ async def append_events(
     statements: list[tuple[str, Sequence[object]]] = []
     if validated:
         statements.append(validated_sql(job_id, lease_id, token))
+    # Both statements test the same condition on the same state (the insert leaves
+    # node_events alone), so the events are stored and counted together or not at all.
+    room = "(SELECT node_events FROM ft_jobs WHERE id = ?) + ? <= ?"
     statements.append(
         (
             f"{EVENT_INSERT} SELECT json_extract(value, '$.id'), ?, ?,"
             " json_extract(value, '$.level'), json_extract(value, '$.message'),"
             " json_extract(value, '$.type'), json_extract(value, '$.data')"
-            f" FROM json_each(?) WHERE {CUR}"
-            " AND (SELECT count(*) FROM ft_events WHERE job_id = ?) + ? <= ? ORDER BY key",
+            f" FROM json_each(?) WHERE {CUR} AND {room} ORDER BY key",
             [job_id, int(now), events_json, lease_id, token, job_id, n, max_events],
+        )
+    )
+    statements.append(
+        (
+            f"UPDATE ft_jobs SET node_events = node_events + ? WHERE id = ? AND {CUR} AND {room}",
+            [n, job_id, lease_id, token, job_id, n, max_events],
         )
     )
     return await db.batch(statements)

@@ -318,9 +318,10 @@ async def append_events(
         ft.max_events,
         validated and ctx["job_status"] == "validating_files",
     )
-    if changed[-1] == 0 and await finetune_db.lease_context(db, lease_id, token) is None:
+    accepted = changed[-2]
+    if accepted == 0 and await finetune_db.lease_context(db, lease_id, token) is None:
         return lease_lost(lease_id)  # lost between the read and the insert
-    return ok({"accepted": changed[-1]})
+    return ok({"accepted": accepted})
 
 
 def _length(content_length: str | None, ft: FtSettings) -> ApiResult | None:

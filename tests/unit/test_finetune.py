@@ -320,7 +320,7 @@ def test_status_moves_validating_running_queued_running_succeeded() -> None:
 
 
 def test_events_are_bounded_and_refused_whole_on_a_stale_lease() -> None:
-    g = FtGateway(FtSettings(max_events=6))
+    g = FtGateway(FtSettings(max_events=4))  # the node's events, not the job's own
     job = new_job(g)
     lease = g.train_lease(7)
     before = len(g.all_events(ME, job["id"]))
@@ -342,12 +342,14 @@ def test_events_are_bounded_and_refused_whole_on_a_stale_lease() -> None:
     assert ok.body == {"accepted": 3}
     over = g.send_events(lease, [{"message": "one too many"}] * 2)
     assert over.body == {"accepted": 0}
+    assert g.send_events(lease, [{"message": "m3"}]).body == {"accepted": 1}
+    assert g.send_events(lease, [{"message": "m4"}]).body == {"accepted": 0}
     messages = [e["message"] for e in g.all_events(ME, job["id"])]
-    assert messages[before:] == ["m0", "m1", "m2"]
+    assert messages[before:] == ["m0", "m1", "m2", "m3"]
     page = g.events(ME, job["id"], limit="2").body
-    nxt = g.events(ME, job["id"], after=page["data"][-1]["id"], limit="2").body
+    nxt = g.events(ME, job["id"], after=page["data"][-1]["id"], limit="3").body
     newest = [e["message"] for e in page["data"] + nxt["data"]]
-    assert newest == ["m2", "m1", "m0", messages[before - 1]]
+    assert newest == ["m3", "m2", "m1", "m0", messages[before - 1]]
     assert g.events(ME, job["id"], after="ftevent-nope").status == 400
 
 

@@ -266,7 +266,7 @@ class TrainMachine(RuleBasedStateMachine):
     def stores_agree_with_the_model(self) -> None:
         for job_id, m in self.jobs.items():
             [row] = self.g.db.rows(
-                "SELECT j.status, w.state, w.lease_id FROM ft_jobs j JOIN work w"
+                "SELECT j.status, j.node_events, w.state, w.lease_id FROM ft_jobs j JOIN work w"
                 " ON w.batch_id = j.id WHERE j.id = ?",
                 [job_id],
             )
@@ -279,6 +279,7 @@ class TrainMachine(RuleBasedStateMachine):
             )
             messages = [e["message"] for e in events]
             assert [t for t in messages if t.startswith("n:")] == m.events
+            assert row["node_events"] == len(m.events)
             made = sum(t.startswith("New fine-tuned model created") for t in messages)
             adapters = self.g.db.rows("SELECT name FROM ft_adapters WHERE job_id = ?", [job_id])
             assert made == len(adapters) == m.successes <= 1
