@@ -112,6 +112,8 @@ async def _one(db: Db, sql: str, params: Sequence[object]) -> Row | None:
 # ---------------------------------------------------------------------------- files
 
 LIVE_FILE = "deleted_at IS NULL AND (expires_at IS NULL OR expires_at > ?)"
+# A fine-tuning job (migrations/0002) still reading its files: their blobs are kept.
+FT_OPEN = "status IN ('validating_files', 'queued', 'running')"
 FILE_COLUMNS = (
     "id, owner, purpose, filename, bytes, created_at, expires_at, status, blob, data_offset, parts"
 )
@@ -182,8 +184,10 @@ async def file_in_use(db: Db, file_id: str) -> bool:
     """Whether a batch still reading this file as input is unfinished."""
     row = await _one(
         db,
-        "SELECT 1 AS x FROM batches WHERE input_file_id = ? AND status IN (?, ?, ?) LIMIT 1",
-        (file_id, *ACTIVE_BATCH, "cancelling"),
+        "SELECT 1 AS x FROM batches WHERE input_file_id = ? AND status IN (?, ?, ?)"
+        f" UNION ALL SELECT 1 FROM ft_jobs WHERE training_file = ? AND {FT_OPEN}"
+        f" UNION ALL SELECT 1 FROM ft_jobs WHERE validation_file = ? AND {FT_OPEN} LIMIT 1",
+        (file_id, *ACTIVE_BATCH, "cancelling", file_id, file_id),
     )
     return row is not None
 
@@ -194,6 +198,8 @@ async def purgeable_files(db: Db, now: float, limit: int = 20) -> list[Row]:
         " AND (blob IS NOT NULL OR parts IS NOT NULL)"
         " AND NOT EXISTS (SELECT 1 FROM batches b WHERE b.input_file_id = f.id"
         " AND b.status IN (?, ?, ?))"
+        f" AND NOT EXISTS (SELECT 1 FROM ft_jobs j WHERE j.training_file = f.id AND {FT_OPEN})"
+        f" AND NOT EXISTS (SELECT 1 FROM ft_jobs j WHERE j.validation_file = f.id AND {FT_OPEN})"
     )
     busy = (*ACTIVE_BATCH, "cancelling")
     return await db.all(
