@@ -60,7 +60,8 @@ lint: $(VENV)/.installed
 test-py313: $(VENV)/.installed
 	@test -n "$(PY313)" || { echo "Python 3.13 not found (pyenv install 3.13.0)"; exit 1; }
 	test -x .venv313/bin/python || $(PY313) -m venv .venv313
-	.venv313/bin/python -m pip install --quiet --disable-pip-version-check pytest==9.2.0 hypothesis==6.170.17 pytest-timeout==2.4.0
+	# tests/unit builds uploads with httpx and checks API shapes against the openai SDK's types.
+	.venv313/bin/python -m pip install --quiet --disable-pip-version-check pytest==9.2.0 hypothesis==6.170.17 pytest-timeout==2.4.0 httpx==0.28.1 openai==3.57.0
 	.venv313/bin/python -m pytest -q -p no:cacheprovider tests/unit
 
 # The torch venv: Python 3.11, because the CPU-only torch wheel this project pins (2.13.0+cpu,
