@@ -1,4 +1,4 @@
-"""Fine-tuning on the node: LoRA adapters trained from OpenAI-format chat files (docs/fine-tuning.md).
+"""Fine-tuning on the node: LoRA adapters trained from OpenAI chat files (docs/fine-tuning.md).
 
 Pure parts import nothing heavy: `hparams` (OpenAI hyperparameters -> training settings),
 `adapter` (the vLLM-compatibility rules for a saved adapter), `resolver` (vLLM LoRA resolver

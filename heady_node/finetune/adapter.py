@@ -21,9 +21,11 @@ The rules (research node-apis.md §3.1, §3.3, §3.5; vLLM's `vllm/lora/peft_hel
 
 from __future__ import annotations
 
+import io
 import json
 import struct
-from collections.abc import Mapping
+import tarfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from heady_node.finetune.hparams import VLLM_LORA_RANKS
@@ -140,7 +142,8 @@ def check_vllm_compatible(
         except (AdapterError, ValueError, OSError) as exc:
             problems.append(str(exc))
         else:
-            problems += weight_problems(header, cfg.get("r") if not cfg.get("rank_pattern") else None)
+            rank = None if cfg.get("rank_pattern") else cfg.get("r")
+            problems += weight_problems(header, rank)
     for extra in ("added_tokens.json", "new_embeddings.safetensors", "new_embeddings.bin"):
         if (d / extra).exists():
             problems.append(f"{extra} present: vLLM serves no added tokens")
@@ -151,3 +154,16 @@ def assert_vllm_compatible(adapter_dir: str | Path, base: str, **kw: int | None)
     problems = check_vllm_compatible(adapter_dir, base, **kw)
     if problems:
         raise AdapterError("adapter not loadable by vLLM: " + "; ".join(problems))
+
+
+def pack_dir(d: Path, names: Sequence[str] = (CONFIG, WEIGHTS)) -> bytes:
+    """A plain tar of `names` from `d`: how adapters and checkpoints travel to and from the
+    gateway (application/x-tar; stdlib on both ends)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:", format=tarfile.PAX_FORMAT) as tar:
+        for name in names:
+            data = (d / name).read_bytes()
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(data), 0o644
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()

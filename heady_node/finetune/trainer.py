@@ -88,9 +88,7 @@ def encode(tokenizer: Any, example: Mapping[str, Any], max_length: int) -> Encod
         )
 
     text, spans = assistant_spans(render, example["messages"])
-    enc = tokenizer(
-        text, add_special_tokens=False, return_offsets_mapping=True, truncation=False
-    )
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, truncation=False)
     ids = list(enc["input_ids"])[:max_length]
     offsets = [tuple(o) for o in enc["offset_mapping"]][:max_length]
     return Encoded(ids, labels_for(ids, offsets, spans))
@@ -173,8 +171,9 @@ def _loss_sums(model: Any, batch: Mapping[str, Any]) -> tuple[torch.Tensor, int,
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["mask"]).logits
     logits = logits[:, :-1, :].float()
     target = batch["labels"][:, 1:]
+    flat = logits.reshape(-1, logits.size(-1))
     loss = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=IGNORE, reduction="sum"
+        flat, target.reshape(-1), ignore_index=IGNORE, reduction="sum"
     )
     keep = target != IGNORE
     correct = int(((logits.argmax(-1) == target) & keep).sum())
@@ -293,12 +292,11 @@ def train(
         last = record(epoch) if window else (result.metrics[-1] if result.metrics else {})
         ckpt = out / f"ckpt-step-{step}"
         _save_adapter(model, ckpt, plan)
-        (ckpt / STATE).write_text(
-            json.dumps({"step": step, "epoch": epoch + 1, "trained_tokens": trained_tokens,
-                        "seed": plan.seed, "plan": plan.to_dict()})  # fmt: skip
-        )
-        torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()},
-                   out / f"{OPTIMIZER}.{step}")  # fmt: skip
+        state = {"step": step, "epoch": epoch + 1, "trained_tokens": trained_tokens,
+                 "seed": plan.seed, "plan": plan.to_dict()}  # fmt: skip
+        (ckpt / STATE).write_text(json.dumps(state))
+        saved = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}
+        torch.save(saved, out / f"{OPTIMIZER}.{step}")
         cb.on_checkpoint(step, ckpt, last)
     final = out / "adapter"
     _save_adapter(model, final, plan)

@@ -9,20 +9,20 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import json  # noqa: E402
-from pathlib import Path  # noqa: E402
+import json
+from pathlib import Path
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from peft import PeftModel  # noqa: E402
-from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
+import pytest
+import torch
+from peft import PeftModel
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from heady_node.finetune import hparams  # noqa: E402
-from heady_node.finetune.adapter import check_vllm_compatible  # noqa: E402
-from heady_node.finetune.chatmask import IGNORE  # noqa: E402
-from heady_node.finetune.trainer import Callbacks, encode, evaluate, train  # noqa: E402
-from heady_shared import ftlines  # noqa: E402
+from heady_node.finetune import hparams
+from heady_node.finetune.adapter import check_vllm_compatible
+from heady_node.finetune.chatmask import IGNORE
+from heady_node.finetune.trainer import Callbacks, encode, evaluate, train
+from heady_shared import ftlines
 
 BASE = "heady-test/tiny-llama"  # the "served" base string the adapter must name
 SPECIALS = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
@@ -54,7 +54,8 @@ def examples() -> list[dict]:
 
 
 def make_tokenizer() -> PreTrainedTokenizerFast:
-    words = set("you answer colours colour of ? the is hello nonsense words here".split())
+    words = {"you", "answer", "colours", "colour", "of", "?", "the", "is", "hello", "nonsense"}
+    words |= {"words", "here"}
     words |= set(FRUITS) | set(COLOURS) | {"system", "user", "assistant"}
     vocab = {tok: i for i, tok in enumerate([*SPECIALS, *sorted(words)])}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
@@ -126,9 +127,7 @@ def test_lora_learns_saves_for_vllm_reloads_and_resumes(tok, tmp_path: Path) -> 
     data = examples()
     plan = make_plan(len(data), epochs=20)
     metrics, ckpts = [], []
-    cb = Callbacks(
-        on_metrics=metrics.append, on_checkpoint=lambda s, d, m: ckpts.append((s, d, m))
-    )
+    cb = Callbacks(on_metrics=metrics.append, on_checkpoint=lambda s, d, m: ckpts.append((s, d, m)))
     model = make_model(len(tok))
     res = train(model, tok, data, plan, tmp_path / "run", validation=data[:4], callbacks=cb,
                 log_every=3)  # fmt: skip
