@@ -205,6 +205,8 @@ class FineTuneRunner:
     async def handle(self, lease: TrainLease) -> str:
         stop = {"cancel": False, "lost": False}
         beat = asyncio.create_task(self._heartbeat(lease, stop))
+        if self.work_dir is not None:
+            self.work_dir.mkdir(parents=True, exist_ok=True)
         try:
             with tempfile.TemporaryDirectory(dir=self.work_dir) as tmp:
                 return await self._run(lease, stop, Path(tmp))

@@ -1,0 +1,254 @@
+"""The fine-tuning runner end to end on the CPU: a `train` lease from a small in-test HTTP server
+that keeps the node API of docs/fine-tuning.md, the real trainer on the tiny Llama, events,
+checkpoints, the adapter upload and the commit; a bad file fails before the GPU is touched; a
+lease with a checkpoint resumes from it. The real gateway side is wired later (issue 19)."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import asyncio
+import io
+import json
+import re
+import tarfile
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from heady_node.finetune.adapter import check_vllm_compatible
+from heady_node.finetune.runner import FineTuneRunner
+from tests.torch.test_finetune import BASE, examples, make_model, make_tokenizer
+
+CRED = "hn1.8.0123456789abcdef0123456789abcdef"
+_PATH = re.compile(
+    r"^/api/nodes/v1/leases/([^/]+)/(input|heartbeat|events|adapter|commit|"
+    r"checkpoint|checkpoints/(\d+))$"
+)
+
+
+@dataclass
+class Job:
+    data: bytes
+    hyperparameters: dict
+    checkpoint: bytes | None = None
+    cancel_after_events: int | None = None
+    events: list[dict] = field(default_factory=list)
+    checkpoints: dict[int, tuple[bytes, dict]] = field(default_factory=dict)
+    adapter: bytes | None = None
+    commit: dict | None = None
+    leased: bool = False
+
+
+class Gateway(ThreadingHTTPServer):
+    job: Job
+    calls: list[str]
+
+
+class Handler(BaseHTTPRequestHandler):
+    def log_message(self, *a: object) -> None:
+        pass
+
+    def _send(self, status: int, body: object = None) -> None:
+        raw = (
+            b""
+            if body is None
+            else (body if isinstance(body, bytes) else json.dumps(body).encode())
+        )
+        self.send_response(status)
+        self.send_header("content-length", str(len(raw)))
+        self.end_headers()
+        self.wfile.write(raw)
+
+    def _body(self) -> bytes:
+        return self.rfile.read(int(self.headers.get("content-length") or 0))
+
+    def _route(self, method: str) -> None:
+        srv: Gateway = self.server  # type: ignore[assignment]
+        job = srv.job
+        assert self.headers.get("authorization") == f"Bearer {CRED}"
+        body = self._body()
+        srv.calls.append(f"{method} {self.path}")
+        if method == "POST" and self.path == "/api/nodes/v1/leases":
+            req = json.loads(body)
+            if job.leased or "train" not in req.get("kinds", []):
+                return self._send(204)
+            job.leased = True
+            lease = {
+                "id": "lease1",
+                "token": "tok",
+                "kind": "train",
+                "job_id": "ftjob-1",
+                "model": BASE,
+                "hyperparameters": job.hyperparameters,
+                "seed": 7,
+                "heartbeat_s": 0.2,
+                "input": "/api/nodes/v1/leases/lease1/input",
+            }
+            if job.checkpoint:
+                lease["checkpoint"] = "/api/nodes/v1/leases/lease1/checkpoint"
+            return self._send(200, {"lease": lease})
+        m = _PATH.match(self.path)
+        assert m and m.group(1) == "lease1", self.path
+        what = m.group(2)
+        if method in ("GET", "PUT"):
+            assert self.headers.get("x-heady-lease-token") == "tok"
+        if what == "input":
+            return self._send(200, job.data)
+        if what == "checkpoint":
+            return self._send(200, job.checkpoint)
+        if what == "heartbeat":
+            cancel = (
+                job.cancel_after_events is not None and len(job.events) >= job.cancel_after_events
+            )
+            return self._send(200, {"expires_at": 0, "cancel": cancel})
+        if what == "events":
+            job.events += json.loads(body)["events"]
+            return self._send(200, {})
+        if what.startswith("checkpoints/"):
+            metrics = json.loads(self.headers["x-heady-checkpoint-metrics"])
+            job.checkpoints[int(m.group(3))] = (body, metrics)
+            return self._send(200, {"bytes": len(body)})
+        if what == "adapter":
+            job.adapter = body
+            return self._send(200, {"bytes": len(body)})
+        if what == "commit":
+            job.commit = json.loads(body)
+            return self._send(200, {"state": "done"})
+        return self._send(404)
+
+    def do_GET(self) -> None:
+        self._route("GET")
+
+    def do_POST(self) -> None:
+        self._route("POST")
+
+    def do_PUT(self) -> None:
+        self._route("PUT")
+
+
+@pytest.fixture
+def gateway() -> Iterator[Gateway]:
+    srv = Gateway(("127.0.0.1", 0), Handler)
+    srv.calls = []
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+class Engine:
+    """The node's engine control as the runner sees it: records release/restore."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    async def release(self) -> None:
+        self.calls.append("release")
+
+    async def restore(self) -> None:
+        self.calls.append("restore")
+
+
+def run(gw: Gateway, tmp: Path, engine: Engine) -> str | None:
+    tok = make_tokenizer()
+
+    async def go() -> str | None:
+        r = FineTuneRunner(
+            f"http://127.0.0.1:{gw.server_port}",
+            CRED,
+            engine,
+            gpu=None,
+            max_model_len=64,
+            models=[BASE],
+            loader=lambda plan: (make_model(len(tok)), tok),
+            tokenizer_loader=lambda repo: tok,
+            work_dir=tmp,
+            log_every=3,
+        )
+        try:
+            return await r.step()
+        finally:
+            await r.aclose()
+
+    return asyncio.run(go())
+
+
+def data(objs: list[dict]) -> bytes:
+    return b"".join(json.dumps(o).encode() + b"\n" for o in objs)
+
+
+HP = {"n_epochs": 3, "batch_size": 4, "learning_rate_multiplier": 40}
+
+
+def test_a_train_lease_runs_to_an_adapter_and_a_commit(gateway: Gateway, tmp_path: Path) -> None:
+    gateway.job = Job(data(examples()), HP)
+    engine = Engine()
+    outcome = run(gateway, tmp_path, engine)
+    job = gateway.job
+    assert outcome == "succeeded: 9 steps, " + str(job.commit["trained_tokens"]) + " tokens"
+    assert engine.calls == ["release", "restore"]
+    kinds = [(e["type"], e.get("data", {}).get("step")) for e in job.events]
+    assert kinds[:2] == [("message", None), ("message", None)]
+    assert [s for t, s in kinds if t == "metrics"] == [3, 6, 9]
+    assert "4 x 1" in job.events[1]["message"] and "3 epochs" in job.events[1]["message"]
+    assert sorted(job.checkpoints) == [3, 6, 9]
+    assert job.checkpoints[9][1]["step"] == 9 and "train_loss" in job.checkpoints[9][1]
+    with tarfile.open(fileobj=io.BytesIO(job.checkpoints[3][0])) as tar:
+        assert sorted(tar.getnames()) == [
+            "adapter_config.json",
+            "adapter_model.safetensors",
+            "state.json",
+        ]
+    commit = job.commit
+    assert commit["ok"] is True and commit["steps"] == 9 and commit["seed"] == 7
+    assert commit["hyperparameters"] == {
+        "n_epochs": 3,
+        "batch_size": 4,
+        "learning_rate_multiplier": 40.0,
+    }
+    out = tmp_path / "adapter"
+    with tarfile.open(fileobj=io.BytesIO(job.adapter)) as tar:
+        tar.extractall(out, filter="data")
+    assert check_vllm_compatible(out, BASE) == []
+    assert not list(tmp_path.iterdir())[1:]  # only the adapter we unpacked: work dir cleaned
+
+    # The partner node resumes the same job from the last-but-one checkpoint: steps continue.
+    gateway.job = Job(data(examples()), HP, checkpoint=job.checkpoints[6][0])
+    engine2 = Engine()
+    assert run(gateway, tmp_path / "n2", engine2).startswith("succeeded: 9 steps")
+    assert [e["data"]["step"] for e in gateway.job.events if e["type"] == "metrics"] == [9]
+    assert "resuming from a checkpoint" in gateway.job.events[1]["message"]
+
+
+def test_a_bad_file_fails_the_job_before_the_gpu_is_touched(gateway: Gateway, tmp_path) -> None:
+    exs = examples()
+    exs[4] = {"messages": [{"role": "user", "content": "x"}, {"role": "bot", "content": "y"}]}
+    gateway.job = Job(data(exs), HP)
+    engine = Engine()
+    assert run(gateway, tmp_path, engine).startswith("failed: Line 5: ")
+    assert engine.calls == []
+    err = gateway.job.commit["error"]
+    assert gateway.job.commit["ok"] is False and err["code"] == "invalid_training_file"
+    assert err["param"] == "training_file" and "messages[1].role is 'bot'" in err["message"]
+    assert gateway.job.events[-1]["level"] == "error"
+
+    gateway.job = Job(data(examples()), {"n_epochs": 99})
+    assert run(gateway, tmp_path, engine).startswith("failed: n_epochs")
+    assert gateway.job.commit["error"]["param"] == "hyperparameters.n_epochs"
+
+
+def test_cancel_stops_training_and_gives_the_gpu_back(gateway: Gateway, tmp_path) -> None:
+    gateway.job = Job(data(examples()), {**HP, "n_epochs": 50}, cancel_after_events=3)
+    engine = Engine()
+    outcome = run(gateway, tmp_path, engine)
+    assert outcome.startswith("cancelled at step"), outcome
+    assert engine.calls == ["release", "restore"]
+    assert gateway.job.commit["cancelled"] is True and gateway.job.adapter is None
+    assert gateway.job.commit["steps"] < 150
