@@ -7,9 +7,11 @@ import asyncio
 import os
 import signal
 import sys
+import tempfile
 
 from sim.node.capacity import parse_capacity
 from sim.node.lifecycle import DEFAULT_MODEL, Node
+from sim.node.lora import LoraRegistry, gateway_resolver, static_resolver
 
 __all__ = ["main"]
 
@@ -38,6 +40,22 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=0.0,
         help="simulator only: seconds per generated token of one sequence (default 0)",
     )
+    # LoRA (vLLM's --enable-lora; resolvers run only with VLLM_ALLOW_RUNTIME_LORA_UPDATING).
+    parser.add_argument("--enable-lora", action="store_true")
+    parser.add_argument(
+        "--sim-lora-resolve",
+        nargs="+",
+        default=(),
+        metavar="NAME",
+        help="simulator only: adapter names a resolver finds (loaded on first use)",
+    )
+    parser.add_argument(
+        "--sim-lora-gateway",
+        default=None,
+        metavar="URL",
+        help="simulator only: resolve ft: names through the gateway as heady_node's LoRA "
+        "resolver does (credential from HEADY_NODE_CREDENTIAL, cache dir HEADY_LORA_CACHE_DIR)",
+    )
     args, _unknown = parser.parse_known_args(argv)
     return args
 
@@ -58,6 +76,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"python -m sim.node: {e}", file=sys.stderr)
         return 2
 
+    loras = None
+    if args.enable_lora:
+        loras = LoraRegistry(
+            model,
+            runtime_updating=os.environ.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "").lower()
+            in ("1", "true"),
+        )
+        if args.sim_lora_resolve:
+            loras.resolvers.append(static_resolver(args.sim_lora_resolve))
+        if args.sim_lora_gateway:
+            cache = os.environ.get("HEADY_LORA_CACHE_DIR") or tempfile.mkdtemp(prefix="sim-lora-")
+            credential = os.environ.get("HEADY_NODE_CREDENTIAL", "")
+            loras.resolvers.append(gateway_resolver(args.sim_lora_gateway, credential, cache))
+
     async def run() -> None:
         node = Node(
             args.node,
@@ -68,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             served_names=args.served_model_name,
             dev_mode=dev_mode,
             capacity=capacity,
+            loras=loras,
         )
         await node.start()
         stop = asyncio.Event()

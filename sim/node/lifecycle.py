@@ -15,6 +15,7 @@ from typing import Any
 
 from sim.node import faults
 from sim.node.capacity import UNLIMITED, Capacity, Scheduler, parse_capacity
+from sim.node.lora import LoraRegistry
 from sim.node.modes import HEALTHY, number, parse_mode
 from sim.node.record import HISTORY, RecordedRequest
 from sim.node.vllm import VllmApi
@@ -47,8 +48,10 @@ class Node(VllmApi):
         dev_mode: bool = False,
         history: int = HISTORY,
         capacity: Capacity = UNLIMITED,
+        loras: LoraRegistry | None = None,
     ) -> None:
         self.number = number
+        self.loras = loras  # vLLM with --enable-lora (sim.node.lora); None: without
         self.model = model
         self.served_names = _names(served_names or (model,))
         self.api_key = api_key
@@ -162,6 +165,8 @@ class Node(VllmApi):
         self.load = 0
         self._set_paused(False)
         self.sleeping = False
+        if self.loras is not None:
+            self.loras.reset()
         self.clear_requests()
 
     def state(self) -> dict[str, Any]:
@@ -175,6 +180,7 @@ class Node(VllmApi):
             "api_key": self.api_key is not None,
             "model": self.model,
             "served_names": list(self.served_names),
+            "loras": list(self.loras.loaded) if self.loras is not None else None,
             "dev_mode": self.dev_mode,
             "paused": self.paused,
             **self._scheduler.capacity.to_dict(),
