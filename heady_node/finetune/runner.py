@@ -25,6 +25,7 @@ import contextlib
 import io
 import json
 import logging
+import subprocess
 import tarfile
 import tempfile
 import time
@@ -35,6 +36,7 @@ from typing import Any, Protocol
 
 import httpx
 
+from heady_node import launcher
 from heady_node.finetune import hparams
 from heady_node.finetune.adapter import CONFIG, WEIGHTS, pack_dir
 from heady_node.gpu import GpuClass
@@ -60,26 +62,36 @@ class EngineControl(Protocol):
 
 
 @dataclass
-class StopRestart:
-    """Frees the GPU by stopping the engine process and starts it again afterwards; `stop`
-    and `start` are the node session's own (heady_node.launcher), `healthy` polls /health."""
+class RestartEngine:
+    """Frees the GPU by stopping the engine's process group (heady_node.launcher.stop) and
+    starts the same command again afterwards, waiting until /health answers. `proc` is the
+    running engine (the node session's `engine_proc`); `argv`/`env` the command it was started
+    with (presets.engine_argv / engine_env). `outage_s` is what serving lost: seconds from the
+    stop until the engine was healthy again."""
 
-    stop: Callable[[], Any]
-    start: Callable[[], Any]
-    healthy: Callable[[], Any]
-    timeout_s: float = 900.0
+    argv: list[str]
+    env: dict[str, str]
+    log_path: Path
+    base_url: str
+    proc: subprocess.Popen | None = None
+    health_timeout_s: float = 1800.0  # a cold start reads the weights again
+    outage_s: float | None = None
+    _stopped_at: float | None = None
 
     async def release(self) -> None:
-        await asyncio.to_thread(self.stop)
+        if self.proc is not None:
+            await asyncio.to_thread(launcher.stop, self.proc)
+            self.proc = None
+        self._stopped_at = time.monotonic()
 
     async def restore(self) -> None:
-        await asyncio.to_thread(self.start)
-        deadline = time.monotonic() + self.timeout_s
-        while time.monotonic() < deadline:
-            if await asyncio.to_thread(self.healthy):
-                return
-            await asyncio.sleep(2.0)
-        log.error("engine not healthy %.0fs after restart", self.timeout_s)
+        self.proc = launcher.spawn(self.argv, log_path=self.log_path, env=self.env)
+        await asyncio.to_thread(
+            launcher.wait_healthy, self.base_url, self.proc, log_path=self.log_path,
+            timeout=self.health_timeout_s, interval=0.2,
+        )  # fmt: skip
+        if self._stopped_at is not None:
+            self.outage_s = time.monotonic() - self._stopped_at
 
 
 # (plan) -> (model on its device, tokenizer); trainer.load_base + AutoTokenizer on a node.
@@ -279,6 +291,9 @@ class FineTuneRunner:
             return await self._train(lease, plan, train_set, parsed, resume, stop, tmp)
         finally:
             await self.engine.restore()
+            outage = getattr(self.engine, "outage_s", None)
+            if outage is not None:
+                log.info("engine serving again after %.1fs without it", outage)
 
     async def _train(
         self,
