@@ -4,8 +4,9 @@
 `adapter_model.safetensors` (8-byte little-endian length + JSON: no torch needed) and lists every
 broken rule, so the node refuses to upload an adapter that vLLM would refuse on first use.
 
-The rules (research node-apis.md §3.1, §3.3, §3.5; vLLM's `vllm/lora/peft_helper.py` and
-`vllm/lora/lora_model.py` validate the same fields):
+The rules (research node-apis.md §3.1, §3.3, §3.5; vLLM 0.33.0's `vllm/lora/peft_helper.py`
+`PEFTHelper._validate_features`/`validate_legal` and `vllm/lora/lora_model.py`
+`LoRAModel.from_local_checkpoint` (unexpected modules, embedding weights) check the same):
   * `peft_type` is "LORA" (vLLM's filesystem resolver checks it; vLLM has no DoRA: `use_dora`
     false) and `bias` is "none";
   * `base_model_name_or_path` equals the string the node gives `vllm serve` (the filesystem
@@ -16,6 +17,8 @@ The rules (research node-apis.md §3.1, §3.3, §3.5; vLLM's `vllm/lora/peft_hel
     `lora_embedding_*` tensors ("... is unsupported LoRA weight": vllm#9280, #21500);
   * no added tokens: vLLM dropped extra-vocabulary LoRA (`lora_extra_vocab_size` deprecated), so
     no `added_tokens.json` and no `new_embeddings.*` next to the adapter;
+  * no LoRA bias, aLoRA, layer replication, BD-LoRA, QALoRA, and no init that rewrites the
+    base weights (PiSSA, OLoRA, LoftQ, ...);
   * every tensor is a `lora_A`/`lora_B` weight whose rank dimension matches the config.
 """
 
@@ -33,7 +36,11 @@ from heady_node.finetune.hparams import VLLM_LORA_RANKS
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 FORBIDDEN_MODULES = ("embed_tokens", "lm_head", "wte", "word_embeddings", "embed_out")
-MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
+MAX_HEADER = 100 * 1024 * 1024
+# String inits vLLM accepts (PEFTHelper._init_is_supported): they leave the base weights alone.
+VLLM_INITS = frozenset(
+    {"gaussian", "eva", "orthogonal", "mica", "lora_ga"}
+)  # safetensors' own limit on the JSON header
 
 
 class AdapterError(ValueError):
@@ -93,6 +100,14 @@ def config_problems(cfg: Mapping[str, object], base: str, max_rank: int | None) 
         problems.append("use_dora is true; vLLM has no DoRA")
     if cfg.get("bias", "none") != "none":
         problems.append(f"bias is {cfg.get('bias')!r}; vLLM needs 'none'")
+    # vLLM 0.33.0 vllm/lora/peft_helper.py PEFTHelper._validate_features refuses these too.
+    for key in ("lora_bias", "alora_invocation_tokens", "layer_replication", "use_bdlora",
+                "use_qalora"):  # fmt: skip
+        if cfg.get(key):
+            problems.append(f"{key} is set; vLLM does not support it")
+    init = cfg.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower() not in VLLM_INITS:
+        problems.append(f"init_lora_weights is {init!r}: it changes the base weights vLLM serves")
     return problems
 
 

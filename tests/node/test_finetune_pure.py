@@ -322,7 +322,7 @@ def write_adapter(d: Path, cfg: dict | None = None, tensors: dict | None = None)
 
 
 def test_a_plain_lora_adapter_is_compatible(tmp_path: Path) -> None:
-    d = write_adapter(tmp_path / "a")
+    d = write_adapter(tmp_path / "a", {"init_lora_weights": "gaussian"})
     assert check_vllm_compatible(d, BASE) == []
     assert check_vllm_compatible(d, BASE, max_rank=8) == [
         "rank 16 exceeds the node's --max-lora-rank 8"
@@ -340,6 +340,9 @@ def test_a_plain_lora_adapter_is_compatible(tmp_path: Path) -> None:
         ({"peft_type": "IA3"}, None, "peft_type"),
         ({"use_dora": True}, None, "DoRA"),
         ({"bias": "all"}, None, "bias"),
+        ({"lora_bias": True}, None, "lora_bias is set"),
+        ({"init_lora_weights": "pissa"}, None, "changes the base weights"),
+        ({"layer_replication": [[0, 2]]}, None, "layer_replication"),
         ({}, {"base_model.model.lm_head.weight": [64, 64]}, "embedding/lm_head"),
         ({}, {"base_model.model.model.embed_tokens.lora_embedding_A": [16, 64]}, "embedding"),
         ({}, {"x.q_proj.lora_A.weight": [8, 64]}, "rank 16 expected first"),
