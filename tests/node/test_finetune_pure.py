@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from heady_node import guard
 from heady_node.finetune import hparams
 from heady_node.finetune.adapter import check_vllm_compatible, pack_dir
 from heady_node.finetune.chatmask import IGNORE, TemplateError, assistant_spans, labels_for
@@ -484,3 +485,12 @@ def test_resolver_refuses_bad_archives(gateway: _Gateway, tmp_path: Path) -> Non
             cache.get(BASE, name)
     assert list(cache.cache_dir.iterdir()) == []  # nothing half-written stays
     assert not (tmp_path / "cache" / "evil").exists()
+
+
+def test_the_guard_hides_vllms_runtime_lora_routes() -> None:
+    # LoRA nodes run with VLLM_ALLOW_RUNTIME_LORA_UPDATING (for the resolver), which mounts
+    # /v1/load_lora_adapter: loading any path or hub id must never be reachable from outside.
+    digest = guard.token_digest("tok")
+    for path in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/v1/load_lora_adapter/"):
+        assert guard.decide(path, "Bearer tok", digest) == guard.NOT_EXPOSED
+    assert guard.decide("/v1/chat/completions", "Bearer tok", digest) is None
