@@ -133,13 +133,14 @@ class TrainLease:
             v = data.get(key)
             return v if isinstance(v, str) and v.startswith(base) else None  # gateway paths only
 
+        seed, default_seed = data.get("seed"), hparams.seed_for(str(data["job_id"]))
         return cls(
             id=lid,
             token=str(data["token"]),
             job_id=str(data["job_id"]),
             model=str(data["model"]),
             hyperparameters=data.get("hyperparameters"),
-            seed=int(data.get("seed") or hparams.seed_for(str(data["job_id"]))),
+            seed=seed if isinstance(seed, int) and not isinstance(seed, bool) else default_seed,
             heartbeat_s=max(0.05, float(data.get("heartbeat_s") or 30.0)),
             input=local("input") or f"{base}input",
             validation_input=local("validation_input"),

@@ -494,3 +494,23 @@ def test_the_guard_hides_vllms_runtime_lora_routes() -> None:
     for path in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/v1/load_lora_adapter/"):
         assert guard.decide(path, "Bearer tok", digest) == guard.NOT_EXPOSED
     assert guard.decide("/v1/chat/completions", "Bearer tok", digest) is None
+
+
+def test_a_train_lease_keeps_seed_zero_and_only_gateway_paths() -> None:
+    from heady_node.finetune.runner import TrainLease
+
+    base = {"id": "l1", "token": "t", "job_id": "ftjob-1", "model": BASE}
+    lease = TrainLease.parse(
+        {
+            **base,
+            "seed": 0,
+            "checkpoint": "https://evil.example/x",
+            "validation_input": "/api/nodes/v1/leases/l1/input/validation",
+        }
+    )
+    assert lease.seed == 0 and lease.checkpoint is None
+    assert lease.input == "/api/nodes/v1/leases/l1/input"
+    assert lease.validation_input == "/api/nodes/v1/leases/l1/input/validation"
+    assert TrainLease.parse(base).seed == hparams.seed_for("ftjob-1")
+    other = TrainLease.parse({**base, "input": "/api/nodes/v1/leases/l2/input"})
+    assert other.input == "/api/nodes/v1/leases/l1/input"  # another lease's path: not followed
