@@ -214,6 +214,28 @@ class FineTuneRunner:
         lease = await self.ask()
         return None if lease is None else await self.handle(lease)
 
+    async def run(
+        self, stop: asyncio.Event, poll_s: float = 10.0, poll_max_s: float = 120.0
+    ) -> None:
+        """Take train leases one after another until `stop` is set; no work (or a gateway
+        that fails) waits poll_s, doubling up to poll_max_s. A job always runs to its end
+        (or its cancel/lost lease): `stop` is looked at between jobs."""
+        quiet = 0
+        while not stop.is_set():
+            try:
+                outcome = await self.step()
+            except (httpx.HTTPError, RuntimeError, ValueError) as exc:
+                log.warning("train lease round failed: %s", exc)
+                outcome = None
+            if outcome is not None:
+                log.info("train job: %s", outcome)
+                quiet = 0
+                continue
+            delay = min(poll_max_s, poll_s * 2**quiet)
+            quiet += 1
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+
     # -- one lease ---------------------------------------------------------------------------
     async def handle(self, lease: TrainLease) -> str:
         stop = {"cancel": False, "lost": False}

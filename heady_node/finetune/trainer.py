@@ -116,11 +116,11 @@ def lora_config(plan: TrainPlan, model: torch.nn.Module) -> LoraConfig:
 
 
 def load_base(plan: TrainPlan, *, device_map: str = "auto") -> Any:
-    """The base model for `plan` on the GPU: 16-bit, or 4-bit NF4 (QLoRA) with bitsandbytes.
-    GPU only (not exercised by the CPU tests; docs/fine-tuning.md's GPU checklist)."""
+    """The base model for `plan`: 16-bit on the GPU (fp32 on the CPU), or 4-bit NF4 (QLoRA) with
+    bitsandbytes (GPU only: docs/fine-tuning.md's checklist), gradient checkpointing on."""
     from transformers import AutoModelForCausalLM
 
-    dtype = torch.bfloat16 if plan.precision == "bf16" else torch.float16
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(plan.precision, torch.float32)
     kwargs: dict[str, Any] = {"dtype": dtype, "device_map": device_map}
     if plan.load_in_4bit:
         from transformers import BitsAndBytesConfig

@@ -172,11 +172,17 @@ def sim_engine(tmp_path: Path) -> Iterator[RestartEngine]:
     # as vLLM runs in an environment of its own on a node.
     python = str(root / ".venv" / "bin" / "python")
     argv = [python, "-m", "sim.node", "serve", BASE, "--port", str(port), "--node", "8"]
-    engine = RestartEngine(argv, {"PYTHONPATH": str(root)}, tmp_path / "engine.log",
-                           f"http://127.0.0.1:{port}", health_timeout_s=30)  # fmt: skip
+    engine = RestartEngine(
+        argv,
+        {"PYTHONPATH": str(root)},
+        tmp_path / "engine.log",
+        f"http://127.0.0.1:{port}",
+        health_timeout_s=30,
+    )
     engine.proc = launcher.spawn(argv, log_path=engine.log_path, env=engine.env)
-    launcher.wait_healthy(engine.base_url, engine.proc, log_path=engine.log_path, timeout=30,
-                          interval=0.1)  # fmt: skip
+    launcher.wait_healthy(
+        engine.base_url, engine.proc, log_path=engine.log_path, timeout=30, interval=0.1
+    )
     yield engine
     if engine.proc is not None:
         launcher.stop(engine.proc)
@@ -193,9 +199,13 @@ class Prober(threading.Thread):
         with httpx.Client(timeout=2) as c:
             while not self.done.is_set():
                 try:
-                    ok = c.post(self.url + "/v1/chat/completions", json={
-                        "model": BASE, "messages": [{"role": "user", "content": "hi"}]
-                    }).status_code == 200  # fmt: skip
+                    ok = (
+                        c.post(
+                            self.url + "/v1/chat/completions",
+                            json={"model": BASE, "messages": [{"role": "user", "content": "hi"}]},
+                        ).status_code
+                        == 200
+                    )
                 except httpx.HTTPError:
                     ok = False
                 self.results.append((time.monotonic(), ok))
@@ -303,6 +313,37 @@ def test_a_bad_file_fails_the_job_before_the_gpu_is_touched(gateway: Gateway, tm
     assert gateway.job.commit["error"]["param"] == "hyperparameters.n_epochs"
 
 
+def test_run_takes_jobs_until_stopped(gateway: Gateway, tmp_path: Path) -> None:
+    gateway.job = Job(data(examples()), {**HP, "n_epochs": 1})
+    tok = make_tokenizer()
+
+    async def go() -> None:
+        r = FineTuneRunner(
+            f"http://127.0.0.1:{gateway.server_port}",
+            CRED,
+            Engine(),
+            gpu=None,
+            max_model_len=64,
+            loader=lambda plan: (make_model(len(tok)), tok),
+            tokenizer_loader=lambda _r: tok,
+            work_dir=tmp_path,
+            log_every=3,
+        )
+        stop = asyncio.Event()
+        task = asyncio.create_task(r.run(stop, poll_s=0.05, poll_max_s=0.1))
+        while gateway.job.commit is None:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)  # a few empty polls (204) after the job
+        stop.set()
+        await asyncio.wait_for(task, 5)
+        await r.aclose()
+
+    asyncio.run(go())
+    assert gateway.job.commit["ok"] is True
+    asks = [c for c in gateway.calls if c == "POST /api/nodes/v1/leases"]
+    assert len(asks) >= 3  # the job's lease, then polling with nothing to do
+
+
 def test_cancel_stops_training_and_gives_the_gpu_back(gateway: Gateway, tmp_path) -> None:
     gateway.job = Job(data(examples()), {**HP, "n_epochs": 50}, cancel_after_events=3)
     engine = Engine()
@@ -311,3 +352,37 @@ def test_cancel_stops_training_and_gives_the_gpu_back(gateway: Gateway, tmp_path
     assert engine.calls == ["release", "restore"]
     assert gateway.job.commit["cancelled"] is True and gateway.job.adapter is None
     assert gateway.job.commit["steps"] < 150
+
+
+def test_the_default_loader_reads_a_local_checkpoint(gateway: Gateway, tmp_path: Path) -> None:
+    """The node's own loading path (trainer.load_base + AutoTokenizer), the served base being a
+    local checkpoint directory (vLLM accepts a path as its model too)."""
+    ckpt = tmp_path / "tiny-base"
+    tok = make_tokenizer()
+    make_model(len(tok)).save_pretrained(ckpt)
+    tok.save_pretrained(ckpt)
+    gateway.job = Job(data(examples()), {**HP, "n_epochs": 1})
+
+    async def go() -> str | None:
+        r = FineTuneRunner(
+            f"http://127.0.0.1:{gateway.server_port}",
+            CRED,
+            Engine(),
+            gpu=None,
+            max_model_len=64,
+            work_dir=tmp_path / "w",
+            log_every=3,
+        )
+        lease = await r.ask()
+        assert lease is not None
+        lease.model = str(ckpt)  # the gateway stand-in names BASE; this node serves the path
+        try:
+            return await r.handle(lease)
+        finally:
+            await r.aclose()
+
+    assert asyncio.run(go()).startswith("succeeded: 3 steps")
+    out = tmp_path / "adapter"
+    with tarfile.open(fileobj=io.BytesIO(gateway.job.adapter)) as tar:
+        tar.extractall(out, filter="data")
+    assert check_vllm_compatible(out, str(ckpt)) == []
