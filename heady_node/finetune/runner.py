@@ -312,6 +312,13 @@ class FineTuneRunner:
         await self.engine.release()
         try:
             return await self._train(lease, plan, train_set, parsed, resume, stop, tmp)
+        except (LeaseLost, httpx.HTTPError):
+            raise  # not the job's fault: its lease expires and it runs again
+        except Exception as exc:  # the job cannot train (OOM, a bad checkpoint, ...): say so
+            log.exception("train job %s failed", lease.job_id)
+            why = f"{type(exc).__name__}: {str(exc)[:300]}" if str(exc) else type(exc).__name__
+            err = {"code": "training_failed", "message": f"Training failed: {why}", "param": None}
+            return await self._fail(lease, err)
         finally:
             await self.engine.restore()
             outage = getattr(self.engine, "outage_s", None)

@@ -158,7 +158,13 @@ class FileValidator:
         if self.examples == self.max_examples + 1:
             self._error(n, f"the file has more than {self.max_examples} examples")
         if self.count_tokens is not None and self.max_tokens is not None:
-            tokens = self.count_tokens(obj)
+            try:
+                tokens = self.count_tokens(obj)
+            except ValueError as exc:  # e.g. the chat template refuses the conversation
+                self._error(
+                    n, f"example cannot be rendered with the base model's chat template: {exc}"
+                )
+                return
             if tokens > self.max_tokens:
                 self._error(
                     n,

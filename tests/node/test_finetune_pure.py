@@ -150,6 +150,21 @@ def test_too_few_examples_and_too_many_tokens() -> None:
     assert "context is 20 tokens" in v.errors[0].message
 
 
+def test_a_template_that_refuses_an_example_names_its_line() -> None:
+    def count(e: dict) -> int:
+        if e["messages"][0]["role"] == "system":
+            raise ValueError("System role not supported")
+        return 3
+
+    v = ftlines.validate_file(
+        lines([ex(("user", "u"), ("assistant", "a"))] * 10 + [GOOD]),
+        count_tokens=count,
+        max_tokens=10,
+    )
+    assert [e.line for e in v.errors] == [11]
+    assert "chat template: System role not supported" in v.errors[0].message
+
+
 def test_errors_are_capped_and_the_job_error_says_how_many_more() -> None:
     v = ftlines.validate_file([b"x"] * 500)
     assert len(v.errors) == ftlines.MAX_ERRORS
