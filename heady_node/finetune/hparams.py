@@ -28,7 +28,6 @@ to their 4-bit quantisation (that is QLoRA's premise), and vLLM serves LoRA on A
 
 from __future__ import annotations
 
-import hashlib
 import math
 import re
 from collections.abc import Mapping
@@ -37,9 +36,15 @@ from dataclasses import dataclass
 from heady_node.gpu import BF16_COMPUTE_CAPABILITY, GpuClass
 from heady_node.presets import GIB, GPU_MEMORY_UTILIZATION, MODELS, Model
 
-AUTO = "auto"
-MAX_EPOCHS = 50
-MAX_BATCH = 256
+# The request side is shared with the gateway (stdlib, src/heady_shared/ftlines.py).
+from heady_shared.ftlines import (  # noqa: F401 (re-exported: hparams.Requested, ...)
+    AUTO,
+    HyperparameterError,
+    Requested,
+    parse_requested,
+    seed_for,
+)
+
 AUTO_EXAMPLE_PASSES = 100
 AUTO_EPOCHS_MIN, AUTO_EPOCHS_MAX = 3, 10
 AUTO_BATCH_MAX = 16
@@ -62,23 +67,6 @@ TRAIN_OVERHEAD_GIB = 3.0
 ACT_GIB_PER_B_PER_KTOK = 0.12
 NF4_BYTES_PER_PARAM = 0.55  # 4-bit weights + quant constants + 16-bit embeddings/norms
 FP16_BYTES_PER_PARAM = 2.0
-
-
-class HyperparameterError(ValueError):
-    """An OpenAI-shaped invalid_request (param names the field)."""
-
-    def __init__(self, param: str, message: str) -> None:
-        super().__init__(message)
-        self.param = param
-
-
-@dataclass(frozen=True)
-class Requested:
-    """The job's hyperparameters as the user gave them (values or "auto")."""
-
-    n_epochs: int | str = AUTO
-    batch_size: int | str = AUTO
-    learning_rate_multiplier: float | str = AUTO
 
 
 @dataclass(frozen=True)
@@ -119,47 +107,6 @@ class TrainPlan:
         kw = dict(data)
         kw["target_modules"] = tuple(kw["target_modules"])  # type: ignore[arg-type]
         return cls(**kw)  # type: ignore[arg-type]
-
-
-def parse_requested(hp: object) -> Requested:
-    """Check OpenAI's `hyperparameters` object (method.supervised.hyperparameters or the
-    deprecated top-level one); raises HyperparameterError naming the field."""
-    if hp is None:
-        return Requested()
-    if not isinstance(hp, Mapping):
-        raise HyperparameterError("hyperparameters", "hyperparameters must be an object")
-    unknown = set(hp) - {"n_epochs", "batch_size", "learning_rate_multiplier"}
-    if unknown:
-        name = sorted(unknown)[0]
-        raise HyperparameterError(f"hyperparameters.{name}", f"unknown hyperparameter {name!r}")
-    epochs = hp.get("n_epochs", AUTO)
-    batch = hp.get("batch_size", AUTO)
-    mult = hp.get("learning_rate_multiplier", AUTO)
-    if epochs != AUTO and not (_int(epochs) and 1 <= epochs <= MAX_EPOCHS):
-        raise HyperparameterError(
-            "hyperparameters.n_epochs", f"n_epochs must be 'auto' or an integer 1-{MAX_EPOCHS}"
-        )
-    if batch != AUTO and not (_int(batch) and 1 <= batch <= MAX_BATCH):
-        raise HyperparameterError(
-            "hyperparameters.batch_size", f"batch_size must be 'auto' or an integer 1-{MAX_BATCH}"
-        )
-    if mult != AUTO and not (
-        isinstance(mult, int | float) and not isinstance(mult, bool) and 0 < mult < math.inf
-    ):
-        raise HyperparameterError(
-            "hyperparameters.learning_rate_multiplier",
-            "learning_rate_multiplier must be 'auto' or a number > 0",
-        )
-    return Requested(epochs, batch, mult)
-
-
-def _int(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def seed_for(job_id: str) -> int:
-    """A job's seed when it names none: stable for the job (a resumed job keeps it)."""
-    return int.from_bytes(hashlib.sha256(job_id.encode()).digest()[:4], "big") % 2**31
 
 
 def auto_epochs(n_examples: int) -> int:

@@ -22,12 +22,19 @@ Rules checked here, each failing with an OpenAI-shaped error naming the 1-based 
     (chat template applied) fit in `max_tokens` (the base model's context).
 
 Blank lines are skipped but counted in line numbers (what an editor shows), as in batchlines.
+
+Also here, for the gateway as much as the node: `check_job_request` (a jobs.create body:
+model, files, suffix, seed, method/hyperparameters, metadata -> JobRequest or an error naming
+the field), `parse_requested` (OpenAI's hyperparameters, values or "auto"), `seed_for` (a job's
+seed when it names none), and the `ft:` model names with their safe slugs.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -235,4 +242,157 @@ def is_slug(text: str) -> bool:
         0 < len(text) <= SLUG_READABLE + 17
         and not text.startswith(".")
         and all(c in _SLUG_SAFE for c in text)
+    )
+
+
+# -- the job request (jobs.create), shared by the gateway and the node -----------------------
+AUTO = "auto"
+MAX_EPOCHS = 50
+MAX_BATCH = 256
+MAX_SEED = 2_147_483_647
+# Our suffixes end up inside `ft:<base>:<org>:<suffix>:<id>`: no `:` (the separator) or `/`.
+SUFFIX = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+METADATA_PAIRS, METADATA_KEY, METADATA_VALUE = 16, 64, 512  # OpenAI's metadata limits
+
+
+class HyperparameterError(ValueError):
+    """An OpenAI-shaped invalid_request (param names the field)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(frozen=True)
+class Requested:
+    """The job's hyperparameters as the user gave them (values or "auto")."""
+
+    n_epochs: int | str = AUTO
+    batch_size: int | str = AUTO
+    learning_rate_multiplier: float | str = AUTO
+
+
+def parse_requested(hp: object) -> Requested:
+    """Check OpenAI's `hyperparameters` object (method.supervised.hyperparameters or the
+    deprecated top-level one); raises HyperparameterError naming the field."""
+    if hp is None:
+        return Requested()
+    if not isinstance(hp, Mapping):
+        raise HyperparameterError("hyperparameters", "hyperparameters must be an object")
+    unknown = set(hp) - {"n_epochs", "batch_size", "learning_rate_multiplier"}
+    if unknown:
+        name = sorted(unknown)[0]
+        raise HyperparameterError(f"hyperparameters.{name}", f"unknown hyperparameter {name!r}")
+    epochs = hp.get("n_epochs", AUTO)
+    batch = hp.get("batch_size", AUTO)
+    mult = hp.get("learning_rate_multiplier", AUTO)
+    if epochs != AUTO and not (_int(epochs) and 1 <= epochs <= MAX_EPOCHS):
+        raise HyperparameterError(
+            "hyperparameters.n_epochs", f"n_epochs must be 'auto' or an integer 1-{MAX_EPOCHS}"
+        )
+    if batch != AUTO and not (_int(batch) and 1 <= batch <= MAX_BATCH):
+        raise HyperparameterError(
+            "hyperparameters.batch_size", f"batch_size must be 'auto' or an integer 1-{MAX_BATCH}"
+        )
+    if mult != AUTO and not (
+        isinstance(mult, int | float) and not isinstance(mult, bool) and 0 < mult < math.inf
+    ):
+        raise HyperparameterError(
+            "hyperparameters.learning_rate_multiplier",
+            "learning_rate_multiplier must be 'auto' or a number > 0",
+        )
+    return Requested(epochs, batch, mult)
+
+
+def _int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def seed_for(job_id: str) -> int:
+    """A job's seed when it names none: stable for the job (a resumed job keeps it)."""
+    return int.from_bytes(hashlib.sha256(job_id.encode()).digest()[:4], "big") % 2**31
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    """A checked `POST /v1/fine_tuning/jobs` body."""
+
+    model: str
+    training_file: str
+    validation_file: str | None
+    suffix: str | None
+    seed: int | None  # None: the gateway derives one from the job id (seed_for) and reports it
+    hyperparameters: Requested
+    metadata: dict[str, str] | None
+
+    def method(self) -> dict[str, object]:
+        """The job object's `method` (OpenAI echoes the hyperparameters as requested)."""
+        hp = self.hyperparameters
+        values = {"batch_size": hp.batch_size, "learning_rate_multiplier":
+                  hp.learning_rate_multiplier, "n_epochs": hp.n_epochs}  # fmt: skip
+        return {"type": "supervised", "supervised": {"hyperparameters": values}}
+
+
+def check_job_request(body: object) -> JobRequest:
+    """Validate a jobs.create body; raises HyperparameterError (an OpenAI 400
+    invalid_request_error whose `param` names the field) on the first problem. Which models
+    may be fine-tuned, and whether the files exist and belong to the caller, is the gateway's
+    check."""
+    if not isinstance(body, Mapping):
+        raise HyperparameterError("body", "the request body must be a JSON object")
+    for key in ("model", "training_file"):
+        v = body.get(key)
+        if not isinstance(v, str) or not v.strip():
+            raise HyperparameterError(key, f"{key} is required (a string)")
+    validation = body.get("validation_file")
+    if validation is not None and (not isinstance(validation, str) or not validation):
+        raise HyperparameterError("validation_file", "validation_file must be a file id")
+    suffix = body.get("suffix")
+    if suffix is not None and not (isinstance(suffix, str) and SUFFIX.match(suffix)):
+        raise HyperparameterError(
+            "suffix", "suffix must be 1-64 characters of letters, digits, '.', '_' or '-'"
+        )
+    seed = body.get("seed")
+    if seed is not None and not (_int(seed) and 0 <= seed <= MAX_SEED):
+        raise HyperparameterError("seed", f"seed must be an integer 0-{MAX_SEED}")
+    method = body.get("method")
+    hp: object = body.get("hyperparameters")  # deprecated top-level form
+    if method is not None:
+        if not isinstance(method, Mapping) or method.get("type") != "supervised":
+            kind = method.get("type") if isinstance(method, Mapping) else method
+            raise HyperparameterError(
+                "method.type", f"method type {kind!r} is not supported; use 'supervised'"
+            )
+        sup = method.get("supervised")
+        if sup is not None and not isinstance(sup, Mapping):
+            raise HyperparameterError("method.supervised", "method.supervised must be an object")
+        inner = (sup or {}).get("hyperparameters")
+        if inner is not None and hp is not None:
+            raise HyperparameterError(
+                "hyperparameters", "give hyperparameters in method.supervised only, not both"
+            )
+        hp = inner if inner is not None else hp
+    requested = parse_requested(hp)
+    if body.get("integrations"):
+        raise HyperparameterError("integrations", "integrations are not supported")
+    metadata = body.get("metadata")
+    if metadata is not None:
+        ok = isinstance(metadata, Mapping) and len(metadata) <= METADATA_PAIRS and all(
+            isinstance(k, str) and isinstance(v, str) and len(k) <= METADATA_KEY
+            and len(v) <= METADATA_VALUE for k, v in metadata.items()
+        )  # fmt: skip
+        if not ok:
+            raise HyperparameterError(
+                "metadata",
+                f"metadata must be at most {METADATA_PAIRS} string pairs (keys up to "
+                f"{METADATA_KEY}, values up to {METADATA_VALUE} characters)",
+            )
+    return JobRequest(
+        model=str(body["model"]),
+        training_file=str(body["training_file"]),
+        validation_file=validation,
+        suffix=suffix,
+        seed=seed,
+        hyperparameters=requested,
+        metadata=dict(metadata) if metadata is not None else None,
     )

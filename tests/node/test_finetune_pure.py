@@ -301,6 +301,72 @@ def test_bad_hyperparameters_name_the_field(hp: object, param: str) -> None:
     assert info.value.param == param
 
 
+JOB = {"model": BASE, "training_file": "file-abc"}
+
+
+def test_a_job_request_is_checked_and_normalised() -> None:
+    req = ftlines.check_job_request(
+        {
+            **JOB,
+            "suffix": "heady",
+            "seed": 0,
+            "validation_file": "file-v",
+            "method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2}}},
+            "metadata": {"team": "x"},
+        }
+    )
+    assert (req.model, req.suffix, req.seed, req.validation_file) == (BASE, "heady", 0, "file-v")
+    assert req.hyperparameters == hparams.Requested(n_epochs=2)
+    assert req.method() == {
+        "type": "supervised",
+        "supervised": {
+            "hyperparameters": {
+                "batch_size": "auto",
+                "learning_rate_multiplier": "auto",
+                "n_epochs": 2,
+            }
+        },
+    }
+    old = ftlines.check_job_request({**JOB, "hyperparameters": {"batch_size": 8}})
+    assert old.hyperparameters.batch_size == 8 and old.seed is None and old.metadata is None
+    assert ftlines.check_job_request(JOB).hyperparameters == hparams.Requested()
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ([], "body"),
+        ({"training_file": "f"}, "model"),
+        ({"model": BASE}, "training_file"),
+        ({**JOB, "validation_file": 3}, "validation_file"),
+        ({**JOB, "suffix": "a:b"}, "suffix"),
+        ({**JOB, "suffix": "x" * 65}, "suffix"),
+        ({**JOB, "suffix": "a/b"}, "suffix"),
+        ({**JOB, "seed": -1}, "seed"),
+        ({**JOB, "seed": 2**31}, "seed"),
+        ({**JOB, "seed": True}, "seed"),
+        ({**JOB, "method": {"type": "dpo"}}, "method.type"),
+        ({**JOB, "method": {"type": "supervised", "supervised": 3}}, "method.supervised"),
+        (
+            {
+                **JOB,
+                "hyperparameters": {},
+                "method": {"type": "supervised", "supervised": {"hyperparameters": {}}},
+            },
+            "hyperparameters",
+        ),
+        ({**JOB, "hyperparameters": {"n_epochs": 0}}, "hyperparameters.n_epochs"),
+        ({**JOB, "integrations": [{"type": "wandb"}]}, "integrations"),
+        ({**JOB, "metadata": {"k": 1}}, "metadata"),
+        ({**JOB, "metadata": {str(i): "v" for i in range(17)}}, "metadata"),
+    ],
+)
+def test_a_bad_job_request_names_the_field(body: object, param: str) -> None:
+    with pytest.raises(ftlines.HyperparameterError) as info:
+        ftlines.check_job_request(body)
+    assert info.value.param == param and str(info.value)
+
+
 def test_seed_for_a_job_is_stable() -> None:
     assert hparams.seed_for("ftjob-1") == hparams.seed_for("ftjob-1") != hparams.seed_for("ftjob-2")
     assert 0 <= hparams.seed_for("x") < 2**31
