@@ -165,8 +165,17 @@ def metrics_event(m: Mapping[str, Any]) -> dict[str, Any]:
     text = f"Step {m['step']}/{m['total_steps']}: training loss={m['train_loss']:.4f}"
     if "valid_loss" in m:
         text += f", validation loss={m['valid_loss']:.4f}"
-    data = {k: m[k] for k in ("step", "total_steps", "train_loss", "train_mean_token_accuracy",
-                              "valid_loss", "valid_mean_token_accuracy") if k in m}  # fmt: skip
+    keys = (
+        "step",
+        "total_steps",
+        "train_loss",
+        "train_mean_token_accuracy",
+        "valid_loss",
+        "valid_mean_token_accuracy",
+        "full_valid_loss",
+        "full_valid_mean_token_accuracy",
+    )
+    data = {k: m[k] for k in keys if k in m}
     return {"level": "info", "type": "metrics", "message": text, "data": data}
 
 

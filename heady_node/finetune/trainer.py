@@ -14,8 +14,9 @@ The loop:
     step made of micro batches of `micro_batch`; the loss is the mean over the *step's* trained
     tokens (summed over its micro batches), so accumulation does not change the maths;
   * AdamW, linear warmup (warmup_ratio) then linear decay to 0, gradient clipping;
-  * every `log_every` steps and at the end: a metrics record (step, train loss, token accuracy,
-    and validation loss/accuracy over the validation examples when given);
+  * every `log_every` steps and at each epoch's end: a metrics record (step, train loss and
+    token accuracy since the last record; with a validation file, valid_loss/accuracy over its
+    first VALID_SAMPLE examples, and full_valid_loss/accuracy over all of it at epoch ends);
   * at the end of each epoch: a checkpoint directory (the adapter as vLLM loads it + state.json;
     optimizer.pt kept locally only) handed to `on_checkpoint`;
   * at the end: the final adapter, checked with check_vllm_compatible.
@@ -47,6 +48,7 @@ from heady_node.finetune.hparams import TrainPlan, total_steps
 
 STATE = "state.json"
 OPTIMIZER = "optimizer.pt"
+VALID_SAMPLE = 64  # validation examples scored at every metrics record (all at epoch ends)
 
 Metrics = dict[str, Any]
 
@@ -250,22 +252,28 @@ def train(
     window: list[tuple[float, int, int]] = []
     model.train()
 
-    def record(epoch: int) -> Metrics:
+    def record(epoch: int, full: bool) -> Metrics:
         loss = sum(w[0] for w in window) / max(1, sum(w[1] for w in window))
         acc = sum(w[2] for w in window) / max(1, sum(w[1] for w in window))
         m: Metrics = {"step": step, "total_steps": steps_total, "epoch": epoch + 1,
                       "train_loss": loss, "train_mean_token_accuracy": acc}  # fmt: skip
-        if valid:
+        if valid:  # OpenAI's names: valid_* on a sample, full_valid_* on the whole file
             m["valid_loss"], m["valid_mean_token_accuracy"] = evaluate(
-                model, valid, plan.micro_batch, pad_id
+                model, valid[:VALID_SAMPLE], plan.micro_batch, pad_id
             )
+            if full:
+                m["full_valid_loss"], m["full_valid_mean_token_accuracy"] = evaluate(
+                    model, valid, plan.micro_batch, pad_id
+                )
         window.clear()
         result.metrics.append(m)
         cb.on_metrics(m)
         return m
 
+    last: Metrics = {}
     for epoch in range(start_epoch, plan.epochs):
-        for batch in _batches(len(data), plan.batch_size, plan.seed, epoch):
+        batches = _batches(len(data), plan.batch_size, plan.seed, epoch)
+        for i_batch, batch in enumerate(batches):
             if cb.should_stop():
                 result.steps, result.trained_tokens = step, trained_tokens
                 return result
@@ -287,9 +295,9 @@ def train(
             step += 1
             trained_tokens += sum(len(e.input_ids) for e in items)
             window.append((step_loss, sum(e.trained for e in items), step_ok))
-            if step % log_every == 0:
-                record(epoch)
-        last = record(epoch) if window else (result.metrics[-1] if result.metrics else {})
+            epoch_end = i_batch == len(batches) - 1
+            if epoch_end or step % log_every == 0:
+                last = record(epoch, full=epoch_end)
         ckpt = out / f"ckpt-step-{step}"
         _save_adapter(model, ckpt, plan)
         state = {"step": step, "epoch": epoch + 1, "trained_tokens": trained_tokens,

@@ -138,6 +138,9 @@ def test_lora_learns_saves_for_vllm_reloads_and_resumes(tok, tmp_path: Path) -> 
     assert metrics[-1]["train_loss"] < 0.2 * metrics[0]["train_loss"], metrics
     assert metrics[-1]["valid_loss"] < metrics[0]["valid_loss"]
     assert metrics[-1]["train_mean_token_accuracy"] > 0.8
+    # Each checkpoint carries its epoch-end record with the whole validation file scored.
+    assert all(m["step"] == s and "full_valid_loss" in m for s, _, m in ckpts)
+    assert ckpts[-1][2]["full_valid_loss"] < ckpts[0][2]["full_valid_loss"]
 
     # The adapter is in the form vLLM loads.
     adapter = res.adapter_dir
