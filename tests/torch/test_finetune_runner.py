@@ -180,12 +180,14 @@ def sim_engine(tmp_path: Path) -> Iterator[RestartEngine]:
         health_timeout_s=30,
     )
     engine.proc = launcher.spawn(argv, log_path=engine.log_path, env=engine.env)
-    launcher.wait_healthy(
-        engine.base_url, engine.proc, log_path=engine.log_path, timeout=30, interval=0.1
-    )
-    yield engine
-    if engine.proc is not None:
-        launcher.stop(engine.proc)
+    try:
+        launcher.wait_healthy(
+            engine.base_url, engine.proc, log_path=engine.log_path, timeout=30, interval=0.1
+        )
+        yield engine
+    finally:  # also when it never became healthy: no engine outlives the test
+        if engine.proc is not None:
+            launcher.stop(engine.proc)
 
 
 class Prober(threading.Thread):
