@@ -38,6 +38,7 @@ def op_names() -> list[str]:
 
 
 def _url(target: Target, op: str | None) -> str:
+    """`op` may carry more of the query (`identity_idle&tick=0.05`)."""
     return target.post_url if op is None else f"{target.url}/?op={op}"
 
 
@@ -62,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--events", default="200,1000")
     ap.add_argument("--conc", type=int, default=8)
+    ap.add_argument("--interval", type=float, default=INTERVAL_S, help="seconds between events")
     ap.add_argument("--bursts", type=int, default=3)
     ap.add_argument("--ops", default=",".join(known))
     ap.add_argument("--bodies", default="", help="body reads to price instead (comma list, or all)")
@@ -88,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             names: list[str | None] = [None, *ops]
             rows = []
             for events in sizes:
-                fleet.set(1, "sse", events=events, interval=INTERVAL_S)
+                fleet.set(1, "sse", events=events, interval=args.interval)
                 samples: dict[str | None, list[float]] = {n: [] for n in names}
                 for b in range(args.bursts):
                     for op in names[b % len(names) :] + names[: b % len(names)]:
@@ -113,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             js_target.stop()
     print(
         f"workerd CPU per stream, bursts of {args.conc} concurrent streams, events "
-        f"{INTERVAL_S * 1000:g} ms apart, median of {args.bursts} bursts"
+        f"{args.interval * 1000:g} ms apart, median of {args.bursts} bursts"
     )
     print()
     print("| relay | events | CPU ms/stream | CPU µs/event | bursts |")

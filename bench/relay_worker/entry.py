@@ -143,6 +143,42 @@ class IdleWatch:
             p.destroy()
 
 
+class TickWatch:
+    """IdleWatch with one Python call a tick: a read's resolution is recorded by a JS builtin
+    (`Array.prototype.push` bound to a JS array), which the next tick looks at. A read still
+    pending at a tick means nothing came since the read before it resolved, which was no
+    later than the tick that started this one: idle for at least `now - issued`."""
+
+    def __init__(self, branch, idle_s: float, tick_s: float, on_idle) -> None:
+        self._reader = branch.getReader(mode="byob")
+        self._idle_s = idle_s
+        self._on_idle = on_idle
+        self._done = js.Array.new()
+        self._push = self._done.push.bind(self._done)
+        self._issued = None
+        self._tick = create_proxy(self.tick)
+        self._timer = js.setInterval(self._tick, int(tick_s * 1000))
+
+    def tick(self, *_):
+        now = time.monotonic()
+        if self._issued is None or self._done.length:
+            if self._done.length:
+                got = self._done.pop()
+                if got.done:
+                    self.stop()
+                    return
+            self._issued = now
+            self._reader.read(js.Uint8Array.new(65536)).then(self._push, self._push)
+        elif now - self._issued >= self._idle_s:
+            self.stop()
+            self._on_idle()
+
+    def stop(self):
+        js.clearInterval(self._timer)
+        self._reader.cancel().catch(IGNORE)
+        self._tick.destroy()
+
+
 def _watched(resp, stream, req_url):
     """On a stall, the node's fetch is aborted (its signal stays armed after the head): that
     errors the node's body, so the relay ends as it does when the node dies."""
@@ -151,7 +187,9 @@ def _watched(resp, stream, req_url):
     piped = client.pipeTo(stream.writable, _PIPE)
     piped.catch(IGNORE)
     abort = FETCH_ABORT.abort.bind(FETCH_ABORT)
-    IdleWatch(watch, idle_s, min(1.0, idle_s / 4), abort)
+    tick_s = float(req_url.searchParams.get("tick") or min(1.0, idle_s / 4))
+    kind = TickWatch if req_url.searchParams.get("watch") == "tick" else IdleWatch
+    kind(watch, idle_s, tick_s, abort)
     asyncio.ensure_future(_watch(piped, stream.writable))  # noqa: RUF006
     return stream.readable
 
