@@ -95,7 +95,7 @@ test: install browser-install lint
 bench: install
 	$(PY) -m bench.run --out bench/results.md
 
-# Load on the gateway while simulated nodes flap (issue 9); CHAOS_S seconds of chaos.
+# Load on the gateway while simulated nodes flap; CHAOS_S seconds of chaos.
 .PHONY: chaos
 CHAOS_S ?= 60
 chaos: install

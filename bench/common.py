@@ -16,11 +16,11 @@ NODE_TOKEN = "bench-node-token"
 POST_PATH = "/v1/completions"
 STREAM_PATH = "/v1/completions"  # streams (stamped events) while the node is in `sse` mode
 ROLE = "reasoning"  # default routes: nodes 1 and 2, fallback 1, 2
-# Clients name the role as the model; every node answers to the roles it may serve (issue 8).
+# Clients name the role as the model; every node answers to the roles it may serve.
 SMALL_BODY = '{"model":"reasoning","prompt":"hello","max_tokens":8}'
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Profile:
     """How long and how often each section measures; `full` is what `make bench` runs."""
 
@@ -44,9 +44,60 @@ class Profile:
 
 
 PROFILES = {
-    "full": Profile("full", 4, 3, 200, 3, 16, 2, 3, 3, 5, 3, 200_000, 6, 330, 10, 60),
-    "quick": Profile("quick", 2, 1, 200, 1, 8, 1, 1, 2, 2, 1, 20_000, 3, 120, 5, 15),
-    "smoke": Profile("smoke", 1, 1, 20, 1, 4, 1, 1, 1, 1, 1, 1_500, 1, 60, 2, 4),
+    "full": Profile(
+        name="full",
+        load_s=4,
+        reps=3,
+        sse_events=200,
+        sse_reps=3,
+        stream_conc=16,
+        stream_bursts=2,
+        failover_reps=3,
+        steady_s=3,
+        size_reps=5,
+        cold_reps=3,
+        memory_requests=200_000,
+        memory_segment_s=6,
+        memory_max_s=330,
+        chaos_calm_s=10,
+        chaos_s=60,
+    ),
+    "quick": Profile(
+        name="quick",
+        load_s=2,
+        reps=1,
+        sse_events=200,
+        sse_reps=1,
+        stream_conc=8,
+        stream_bursts=1,
+        failover_reps=1,
+        steady_s=2,
+        size_reps=2,
+        cold_reps=1,
+        memory_requests=20_000,
+        memory_segment_s=3,
+        memory_max_s=120,
+        chaos_calm_s=5,
+        chaos_s=15,
+    ),
+    "smoke": Profile(
+        name="smoke",
+        load_s=1,
+        reps=1,
+        sse_events=20,
+        sse_reps=1,
+        stream_conc=4,
+        stream_bursts=1,
+        failover_reps=1,
+        steady_s=1,
+        size_reps=1,
+        cold_reps=1,
+        memory_requests=1500,
+        memory_segment_s=1,
+        memory_max_s=60,
+        chaos_calm_s=2,
+        chaos_s=4,
+    ),
 }
 
 

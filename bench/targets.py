@@ -20,6 +20,7 @@ from pathlib import Path
 from bench.client import one_request
 from bench.common import API_KEY, BENCH, NODE_TOKEN, POST_PATH, ROLE, ROOT, SMALL_BODY
 from bench.probes import find_workerd
+from harness.bindings import fleet_env
 from harness.gateway import CACHE, Gateway, build_config
 from sim.fleet import FleetProcess
 
@@ -82,14 +83,14 @@ class Variant:
 
 def gateway_bindings(fleet: FleetProcess) -> dict[str, str]:
     """Production's bindings, with time-outs short enough to measure failover in seconds."""
-    b = {f"COLAB_ENDPOINT_{n}": url for n, url in fleet.urls.items()}
-    return b | {
-        "GATEWAY_API_KEYS": API_KEY,
-        "NODE_TOKEN": NODE_TOKEN,
-        "ATTEMPT_TIMEOUT_S": "1",
-        "ROLE_TIMEOUTS_S": '{"batch": 1}',
-        "KV_MIN_WRITE_INTERVAL_S": "1",
-    }
+    return fleet_env(
+        fleet,
+        node_token=NODE_TOKEN,
+        api_keys=API_KEY,
+        ATTEMPT_TIMEOUT_S="1",
+        ROLE_TIMEOUTS_S='{"batch": 1}',
+        KV_MIN_WRITE_INTERVAL_S="1",
+    )
 
 
 def python_variants(fleet: FleetProcess, extra_src: list[str]) -> dict[str, Variant]:

@@ -13,8 +13,8 @@ import os
 import secrets
 import sys
 
+from harness.bindings import fleet_env
 from harness.gateway import ROOT, Gateway, build_config, parse_dev_vars, serve_until_signal
-from heady_shared.routes import endpoint_key
 from sim.fleet import FleetProcess
 
 DEV_KEY = "dev-key"
@@ -37,8 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     # token and key are the simulated cluster's.
     dev_vars = ROOT / ".dev.vars"
     bindings = parse_dev_vars(dev_vars.read_text()) if dev_vars.exists() else {}
-    bindings.update({endpoint_key(n): url for n, url in fleet.urls.items()})
-    bindings.update({"NODE_TOKEN": node_token, "GATEWAY_API_KEYS": DEV_KEY})
+    bindings.update(fleet_env(fleet, node_token=node_token, api_keys=DEV_KEY))
     bindings.setdefault("ATTEMPT_TIMEOUT_S", "10")
     cfg = build_config(bindings=bindings, port=args.port)
     gw = Gateway(cfg)

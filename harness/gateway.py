@@ -12,6 +12,7 @@ Secrets and vars come from `.dev.vars` in the repository root (KEY=value lines),
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -41,6 +42,10 @@ NODE = os.environ.get("HEADY_NODE", "node")
 # Flags newer than the offline workerd (it refuses to start with them); what each changes and
 # what that leaves untested offline is in docs/client-faults.md.
 FLAGS_UNKNOWN_OFFLINE = frozenset({"enable_request_signal"})
+# Gateway.stop's bounded waits: for the runner to dispose workerd after stdin EOF, then after
+# SIGTERM, then after SIGKILL.
+DISPOSE_WAIT_S = 10.0
+STOP_GRACE_S = 5.0
 
 
 def ensure_sdk() -> Path:
@@ -90,6 +95,17 @@ def _python_modules(main: Path, extra_dirs: Iterator[tuple[Path, str]]) -> list[
     return modules
 
 
+def _rule_modules(src: Path, rules: list[dict]) -> list[dict[str, str]]:
+    """The files wrangler.toml's [[rules]] bundle beside the Python modules (Text: the status
+    page's HTML, CSS and script), with their type, as wrangler does."""
+    return [
+        {"name": path.relative_to(src).as_posix(), "file": str(path), "type": rule["type"]}
+        for rule in rules
+        for pattern in rule["globs"]
+        for path in sorted(src.glob(pattern))
+    ]
+
+
 def build_config(
     *,
     bindings: Mapping[str, str],
@@ -106,7 +122,8 @@ def build_config(
     merged.update(bindings)
     return {
         "modulesRoot": str(CACHE / "modules"),
-        "modules": _python_modules(SHIM / "harness_main.py", iter(dirs)),
+        "modules": _python_modules(SHIM / "harness_main.py", iter(dirs))
+        + _rule_modules(src, wrangler.get("rules", [])),
         "compatibilityDate": HARNESS_COMPAT_DATE,
         "compatibilityFlags": [
             f
@@ -115,7 +132,12 @@ def build_config(
         ],
         "bindings": merged,
         "kvNamespaces": {ns["binding"]: ns["id"] for ns in wrangler.get("kv_namespaces", [])},
+        "r2Buckets": {b["binding"]: b["bucket_name"] for b in wrangler.get("r2_buckets", [])},
+        "d1Databases": {d["binding"]: d["database_id"] for d in wrangler.get("d1_databases", [])},
+        # R2 and D1 persist beside the KV folder (.wrangler/state/{kv,r2,d1}, as wrangler's).
         "kvPersist": persist or False,
+        "r2Persist": str(Path(persist).parent / "r2") if persist else False,
+        "d1Persist": str(Path(persist).parent / "d1") if persist else False,
         "host": "127.0.0.1",
         "port": port,
         "verbose": verbose,
@@ -141,32 +163,33 @@ class Gateway:
         with os.fdopen(fd, "w") as f:
             json.dump(self.config, f)
         self._cfg_file = Path(name)
+        # Unbuffered binary pipes: the reader thread reads the raw fd (os.read), so no
+        # Python I/O lock is ever held across its blocking read, and nothing that closes or
+        # flushes these files (stop, interpreter exit) can wait on that thread.
         self.proc = subprocess.Popen(
             [NODE, str(ROOT / "harness" / "runner.mjs"), name],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
-            text=True,
-            bufsize=1,
+            bufsize=0,
         )
         deadline = time.monotonic() + timeout
         ready: list[str] = []
         event = threading.Event()
 
-        def pump() -> None:
-            assert self.proc and self.proc.stdout
-            for line in self.proc.stdout:
-                line = line.rstrip("\n")
-                if not ready and line.startswith('{"ready"'):
-                    ready.append(json.loads(line)["ready"])
-                    event.set()
-                    continue
-                self.lines.append(line)
-                if len(self.lines) > 20000:
-                    del self.lines[:10000]
-            event.set()
+        def on_line(line: str) -> None:
+            if not ready and line.startswith('{"ready"'):
+                ready.append(json.loads(line)["ready"])
+                event.set()
+                return
+            self.lines.append(line)
+            if len(self.lines) > 20000:
+                del self.lines[:10000]
 
-        self._reader = threading.Thread(target=pump, daemon=True)
+        assert self.proc.stdout is not None
+        self._reader = threading.Thread(
+            target=_pump, args=(self.proc.stdout.fileno(), on_line, event.set), daemon=True
+        )
         self._reader.start()
         event.wait(max(0.0, deadline - time.monotonic()))
         if not ready:
@@ -231,17 +254,23 @@ class Gateway:
         return out
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
+        """End the runner (and its workerd) within a bounded time, whatever state it is in:
+        stdin EOF asks it to dispose workerd, then SIGTERM, then SIGKILL. Every wait has a
+        time-out; nothing here waits on the reader thread (a daemon) or a lock it holds."""
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
             try:
-                assert self.proc.stdin
-                self.proc.stdin.close()  # the runner disposes workerd on stdin EOF
-                self.proc.wait(timeout=10)
+                assert proc.stdin is not None
+                proc.stdin.close()  # the runner disposes workerd on stdin EOF
+                proc.wait(timeout=DISPOSE_WAIT_S)
             except (subprocess.TimeoutExpired, OSError):
-                self.proc.send_signal(signal.SIGTERM)
+                proc.send_signal(signal.SIGTERM)
                 try:
-                    self.proc.wait(timeout=5)
+                    proc.wait(timeout=STOP_GRACE_S)
                 except subprocess.TimeoutExpired:
-                    self.proc.kill()
+                    proc.kill()
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        proc.wait(timeout=STOP_GRACE_S)
         if self._cfg_file is not None:
             self._cfg_file.unlink(missing_ok=True)
 
@@ -259,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--persist",
         default=str(ROOT / ".wrangler" / "state" / "kv"),
-        help="folder for the local KV (use '' for in-memory)",
+        help="folder for the local KV, with R2 and D1 beside it (use '' for in-memory)",
     )
     ap.add_argument(
         "--cron-every",
@@ -283,25 +312,52 @@ def main(argv: list[str] | None = None) -> int:
 def serve_until_signal(gw: Gateway, cfg: dict, cron_every: float | None, cleanup=()) -> int:
     from harness.cron import cron_loop  # local stand-in for Cloudflare's cron triggers
 
-    stop = threading.Event()
+    # The handlers only append to a list. Anything that takes a lock — Event.set() included
+    # — can deadlock in a handler: it runs in the main thread between two bytecodes, maybe
+    # while that thread holds the very lock (inside Event.wait, say), and then waits on
+    # itself forever (the mechanism of python/cpython#126434; the likely cause of the one
+    # hung `make gateway`). The main loop polls the list and stops the others itself.
+    signalled: list[int] = []
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, lambda signum, _frame: signalled.append(signum))
+    stop = threading.Event()
     print(f"ready {gw.url}", flush=True)
     printed = 0
     threading.Thread(
         target=cron_loop, args=(gw, cfg["crons"], cron_every, stop), daemon=True
     ).start()
     try:
-        while not stop.is_set() and gw.proc and gw.proc.poll() is None:
-            for line in gw.lines[printed:]:
+        while not signalled and gw.proc and gw.proc.poll() is None:
+            lines = gw.lines
+            for line in lines[printed:]:
                 print(line, flush=True)
-            printed = len(gw.lines)
-            stop.wait(0.2)
+            printed = len(lines)
+            time.sleep(0.2)
     finally:
+        stop.set()  # the cron thread's wait ends; it is a daemon either way
         gw.stop()
         for fn in cleanup:
             fn()
     return 0
+
+
+def _pump(fd: int, on_line, on_end) -> None:
+    """Read a pipe's raw fd line by line until EOF (the reader thread)."""
+    pending = b""
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:
+            chunk = b""
+        if not chunk:
+            break
+        pending += chunk
+        *complete, pending = pending.split(b"\n")
+        for raw in complete:
+            on_line(raw.decode("utf-8", "replace").rstrip("\r"))
+    if pending:
+        on_line(pending.decode("utf-8", "replace"))
+    on_end()
 
 
 if __name__ == "__main__":

@@ -1,17 +1,20 @@
 """`.dev.vars` parsing, endpoint URL validation and masking: pure helpers shared by commands."""
 
 import os
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from heady_shared import devvars
 from heady_shared.endpoints import parse_endpoint
-from heady_shared.routes import NODE_COUNT
+from heady_shared.routes import NODE_COUNT, endpoint_node
 
-ENDPOINT_KEY = re.compile(r"^COLAB_ENDPOINT_([1-9][0-9]*)$")
-_ENV_KEYS = frozenset({"NODE_TOKEN", "GATEWAY_API_KEY", "GATEWAY_API_KEYS", "HEADY_GATEWAY_URL"})
+# The environment overrides .dev.vars for these, as for every COLAB_ENDPOINT_<n>; ROUTES and
+# the probe paths so `heady probe` asks what the gateway asks.
+_ENV_KEYS = frozenset(
+    {"NODE_TOKEN", "GATEWAY_API_KEY", "GATEWAY_API_KEYS", "HEADY_GATEWAY_URL"}
+    | {"ROUTES", "HEALTH_PATH", "METRICS_PATH"}
+)
 
 
 class CliError(Exception):
@@ -46,7 +49,7 @@ def load_vars(path: str | None, env: Mapping[str, str] | None = None) -> dict[st
         except OSError as exc:
             raise CliError(f"cannot read {file}: {exc.strerror or exc}") from exc
     for key, value in env.items():
-        if key in _ENV_KEYS or ENDPOINT_KEY.match(key):
+        if key in _ENV_KEYS or endpoint_node(key) is not None:
             values[key] = value
     return values
 
@@ -55,9 +58,8 @@ def endpoints(values: Mapping[str, str]) -> dict[int, str]:
     """node number -> raw URL for COLAB_ENDPOINT_1..8 (empty values count as unset)."""
     found: dict[int, str] = {}
     for key, value in values.items():
-        m = ENDPOINT_KEY.match(key)
-        if m and value.strip():
-            node = int(m.group(1))
+        node = endpoint_node(key)
+        if node is not None and value.strip():
             if not 1 <= node <= NODE_COUNT:
                 raise CliError(f"{key}: node numbers run 1..{NODE_COUNT}")
             found[node] = value.strip()

@@ -8,7 +8,7 @@ from typing import Any
 import httpx
 
 from heady_cli.config import CliError
-from heady_node.roles import ROLES
+from heady_shared.routes import DEFAULT_POOLS
 
 KNOWN = {
     "node", "roles", "config", "config_reason", "state", "since", "until", "reason",
@@ -52,7 +52,7 @@ def _error_message(body: str) -> str:
 def uncovered_roles(st: GatewayStatus) -> list[str]:
     """Roles with no configured node the gateway would route to. Like the gateway, an
     `unknown` node (not observed yet, e.g. right after a deploy) counts as available."""
-    roles = list(st.routes) or list(ROLES)
+    roles = list(st.routes) or list(DEFAULT_POOLS)
     available: set[str] = set()
     for n in st.nodes:
         usable = n.get("config", "configured") == "configured"

@@ -13,8 +13,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn
 from rich.table import Table
 
-from heady_cli import gateway, probe, secrets
+from heady_cli import batch, gateway, probe, secrets
 from heady_cli.config import CliError, endpoints, gateway_key, load_vars, mask_url
+from heady_shared.routes import ENDPOINT_PREFIX, NODE_COUNT
 
 EXIT_OK, EXIT_UNHEALTHY, EXIT_ERROR = 0, 1, 2
 STATE_STYLE = {"up": "green", "down": "red", "invalid": "red", "unconfigured": "yellow"}
@@ -34,8 +35,11 @@ def cmd_probe(args: argparse.Namespace) -> int:
         raise CliError("NODE_TOKEN is not set (put it in .dev.vars or the environment)")
     raw = endpoints(values)
     if not raw:
-        raise CliError("no COLAB_ENDPOINT_1..8 set (in .dev.vars or the environment)")
-    targets, results = probe.plan(raw)
+        raise CliError(f"no {ENDPOINT_PREFIX}1..{NODE_COUNT} set (in .dev.vars or the environment)")
+    setup = probe.read_setup(values)
+    for problem in setup.problems:  # the gateway would use the default too
+        print(f"heady: warning: {problem}", file=sys.stderr)
+    targets, results = probe.plan(raw, setup.pools)
 
     if targets and not args.json:
         with Progress(
@@ -52,11 +56,11 @@ def cmd_probe(args: argparse.Namespace) -> int:
             def done(r: probe.NodeResult) -> None:
                 progress.update(task, advance=1, description=f"node {r.node} {r.state}")
 
-            results += asyncio.run(probe.probe_all(targets, token, args.timeout, done))
+            results += asyncio.run(probe.probe_all(targets, token, args.timeout, setup, done))
     elif targets:
-        results += asyncio.run(probe.probe_all(targets, token, args.timeout))
+        results += asyncio.run(probe.probe_all(targets, token, args.timeout, setup))
     results.sort(key=lambda r: r.node)
-    missing = probe.uncovered_roles(results)
+    missing = probe.uncovered_roles(results, setup.pools)
 
     if args.json:
         out = {
@@ -72,7 +76,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
             url = r.url if args.show_urls or not r.url else mask_url(r.url)
             table.add_row(
                 str(r.node),
-                r.role,
+                r.role or "-",
                 f"[{STATE_STYLE.get(r.state, 'white')}]{r.state}[/]",
                 "-" if r.latency_ms is None else f"{r.latency_ms:.0f} ms",
                 r.model or "-",
@@ -173,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     pr = sub.add_parser("probe", help="check every Colab node directly")
-    pr.add_argument("--dev-vars", help="file with COLAB_ENDPOINT_n and NODE_TOKEN (./.dev.vars)")
+    pr.add_argument("--dev-vars", help=f"file with {ENDPOINT_PREFIX}n and NODE_TOKEN (./.dev.vars)")
     pr.add_argument("--timeout", type=float, default=10.0, help="seconds per request (10)")
     pr.add_argument("--show-urls", action="store_true", help="print full endpoint URLs")
     pr.add_argument("--json", action="store_true", help="machine-readable output")
@@ -181,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     se = sub.add_parser("secrets", help="endpoint URLs -> JSON for `npx wrangler secret bulk`")
     se.add_argument("urls", nargs="*", metavar="N=URL", help="e.g. 3=https://x.ngrok-free.app")
-    se.add_argument("--file", help="KEY=value file with COLAB_ENDPOINT_n lines")
+    se.add_argument("--file", help=f"KEY=value file with {ENDPOINT_PREFIX}n lines")
     se.add_argument("--dev-vars", help="used when no URL is given (default ./.dev.vars)")
     se.add_argument("--with-token", action="store_true", help="include NODE_TOKEN as well")
     se.add_argument("-o", "--output", help="write the JSON here (mode 600) instead of stdout")
@@ -194,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--timeout", type=float, default=15.0)
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=cmd_status)
+
+    batch.add_parser(sub)  # heady batch submit|watch|results|list|cancel (heady_cli/batch.py)
     return p
 
 

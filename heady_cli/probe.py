@@ -1,7 +1,8 @@
 """`heady probe`: check every configured node concurrently and say which roles are covered.
 
-`diagnose` and `verdict` are pure (tested on canned responses); `probe_node` is the thin
-httpx shell around them.
+The roles (ROUTES) and the paths asked (HEALTH_PATH, METRICS_PATH) are read from the same vars,
+by the same heady_shared functions, as the gateway reads them. `read_setup`, `diagnose`, `plan`
+and `uncovered_roles` are pure (tested on canned responses); `probe_node` is the thin httpx shell.
 """
 
 import asyncio
@@ -12,19 +13,48 @@ from dataclasses import dataclass
 
 import httpx
 
-from heady_cli.config import mask_url, validate_url
-from heady_node.roles import ROLES, role_for_node
+from heady_cli.config import CliError, mask_url, validate_url
 from heady_shared.failures import EXPLAIN, HEAD_FIELDS, match
 from heady_shared.metrics import WAITING, gauge, parse_metrics
-from heady_shared.routes import NODE_NUMBERS
+from heady_shared.probes import parse_health_path, parse_metrics_path
+from heady_shared.routes import (
+    DEFAULT_POOLS,
+    NODE_NUMBERS,
+    Pool,
+    endpoint_key,
+    parse_routes,
+    role_of,
+)
 
 NGROK_SKIP = {"ngrok-skip-browser-warning": "1"}
 
 
 @dataclass(frozen=True)
+class Setup:
+    """What the gateway would read from the same vars: the role table and the probe paths."""
+
+    pools: Mapping[str, Pool]
+    health_path: str
+    metrics_path: str | None  # None: the load is not read
+    problems: tuple[str, ...]  # values the gateway would replace by their default
+
+
+def read_setup(values: Mapping[str, str]) -> Setup:
+    """ROUTES, HEALTH_PATH and METRICS_PATH as the gateway reads them. A bad ROUTES leaves the
+    gateway nothing to route by, so it is an error here; a bad path falls back, as there."""
+    pools, errors = parse_routes(values.get("ROUTES"))
+    if errors:
+        raise CliError("; ".join(errors))
+    health, health_problem = parse_health_path(values.get("HEALTH_PATH"))
+    metrics, metrics_problem = parse_metrics_path(values.get("METRICS_PATH"))
+    problems = tuple(p for p in (health_problem, metrics_problem) if p)
+    return Setup(pools, health, metrics, problems)
+
+
+@dataclass(frozen=True)
 class NodeResult:
     node: int
-    role: str
+    role: str | None  # the role whose pair holds the node; None for a fallback-only node
     state: str  # up | down | unconfigured | invalid
     url: str | None = None
     latency_ms: float | None = None
@@ -80,17 +110,18 @@ def error_reason(exc: Exception, timeout: float) -> str:
 
 
 async def probe_node(
-    client: httpx.AsyncClient, node: int, url: str, token: str, timeout: float
+    client: httpx.AsyncClient, node: int, url: str, token: str, timeout: float, setup: Setup
 ) -> NodeResult:
-    role = role_for_node(node)
+    role = role_of(node, setup.pools)
     down = {"node": node, "role": role, "state": "down", "url": url}
     headers = {**NGROK_SKIP, "Authorization": f"Bearer {token}"}
     try:
         start = time.perf_counter()
-        health = await client.get(f"{url}/health", headers=headers, timeout=timeout)
+        health_url = f"{url}{setup.health_path}"
+        health = await client.get(health_url, headers=headers, timeout=timeout)
         latency = (time.perf_counter() - start) * 1000
         if why := diagnose(health.status_code, health.headers, health.text):
-            return NodeResult(**down, latency_ms=latency, reason=f"/health: {why}")
+            return NodeResult(**down, latency_ms=latency, reason=f"{setup.health_path}: {why}")
         models = await client.get(f"{url}/v1/models", headers=headers, timeout=timeout)
         if why := diagnose(models.status_code, models.headers, models.text):
             return NodeResult(**down, latency_ms=latency, reason=f"/v1/models: {why}")
@@ -99,10 +130,12 @@ async def probe_node(
         except ValueError as exc:
             return NodeResult(**down, latency_ms=latency, reason=str(exc))
         queue = None
-        try:  # queue depth is informative only: a node without /metrics is still up
-            metrics = await client.get(f"{url}/metrics", headers=headers, timeout=timeout)
-            if metrics.status_code == 200:
-                queue = gauge(parse_metrics(metrics.text), WAITING)
+        try:  # queue depth is informative only: a node without metrics is still up
+            if setup.metrics_path is not None:
+                metrics_url = f"{url}{setup.metrics_path}"
+                metrics = await client.get(metrics_url, headers=headers, timeout=timeout)
+                if metrics.status_code == 200:
+                    queue = gauge(parse_metrics(metrics.text), WAITING)
         except httpx.HTTPError:
             pass
         return NodeResult(node, role, "up", url, latency, model, queue)
@@ -110,14 +143,18 @@ async def probe_node(
         return NodeResult(**down, reason=error_reason(exc, timeout))
 
 
-def plan(raw: Mapping[int, str]) -> tuple[dict[int, str], list[NodeResult]]:
+def plan(
+    raw: Mapping[int, str], pools: Mapping[str, Pool] = DEFAULT_POOLS
+) -> tuple[dict[int, str], list[NodeResult]]:
     """Split configured nodes into probe targets and results known without the network."""
     targets: dict[int, str] = {}
     fixed: list[NodeResult] = []
     for node in NODE_NUMBERS:
-        role = role_for_node(node)
+        role = role_of(node, pools)
         if node not in raw:
-            fixed.append(NodeResult(node, role, "unconfigured", reason="COLAB_ENDPOINT not set"))
+            fixed.append(
+                NodeResult(node, role, "unconfigured", reason=f"{endpoint_key(node)} not set")
+            )
             continue
         try:
             targets[node] = validate_url(raw[node])
@@ -126,18 +163,21 @@ def plan(raw: Mapping[int, str]) -> tuple[dict[int, str], list[NodeResult]]:
     return targets, fixed
 
 
-def uncovered_roles(results: list[NodeResult]) -> list[str]:
-    up = {r.role for r in results if r.state == "up"}
-    return [role for role in ROLES if role not in up]
+def uncovered_roles(
+    results: list[NodeResult], pools: Mapping[str, Pool] = DEFAULT_POOLS
+) -> list[str]:
+    """Roles whose own pair has no healthy node (the fallback chain is not counted)."""
+    up = {r.node for r in results if r.state == "up"}
+    return [role for role, pool in pools.items() if not up.intersection(pool.pair)]
 
 
 async def probe_all(
-    targets: Mapping[int, str], token: str, timeout: float, on_done=None
+    targets: Mapping[int, str], token: str, timeout: float, setup: Setup, on_done=None
 ) -> list[NodeResult]:
     async with httpx.AsyncClient(follow_redirects=False) as client:
 
         async def one(node: int, url: str) -> NodeResult:
-            result = await probe_node(client, node, url, token, timeout)
+            result = await probe_node(client, node, url, token, timeout, setup)
             if on_done:
                 on_done(result)
             return result

@@ -5,9 +5,9 @@ import re
 from collections.abc import Iterable, Mapping
 
 from heady_cli.config import CliError, endpoints, parse_dev_vars, validate_url
-from heady_node.roles import NODE_COUNT
+from heady_shared.routes import ENDPOINT_PREFIX, NODE_COUNT, endpoint_key
 
-_ARG = re.compile(r"^(?:COLAB_ENDPOINT_)?([0-9]+)=(.*)$")
+_ARG = re.compile(rf"^(?:{re.escape(ENDPOINT_PREFIX)})?([0-9]+)=(.*)$")
 
 
 def parse_args_urls(args: Iterable[str]) -> dict[int, str]:
@@ -16,7 +16,7 @@ def parse_args_urls(args: Iterable[str]) -> dict[int, str]:
     for arg in args:
         m = _ARG.match(arg.strip())
         if not m:
-            raise CliError(f"expected N=URL or COLAB_ENDPOINT_N=URL, got {arg[:40]!r}")
+            raise CliError(f"expected N=URL or {ENDPOINT_PREFIX}N=URL, got {arg[:40]!r}")
         node = int(m.group(1))
         if not 1 <= node <= NODE_COUNT:
             raise CliError(f"node {node} out of range 1..{NODE_COUNT}")
@@ -36,9 +36,9 @@ def bulk_json(urls: Mapping[int, str], token: str | None = None) -> str:
     bad: list[str] = []
     for node in sorted(urls):
         try:
-            good[f"COLAB_ENDPOINT_{node}"] = validate_url(urls[node])
+            good[endpoint_key(node)] = validate_url(urls[node])
         except ValueError as exc:
-            bad.append(f"COLAB_ENDPOINT_{node}: {exc}")
+            bad.append(f"{endpoint_key(node)}: {exc}")
     if bad:
         raise CliError("invalid endpoint URL(s): " + "; ".join(bad))
     if token is not None:

@@ -2,6 +2,8 @@
 
     heady-node install --tunnel cloudflare      # driver/CUDA check, then vLLM + the tunnel agent
     heady-node serve --node 3                   # GPU -> preset -> vLLM + guard -> tunnel -> status
+    heady-node batch-worker --gateway URL       # pull batch work (serve starts it by itself when
+                                                # HEADY_GATEWAY_URL + HEADY_NODE_CREDENTIAL are set)
 
 Settings come from flags or the environment (HEADY_NODE, HEADY_TUNNEL, HEADY_MODEL, HEADY_PORT,
 HEADY_MEDIA_DOMAINS, HEADY_ROUTES, HEADY_DRY_RUN); secrets (NODE_TOKEN, CF_TUNNEL_TOKEN_<n>, ...)
@@ -18,8 +20,8 @@ import signal
 import sys
 from pathlib import Path
 
+from heady_node import batch_worker, install, launcher, presets, settings, tunnel
 from heady_node import gpu as gpu_mod
-from heady_node import install, launcher, presets, settings, tunnel
 from heady_node.session import DRY_RUN_GPU, NodeSession
 
 EXIT_OK, EXIT_ENGINE, EXIT_SETTINGS = 0, 1, 2
@@ -66,6 +68,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--rounds", type=int, default=None, help="stop after N status lines")
     serve.add_argument("--engine", default=None, help="command replacing `vllm serve`")
     serve.add_argument("--dry-run", action="store_true", default=_env_flag("HEADY_DRY_RUN"))
+
+    # Its own flags and --help: heady_node.batch_worker (dispatched in main before parsing).
+    sub.add_parser("batch-worker", help="pull batch work from the gateway (beside serve)")
 
     inst = sub.add_parser("install", help="check driver/CUDA, then install vLLM and the agent")
     inst.add_argument(
@@ -133,6 +138,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["batch-worker"]:
+        return batch_worker.main(argv[1:])
     args = _parser().parse_args(argv)
     try:
         if args.command == "install":

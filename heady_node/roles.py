@@ -3,10 +3,8 @@
 from typing import Final
 
 from heady_shared.routes import DEFAULT_POOLS, NODE_COUNT, role_of
-from heady_shared.routes import nodes_for_role as _nodes_for_role
 
 ROLES: Final = tuple(DEFAULT_POOLS)
-__all__ = ["NODE_COUNT", "ROLES", "nodes_for_role", "role_for_node"]
 
 
 def role_for_node(node: int) -> str:
@@ -17,7 +15,3 @@ def role_for_node(node: int) -> str:
     if role is None:  # unreachable with the default table, which pairs every node
         raise ValueError(f"node {node} is in no role's pair")
     return role
-
-
-def nodes_for_role(role: str) -> tuple[int, ...]:
-    return _nodes_for_role(role)

@@ -21,10 +21,11 @@ from pathlib import Path
 
 import httpx
 
+from heady_node import batch_worker, launcher, presets, settings, status, tunnel, wrangler
 from heady_node import gpu as gpu_mod
-from heady_node import launcher, presets, settings, status, tunnel, wrangler
 from heady_node.colab import get_secret
 from heady_node.roles import role_for_node
+from heady_shared.metrics import parse_metrics
 from heady_shared.routes import DEFAULT_POOLS, Pool, parse_routes, role_of
 
 DRY_RUN_GPU = "Tesla T4, 15360 MiB, 7.5, 550.54.15\n"
@@ -70,6 +71,7 @@ class NodeSession:
     tunnel_settings: settings.TunnelSettings | None = field(init=False, default=None)
     engine_proc: subprocess.Popen | None = field(init=False, default=None)
     tunnel_proc: subprocess.Popen | None = field(init=False, default=None)
+    worker_proc: subprocess.Popen | None = field(init=False, default=None)  # batch worker
     public_url: str | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
@@ -195,6 +197,31 @@ class NodeSession:
                 "the engine answers paths the node guard must hide (is heady_node importable in "
                 "vLLM's environment?); stopped it rather than publish it"
             )
+        self.start_batch_worker()
+
+    def start_batch_worker(self) -> bool:
+        """With HEADY_GATEWAY_URL and the secret HEADY_NODE_CREDENTIAL set, run the batch worker
+        (heady_node.batch_worker) beside the engine: it pulls batch work from the gateway."""
+        url = self.secret(batch_worker.GATEWAY_ENV).strip()
+        credential = self.secret(batch_worker.CREDENTIAL_ENV).strip()
+        if not (url and credential):
+            if url or credential:
+                self.out(
+                    f"Batch worker not started: it needs both {batch_worker.GATEWAY_ENV} and "
+                    f"{batch_worker.CREDENTIAL_ENV}"
+                )
+            return False
+        log = self.log_dir / f"batch-worker-node{self.node}.log"
+        try:
+            self.worker_proc = batch_worker.start_process(
+                url, credential, self.local_url, self.node,
+                engine_token=self._token(), log_path=log, always=self.role == "batch",
+            )  # fmt: skip
+        except ValueError as exc:  # a bad gateway URL: the engine still serves interactive work
+            self.out(f"Batch worker not started: {exc}")
+            return False
+        self.out(f"Batch worker: pulling batch work from {url} (log: {log})")
+        return True
 
     def open_tunnel(self) -> str | None:
         """Start (or restart) the tunnel; on failure the engine keeps running and this can be run
@@ -239,11 +266,12 @@ class NodeSession:
                 timeout=5.0,
             )
             resp.raise_for_status()
-            snap = status.snapshot(status.parse_metrics(resp.text))
+            snap = status.snapshot(parse_metrics(resp.text))
             line = status.status_line(clock, self.node, self.role, snap)
         except httpx.HTTPError as exc:
             line = status.status_line(clock, self.node, self.role, None, type(exc).__name__)
-        for name, proc in (("engine", self.engine_proc), ("tunnel", self.tunnel_proc)):
+        procs = (("engine", self.engine_proc), ("tunnel", self.tunnel_proc))
+        for name, proc in (*procs, ("batch worker", self.worker_proc)):
             if proc is not None and proc.poll() is not None:
                 line += f" | {name} EXITED ({proc.returncode})"
         if self.tunnel_kind != "none" and self.public_url is None:
@@ -276,10 +304,10 @@ class NodeSession:
 
     def stop(self) -> None:
         """Stop the tunnel and the engine (idempotent: says so only when something ran)."""
-        procs = [p for p in (self.tunnel_proc, self.engine_proc) if p is not None]
+        procs = [p for p in (self.worker_proc, self.tunnel_proc, self.engine_proc) if p]
         for proc in procs:
             launcher.stop(proc, grace=10.0)
-        self.tunnel_proc = self.engine_proc = None
+        self.worker_proc = self.tunnel_proc = self.engine_proc = None
         self.public_url = None
         if procs:
             self.out(f"Node {self.node} stopped.")

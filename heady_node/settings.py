@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from heady_node import tunnel
-from heady_node.roles import NODE_COUNT
+from heady_shared.routes import NODE_COUNT
 
 Lookup = Callable[[str], str]  # secret name -> value, '' when unset
 

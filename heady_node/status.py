@@ -1,10 +1,6 @@
-"""Read the engine's Prometheus /metrics and turn it into the notebook's periodic status line."""
+"""The notebook's periodic status line, from the metrics heady_shared.metrics parses."""
 
 from dataclasses import dataclass
-
-from heady_shared.metrics import parse_metrics
-
-__all__ = ["Snapshot", "parse_metrics", "snapshot", "status_line"]
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from heady_node.launcher import log_tail, spawn, stop
+from heady_shared.endpoints import is_quick_tunnel
 
 NGROK_API = "http://127.0.0.1:4040"  # the agent's web_addr default
 QUICK_TUNNEL_WARNING = (
@@ -90,7 +91,7 @@ def public_url(url: str) -> str:
     host = (parts.hostname or "").lower()
     if parts.scheme != "https" or not host:
         raise TunnelError(f"tunnel URL must be https://HOST, got {url!r}")
-    if host.endswith(".trycloudflare.com"):
+    if is_quick_tunnel(host):
         raise TunnelError(QUICK_TUNNEL_WARNING)
     return f"https://{parts.netloc}".rstrip("/")
 

@@ -3,11 +3,12 @@
 import shlex
 
 from heady_node.roles import role_for_node
+from heady_shared.routes import endpoint_key
 
 
 def secret_name(node: int) -> str:
     role_for_node(node)  # validates 1..8
-    return f"COLAB_ENDPOINT_{node}"
+    return endpoint_key(node)
 
 
 def paste_block(node: int, url: str, role: str | None = None) -> list[str]:

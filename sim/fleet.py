@@ -11,6 +11,7 @@ Stand-alone (``make dev``, subprocess tests)::
     python -m sim.fleet [--count 8] [--host 127.0.0.1] [--base-port 0] [--api-key KEY]
                         [--control-port 0] [--exit-on-stdin-eof] [--dev-mode]
                         [--served-model-name N=NAME[,NAME...]]...
+                        [--capacity N=[MAX_NUM_SEQS]:TOKEN_S]...
 
 prints one JSON line ``{"nodes": {"1": url, ...}, "control": url}`` once everything listens.
 """
@@ -35,8 +36,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
-from heady_shared.routes import DEFAULT_POOLS, NODE_COUNT, roles_served_by
-from sim.node import DEFAULT_MODEL, Node, RecordedRequest, parse_mode
+from heady_node.gpu import GPU_CLASSES
+from heady_node.presets import Preset, preset_for, served_model_names
+from heady_shared.routes import DEFAULT_POOLS, NODE_COUNT, role_of
+from sim.node import DEFAULT_MODEL, Capacity, Node, RecordedRequest, parse_mode
+from sim.node.capacity import UNLIMITED, parse_capacity
 from sim.server import HTTPServer, Request, Response
 
 __all__ = [
@@ -49,27 +53,31 @@ __all__ = [
 ]
 
 
-# The checkpoint each node of the default fleet serves: the node side's presets
-# (heady_node/presets.py) for a T4 on odd nodes and an L4 on even ones, so the two nodes of a
-# pair serve different models, as they do whenever Colab hands them different GPUs.
-NODE_MODELS: dict[int, str] = {
-    1: "Qwen/Qwen2.5-7B-Instruct-AWQ",
-    2: "Qwen/Qwen2.5-14B-Instruct-AWQ",
-    3: "Qwen/Qwen2.5-Coder-7B-Instruct-AWQ",
-    4: "Qwen/Qwen2.5-Coder-14B-Instruct-AWQ",
-    5: "Qwen/Qwen2-VL-2B-Instruct",
-    6: "Qwen/Qwen2.5-VL-7B-Instruct-AWQ",
-    7: "Qwen/Qwen2.5-3B-Instruct",
-    8: "Qwen/Qwen2.5-7B-Instruct-AWQ",
-}
+# The GPU each node of the default fleet stands in for: a T4 on odd nodes, an L4 on even ones,
+# so the two nodes of a pair serve different models, as they do whenever Colab hands them
+# different GPUs.
+NODE_GPUS: dict[int, str] = {n: "t4" if n % 2 else "l4" for n in range(1, NODE_COUNT + 1)}
+
+
+def _preset(n: int) -> Preset:
+    """The node side's preset (heady_node/presets.py) for node ``n``'s role on its GPU."""
+    role = role_of(n)
+    assert role is not None, f"node {n} is in no role's pair"  # the default table pairs all
+    return preset_for(role, GPU_CLASSES[NODE_GPUS[n]])
+
+
+# The checkpoint each node of the default fleet serves, read from the presets so the two
+# cannot drift apart.
+NODE_MODELS: dict[int, str] = {n: _preset(n).model.repo for n in NODE_GPUS}
 
 
 def default_served_names(n: int, pools: Mapping[str, Any] | None = None) -> tuple[str, ...]:
-    """What node ``n`` answers to, exactly as the node side starts it: its checkpoint's repo id,
-    then every role whose pair or fallback chain contains it (``roles_served_by``), so a
-    request that says ``"model": "<role>"`` succeeds on every node the plan may send it to."""
+    """What node ``n`` answers to, exactly as the node side starts it
+    (``heady_node.presets.served_model_names``): its checkpoint's repo id, then every role
+    whose pair or fallback chain contains it, so a request that says ``"model": "<role>"``
+    succeeds on every node the plan may send it to."""
     pools = DEFAULT_POOLS if pools is None else pools
-    return (NODE_MODELS.get(n, DEFAULT_MODEL), *roles_served_by(n, pools))
+    return served_model_names(NODE_MODELS.get(n, DEFAULT_MODEL), n, pools)
 
 
 T = TypeVar("T")
@@ -93,14 +101,18 @@ class Fleet:
         control_port: int | None = None,
         served_names: Mapping[int, Sequence[str]] | None = None,
         dev_mode: bool = False,
+        capacity: Mapping[int, Capacity] | None = None,
     ) -> None:
         """``served_names`` overrides what node n answers to (default:
-        ``default_served_names(n)``); ``dev_mode`` is vLLM's ``VLLM_SERVER_DEV_MODE=1``."""
+        ``default_served_names(n)``); ``dev_mode`` is vLLM's ``VLLM_SERVER_DEV_MODE=1``;
+        ``capacity`` node n's ``--max-num-seqs`` and time per token (default: no limit, no
+        delay; see ``sim.node.capacity``)."""
         if count < 1:
             raise ValueError("count must be >= 1")
         self.count = count
         self.host = host
         names = dict(served_names or {})
+        limits = dict(capacity or {})
         self.nodes: dict[int, Node] = {
             n: Node(
                 n,
@@ -110,6 +122,7 @@ class Fleet:
                 model=NODE_MODELS.get(n, DEFAULT_MODEL),
                 served_names=names.get(n) or default_served_names(n),
                 dev_mode=dev_mode,
+                capacity=limits.get(n, UNLIMITED),
             )
             for n in range(1, count + 1)
         }
@@ -235,6 +248,12 @@ class Fleet:
     def set_load(self, n: int, load: int) -> None:
         self.node(n).set_load(load)
 
+    def set_capacity(self, n: int, **params: Any) -> None:
+        """Node ``n``'s ``max_num_seqs`` (None: no limit) and/or ``token_s`` from now on."""
+        node = self.node(n)
+        parse_capacity(params)  # validate in the caller's thread for a clean traceback
+        self._call(node.set_capacity(**params))
+
     def set_api_key(self, n: int, api_key: str | None) -> None:
         self.node(n).api_key = api_key
 
@@ -257,7 +276,8 @@ class Fleet:
             node.clear_requests()
 
     def reset(self) -> None:
-        """All nodes healthy, load 0, served names as started, request logs cleared."""
+        """All nodes healthy, load 0, served names and capacity as started, request logs
+        cleared."""
         self._call(self._reset())
 
     async def _reset(self) -> None:
@@ -318,10 +338,13 @@ class Fleet:
         load = body.pop("load", None)
         mode = body.pop("mode", None)
         names = body.pop("served_names", None)
+        capacity = {k: body.pop(k) for k in ("max_num_seqs", "token_s") if k in body}
         if mode is None and body:
             raise ValueError(f"parameters {sorted(body)} given without a 'mode'")
-        if mode is None and load is None and names is None:
-            raise ValueError("expected 'mode', 'load' and/or 'served_names'")
+        if mode is None and load is None and names is None and not capacity:
+            raise ValueError(
+                "expected 'mode', 'load', 'served_names', 'max_num_seqs' and/or 'token_s'"
+            )
         if mode is not None and not isinstance(mode, str):
             raise ValueError("'mode' must be a string")
         if names is not None and (
@@ -332,8 +355,11 @@ class Fleet:
             raise ValueError("'served_names' must be a non-empty list of non-empty strings")
         if mode is not None:
             parse_mode(mode, body)  # validated first: a bad change must not half-apply
+        parse_capacity(capacity, node.capacity)
         if load is not None:
             node.set_load(load)
+        if capacity:
+            await node.set_capacity(**capacity)
         if names is not None:
             node.set_served_names(names)
         if mode is not None:
@@ -375,6 +401,7 @@ class FleetProcess:
         base_port: int = 0,
         served_names: Mapping[int, Sequence[str]] | None = None,
         dev_mode: bool = False,
+        capacity: Mapping[int, Capacity] | None = None,
         args: Sequence[str] = (),
         start_timeout: float = 30.0,
         cwd: str | os.PathLike[str] | None = None,
@@ -389,6 +416,9 @@ class FleetProcess:
             self._argv += ["--served-model-name", f"{n}={','.join(names)}"]
         if dev_mode:
             self._argv.append("--dev-mode")
+        for n, cap in (capacity or {}).items():
+            seqs = "" if cap.max_num_seqs is None else str(cap.max_num_seqs)
+            self._argv += ["--capacity", f"{n}={seqs}:{cap.token_s!r}"]
         self._argv += list(args)
         self._start_timeout = start_timeout
         self._cwd = Path(cwd) if cwd is not None else Path(__file__).resolve().parents[1]
@@ -487,12 +517,18 @@ class FleetProcess:
         self.url(n)
         return self._call("POST", f"/nodes/{n}", {"load": load})
 
+    def set_capacity(self, n: int, **params: Any) -> dict[str, Any]:
+        """Node ``n``'s ``max_num_seqs`` (None: no limit) and/or ``token_s``; its state."""
+        self.url(n)
+        return self._call("POST", f"/nodes/{n}", params)
+
     def set_served_names(self, n: int, names: Sequence[str]) -> dict[str, Any]:
         self.url(n)
         return self._call("POST", f"/nodes/{n}", {"served_names": list(names)})
 
     def reset(self) -> dict[str, Any]:
-        """Every node healthy, load 0, default served names, request logs cleared."""
+        """Every node healthy, load 0, served names and capacity as started, request logs
+        cleared."""
         return self._call("POST", "/reset", {})
 
     def state(self) -> dict[str, Any]:
@@ -538,6 +574,13 @@ def main(argv: list[str] | None = None) -> int:
         default=os.environ.get("VLLM_SERVER_DEV_MODE", "0") not in ("", "0"),
         help="serve vLLM's dev-mode endpoints too (/sleep, /collective_rpc, ...)",
     )
+    parser.add_argument(
+        "--capacity",
+        action="append",
+        default=[],
+        metavar="N=[MAX_NUM_SEQS]:TOKEN_S",
+        help="node N's running-sequence limit (empty: none) and seconds per token (repeatable)",
+    )
     parser.add_argument("--control-port", type=int, default=0)
     parser.add_argument(
         "--exit-on-stdin-eof",
@@ -551,6 +594,18 @@ def main(argv: list[str] | None = None) -> int:
         if not sep or not node.isdigit() or not names:
             parser.error(f"--served-model-name expects N=NAME[,NAME...], got {item!r}")
         served[int(node)] = names.split(",")
+    capacity: dict[int, Capacity] = {}
+    for item in args.capacity:
+        node, sep, spec = item.partition("=")
+        seqs, colon, token_s = spec.partition(":")
+        try:
+            if not sep or not colon or not node.isdigit():
+                raise ValueError("expected N=[MAX_NUM_SEQS]:TOKEN_S")
+            capacity[int(node)] = parse_capacity(
+                {"max_num_seqs": int(seqs) if seqs else None, "token_s": float(token_s)}
+            )
+        except ValueError as e:
+            parser.error(f"--capacity {item!r}: {e}")
 
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -575,6 +630,7 @@ def main(argv: list[str] | None = None) -> int:
         control_port=args.control_port,
         served_names=served,
         dev_mode=args.dev_mode,
+        capacity=capacity,
     )
     fleet.start()
     try:

@@ -9,10 +9,10 @@ from __future__ import annotations
 import email.utils
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
-from heady_shared.failures import connection_error_kind, match
+from heady_shared.failures import match
 
 # pass: relayed to the client; failover: the node failed, try the next one; cut: the node's
 # body broke after its head was relayed; gone: the client left, nobody is retried.
@@ -27,6 +27,9 @@ class Head:
 
     status: int
     fields: Mapping[str, str | None]  # heady_shared.failures.HEAD_FIELDS -> value
+    # The shell's own response object (a JS Response), opaque to the core: it travels with
+    # the head so that whoever holds the head can relay or discard it.
+    response: object = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,10 +77,6 @@ def judge(node: int, head: Head, ms: float, now: float) -> Attempt:
 def no_response(node: int, kind: NoResponse, ms: float) -> Attempt:
     """A fetch that produced no response head always moves on to the next node."""
     return Attempt(node, "failover", kind, None, ms)
-
-
-def error_kind(message: str) -> NoResponse:
-    return "refused" if connection_error_kind(message) == "refused" else "error"
 
 
 def parse_retry_after(value: str | None, now: float) -> float | None:

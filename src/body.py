@@ -1,22 +1,18 @@
-"""The client's request body and query, judged before anything reaches a node. Pure.
+"""The client's request body, judged before anything reaches a node. Pure.
 
 - `content_length`: the declared length per RFC 9110 §8.6 (`Content-Length = 1*DIGIT`), told
   apart as absent, valid, invalid (400) or too large (413).
 - `read_fault` / `short_body_fault`: a body that could not be read, or arrived shorter than it
   said, is the client's fault; the shell answers 400 `bad_request_body` (or nothing, if the
   client is gone) and never marks a node down or replays it elsewhere.
-- `strip_key_params`: query parameters whose value is a client key never go to a node.
 
 What the Workers runtime reports for each client fault is measured in docs/client-faults.md.
 """
 
 from __future__ import annotations
 
-import hmac
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
-from urllib.parse import unquote, unquote_plus
 
 BAD_BODY = "bad_request_body"
 TOO_LARGE = "payload_too_large"
@@ -108,33 +104,3 @@ def body_error(fault: Fault) -> BodyError:
         "unreadable": "request body could not be read",
     }[fault]
     return BodyError(400, BAD_BODY, text)
-
-
-def strip_key_params(query: str, keys: Sequence[str]) -> str:
-    """The query without any parameter whose value (or bare text) is a client key.
-
-    `query` is the raw string after "?" (no "#"). Other parameters keep their exact bytes and
-    order. A value is compared percent-decoded, both as-is and with "+" as a space, against
-    every key in constant time (no early exit), so timing says nothing about the keys.
-    """
-    if not query or not keys:
-        return query
-    encoded = [k.encode() for k in keys if k]
-    kept = []
-    for part in query.split("&"):
-        _, sep, value = part.partition("=")
-        candidate = value if sep else part  # "?KEY" alone counts too
-        if candidate and _is_key(candidate, encoded):
-            continue
-        kept.append(part)
-    return "&".join(kept)
-
-
-def _is_key(raw_value: str, keys: list[bytes]) -> bool:
-    candidates = {raw_value, unquote(raw_value), unquote_plus(raw_value)}
-    found = False
-    for candidate in candidates:
-        supplied = candidate.encode("utf-8", "surrogateescape")
-        for key in keys:
-            found |= hmac.compare_digest(supplied, key)
-    return found

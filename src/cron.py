@@ -1,4 +1,4 @@
-"""The scheduled health check: probe the nodes that need it, fold the answers into health.
+"""The scheduled health check: probe the nodes that need it, record the answers in health.
 
 Pure logic over a `Prober` (the shell's GET with a head time-out). Budget: ngrok's free plan
 allows 20,000 requests a month per account and every probe counts, so healthy nodes are
@@ -12,22 +12,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-import health as hl
+import health
 from attempt import Head
 from config import GatewayConfig
 from heady_shared.failures import match
 from heady_shared.metrics import queue_depth, served_model
-from heady_shared.schedule import UNKNOWN_PERIOD_S, cron_period_s
-
-__all__ = [
-    "UNKNOWN_PERIOD_S",
-    "ProbeResult",
-    "Prober",
-    "cron_period_s",
-    "fold",
-    "probe",
-    "probe_all",
-]
+from heady_shared.schedule import cron_period_s
 
 
 class Prober(Protocol):
@@ -57,7 +47,7 @@ class ProbeResult:
 
 
 def nodes_to_probe(
-    config: GatewayConfig, view: hl.HealthView, scheduled_s: float, period_s: float
+    config: GatewayConfig, view: health.HealthView, scheduled_s: float, period_s: float
 ) -> list[int]:
     """Down or unknown nodes every run; healthy ones once per `probe_up_every_s`, chosen by
     the scheduled time alone so the decision needs no stored state."""
@@ -107,16 +97,18 @@ def _failure(got: tuple[Head, str] | str) -> str | None:
     return None if 200 <= head.status < 300 else f"http_{head.status}"
 
 
-def fold(view: hl.HealthView, results: list[ProbeResult], now: float, config: GatewayConfig):
+def record_probes(
+    view: health.HealthView, results: list[ProbeResult], now: float, config: GatewayConfig
+) -> None:
     """Apply probe results to the view (transitions mark it dirty for the KV write)."""
     for r in results:
         old = view.get(r.node)
         new = (
-            hl.on_success(old, now, r.ms)
+            health.on_success(old, now, r.ms)
             if r.ok
-            else hl.on_failure(old, now, r.reason, config.health)
+            else health.on_failure(old, now, r.reason, config.health)
         )
-        new = hl.with_probe(new, now, r.load, r.ms, r.model)
+        new = health.with_probe(new, now, r.load, r.ms, r.model)
         news = (r.load is not None and r.load != old.load) or (r.model not in (None, old.model))
         if not view.apply(r.node, new) and news:
             # A changed load steers balancing elsewhere, a new model id is shown to clients:
@@ -127,14 +119,14 @@ def fold(view: hl.HealthView, results: list[ProbeResult], now: float, config: Ga
 
 async def probe_all(
     config: GatewayConfig,
-    view: hl.HealthView,
+    view: health.HealthView,
     prober: Prober,
     scheduled_s: float,
     cron: str | None,
     clock: Callable[[], float],
 ) -> list[ProbeResult]:
-    """One cron run's probes, all in parallel, folded into the view."""
+    """One cron run's probes, all in parallel, recorded in the view."""
     targets = nodes_to_probe(config, view, scheduled_s, cron_period_s(cron))
     results = list(await asyncio.gather(*(probe(config, prober, n, clock) for n in targets)))
-    fold(view, results, clock(), config)
+    record_probes(view, results, clock(), config)
     return results

@@ -1,41 +1,47 @@
-"""Heady gateway Worker: the imperative shell.
+"""Heady gateway Worker: the dispatcher, and the imperative shell around the pure core.
 
-It turns the JS request into plain data, lets the pure modules decide (routing, forward,
-sync, cron, status), performs the fetches and KV calls they ask for, and hands the node's
-body stream back to the runtime. Bytes never pass through Python: a relayed body is piped
-JS-side, and Python only hears how the pipe ended.
+`Default.fetch` turns the JS request into plain data, finds its row in the route table
+(dispatch.ROUTES), applies the row's checks (node configuration, who may call) and runs its
+handler; every request is logged once, here, when its response head goes out. The pure
+modules decide (routing, forward, sync, cron, status); jsio.py performs the fetches, KV calls
+and body reads they ask for, and hands the node's body stream back to the runtime. Bytes
+never pass through Python: a relayed body is piped JS-side, and Python only hears how the
+pipe ended.
 """
 
 import asyncio
 import json
 import time
 import traceback
-from dataclasses import replace
 
 import js
 from pyodide.ffi import create_proxy
 from workers import Response, WorkerEntrypoint
 
-import body as bd
 import cron
-import forward as fw
 import jsio
 import status_page
+from body import BodyError
 from config import GatewayConfig, load_config
+from dispatch import ROUTES, Match, Row, resolve
 from errors import error_body
 from exchange import Exchange
+from forward import Budget, ForwardResult, cut, forward
 from headers import (
     MAX_HEADER_BYTES,
     auth_problem,
     cors_headers,
     header_bytes,
     is_sse,
+    key_matches,
     preflight_headers,
+    presented_key,
     relay_headers,
     request_headers_for_node,
     request_id,
 )
-from routing import HEAVY_PREFIX, RouteError, make_plan, parse_route, split_url
+from routing import Plan, RouteError, make_plan, parse_route, split_url
+from services import Services
 from settings import CONFIG_KEYS
 from status import status_body
 from sync import HealthSync
@@ -46,11 +52,11 @@ _NO_BODY_STATUSES = frozenset({101, 204, 205, 304})
 
 
 class _Isolate:
-    """What survives between requests in one isolate: config, health, balance turn."""
+    """What survives between requests in one isolate: config, node health, balance turn."""
 
     def __init__(self) -> None:
         self.config: GatewayConfig | None = None
-        self.sync = HealthSync()
+        self.sync: HealthSync | None = None  # made with the config (its health policy)
         self.turn = 0
 
 
@@ -61,7 +67,8 @@ def reset_isolate() -> None:
     """Forget health and balance state (the test harness's reset route)."""
     config = _ISO.config
     _ISO.__init__()
-    _ISO.config = config
+    if config is not None:
+        _ISO.config, _ISO.sync = config, HealthSync(config.health)
 
 
 def _clock() -> float:
@@ -74,24 +81,49 @@ def _log(line: dict) -> None:
     js.console.log(json.dumps(line, separators=(",", ":")))
 
 
-def _json_response(body: str, status: int, headers: dict[str, str]) -> Response:
-    h = {"content-type": "application/json", "cache-control": "no-store", **headers}
-    return Response(js.Response.new(body, status=status, headers=jsio.js_obj(h)))
+class _Call:
+    """One incoming request as plain data (plus the JS request, for its body and signal)."""
+
+    __slots__ = ("ex", "headers", "js", "method", "path", "query")
+
+    def __init__(self, js_req, method: str, path: str, query: str, headers: dict, ex: Exchange):
+        self.js = js_req
+        self.method = method
+        self.path = path
+        self.query = query
+        self.headers = headers
+        self.ex = ex
+
+
+_NOT_FOUND = "no such endpoint; use /api/heavy/<role>/v1/..., /api/status or /healthz"
 
 
 class Default(WorkerEntrypoint):
+    _services: Services | None = None  # this request's, once built (_io)
+
+    # ---- per isolate and per request state ---------------------------------------------
+
     def _config(self) -> GatewayConfig:
         # Vars and secrets are fixed for an isolate's life (a change deploys new isolates),
         # so they are read and validated once, not per request.
         if _ISO.config is None:
-            _ISO.config = load_config({k: _env_str(self.env, k) for k in CONFIG_KEYS})
+            config = load_config({k: _env_str(self.env, k) for k in CONFIG_KEYS})
+            _ISO.config, _ISO.sync = config, HealthSync(config.health)
         return _ISO.config
 
-    def _store(self) -> jsio.KvStore:
-        return jsio.KvStore(self.env)
+    def _io(self) -> Services:
+        """This request's I/O for the core: built once (the runtime makes a Default per
+        request, so `ctx` — and waitUntil — is this request's)."""
+        io = self._services
+        if io is None:
+            io = Services(jsio.KvStore(self.env), _clock, self._background, _log)
+            self._services = io
+        return io
 
     def _background(self, awaitable) -> None:
         self.ctx.waitUntil(create_proxy(asyncio.ensure_future(awaitable)))
+
+    # ---- dispatch: the one place a request is routed and logged ------------------------
 
     async def fetch(self, request):
         js_req = getattr(request, "js_object", request)
@@ -105,99 +137,126 @@ class Default(WorkerEntrypoint):
             request_id(headers.get("x-request-id")), method, path, headers.get("origin"), _clock
         )
         try:
-            response, streaming = await self._handle(js_req, method, path, query, headers, ex)
+            response = await self._dispatch(_Call(js_req, method, path, query, headers, ex))
         except Exception as exc:  # the promise: never a traceback to the client
             ex.error = "".join(traceback.format_exception(exc))[-2000:]
-            response, streaming = self._error(ex, 500, "internal error; see the log for this id")
-        if not streaming:
-            ex.status = response.status
-            _log(ex.log_line())
+            response = self._error(ex, 500, "internal error; see the log for this id")
+        # Logged as the head goes out: if the client leaves mid-body, the request is torn
+        # down with no chance to log later. A relayed stream that breaks off adds a second
+        # line for the same request id (_finish).
+        _log(ex.log_line())
         return response
 
-    def _error(self, ex: Exchange, status: int, message: str, type_=None, headers=None, **extra):
-        config = _ISO.config
-        cors = cors_headers(ex.origin, config.cors_origins if config else ("*",))
-        h = {"x-request-id": ex.rid, **cors, **(headers or {})}
-        body = error_body(status, message, ex.rid, type_, **extra)
-        return _json_response(body, status, h), False
-
-    async def _handle(self, js_req, method, path, query, headers, ex: Exchange):
+    async def _dispatch(self, call: _Call):
         config = self._config()
-        if header_bytes(headers) > MAX_HEADER_BYTES:
+        ex = call.ex
+        if header_bytes(call.headers) > MAX_HEADER_BYTES:
             return self._error(ex, 431, "request headers are too large")
-        if method == "OPTIONS":
-            h = {"x-request-id": ex.rid, **preflight_headers(ex.origin, config.cors_origins)}
-            return Response(js.Response.new(None, status=204, headers=jsio.js_obj(h))), False
-        if path == "/healthz" and method in ("GET", "HEAD"):
-            body = json.dumps({"status": "ok", "version": VERSION})
-            cors = cors_headers(ex.origin, config.cors_origins)
-            return _json_response(body, 200, {"x-request-id": ex.rid, **cors}), False
-        if path == "/api/status":
-            if method not in ("GET", "HEAD"):
-                return self._error(ex, 405, "use GET", headers={"allow": "GET, HEAD, OPTIONS"})
-            return self._denied(config, headers, ex) or await self._status(config, ex)
-        if path.startswith(HEAVY_PREFIX) or path == HEAVY_PREFIX.rstrip("/"):
-            return await self._heavy(js_req, method, path, query, headers, config, ex)
-        page = status_page.serve(method, path, headers.get("if-none-match"))
-        if page is not None:
-            resp = js.Response.new(page.body, status=page.status, headers=jsio.js_obj(page.headers))
-            return Response(resp), False
-        return self._error(
-            ex, 404, "no such endpoint; use /api/heavy/<role>/v1/..., /api/status or /healthz"
-        )
+        found = resolve(ROUTES, call.method, call.path)
+        if found is None:
+            return self._error(ex, 404, _NOT_FOUND)
+        if not isinstance(found, Match):
+            row = found.row
+            use = " or ".join(m for m in sorted(row.methods or ()) if m != "HEAD")
+            return self._error(ex, 405, f"use {use}", headers={"allow": row.allow})
+        row = found.row
+        if row.needs_fleet and config.fatal:
+            message = "gateway misconfigured: " + "; ".join(config.fatal)
+            return self._error(ex, 503, message, "misconfigured")
+        denied = self._denied(row, config, call.headers, ex)
+        if denied is not None:
+            return denied
+        return await _HANDLERS[row.handler](self, call, config, found.params)
 
-    def _denied(self, config: GatewayConfig, headers, ex: Exchange):
-        problem = auth_problem(headers, config.api_keys, config.auth_disabled)
+    def _denied(self, row: Row, config: GatewayConfig, headers, ex: Exchange):
+        if row.auth == "none":
+            return None
+        if row.auth == "node":  # a node's own calls carry the node token, not a client key
+            ok = bool(config.node_token) and key_matches(
+                presented_key(headers), (config.node_token or "",)
+            )
+            problem = None if ok else (401, "unauthorized", "missing or invalid node token")
+        else:
+            problem = auth_problem(headers, config.api_keys, config.auth_disabled)
         if problem is None:
             return None
         status, type_, message = problem
         challenge = {"www-authenticate": "Bearer"} if status == 401 else None
         return self._error(ex, status, message, type_, headers=challenge)
 
-    # ---- the request path -------------------------------------------------------------
+    # ---- answers the gateway gives itself ----------------------------------------------
 
-    async def _heavy(self, js_req, method, path, query, headers, config, ex):
-        if config.fatal:
-            message = "gateway misconfigured: " + "; ".join(config.fatal)
-            return self._error(ex, 503, message, "misconfigured")
-        denied = self._denied(config, headers, ex)
-        if denied:
-            return denied
-        route = parse_route(method, path, query, config.roles, config.upstream_paths)
+    def _json(self, ex: Exchange, body: str, status: int, headers: dict[str, str]) -> Response:
+        ex.status = status
+        h = {"content-type": "application/json", "cache-control": "no-store", **headers}
+        return Response(js.Response.new(body, status=status, headers=jsio.js_obj(h)))
+
+    def _error(self, ex: Exchange, status: int, message: str, type_=None, headers=None, **extra):
+        config = _ISO.config
+        cors = cors_headers(ex.origin, config.cors_origins if config else ("*",))
+        h = {"x-request-id": ex.rid, **cors, **(headers or {})}
+        return self._json(ex, error_body(status, message, ex.rid, type_, **extra), status, h)
+
+    async def _preflight(self, call: _Call, config: GatewayConfig, _params):
+        ex = call.ex
+        ex.status = 204
+        h = {"x-request-id": ex.rid, **preflight_headers(ex.origin, config.cors_origins)}
+        return Response(js.Response.new(None, status=204, headers=jsio.js_obj(h)))
+
+    async def _healthz(self, call: _Call, config: GatewayConfig, _params):
+        ex = call.ex
+        body = json.dumps({"status": "ok", "version": VERSION})
+        cors = cors_headers(ex.origin, config.cors_origins)
+        return self._json(ex, body, 200, {"x-request-id": ex.rid, **cors})
+
+    async def _page(self, call: _Call, config: GatewayConfig, _params):
+        page = status_page.serve(call.method, call.path, call.headers.get("if-none-match"))
+        if page is None:  # not the page's method or path after all: the shell's 404
+            return self._error(call.ex, 404, _NOT_FOUND)
+        call.ex.status = page.status
+        resp = js.Response.new(page.body, status=page.status, headers=jsio.js_obj(page.headers))
+        return Response(resp)
+
+    async def _status(self, call: _Call, config: GatewayConfig, _params):
+        ex, sync = call.ex, _ISO.sync
+        await sync.refresh(self._io())
+        body = status_body(config, sync.view, _clock(), ex.rid, VERSION)
+        cors = cors_headers(ex.origin, config.cors_origins)
+        return self._json(ex, json.dumps(body), 200, {"x-request-id": ex.rid, **cors})
+
+    # ---- the request path: forward to a node -------------------------------------------
+
+    async def _forward(self, call: _Call, config: GatewayConfig, _params):
+        ex = call.ex
+        route = parse_route(
+            call.method, call.path, call.query, config.roles, config.upstream_paths, config.api_keys
+        )
         if isinstance(route, RouteError):
             return self._error(ex, route.status, route.message, route.type)
         ex.role = route.role
 
         body = None
-        if method not in _NO_BODY_METHODS:
-            body = await jsio.read_body(js_req, headers, config)
-            if isinstance(body, bd.BodyError):
+        if call.method not in _NO_BODY_METHODS:
+            body = await jsio.read_body(call.js, call.headers, config)
+            if isinstance(body, BodyError):
                 return self._error(ex, body.status, body.message, body.type)
-        # A client key sent in the query string is the gateway's, never the node's.
-        route = replace(route, query=bd.strip_key_params(route.query, config.api_keys))
 
-        store = self._store()
-        sync = _ISO.sync
-        await sync.refresh(store, config.health, _clock, self._background, _log)
+        io, sync = self._io(), _ISO.sync
+        await sync.refresh(io)
         plan = make_plan(config.pools[route.role], config, sync.view, _clock(), _ISO.turn)
         _ISO.turn += 1
         if not plan.nodes:
             message = f"no configured node serves role {route.role!r}"
             return self._error(ex, 503, message, "no_nodes", headers={"retry-after": "60"})
 
-        fwd = jsio.js_obj(request_headers_for_node(headers, config.node_token))
-        upstream = jsio.Upstream(config, route, method, fwd, body, js_req.signal)
-        result = await fw.forward(
-            plan,
-            upstream,
-            sync.view,
-            config.health,
-            attempt_s=config.timeouts.attempt_for(route.role),
-            deadline=ex.started + config.timeouts.deadline_s,
-            clock=_clock,
+        fwd = jsio.js_obj(request_headers_for_node(call.headers, config.node_token))
+        upstream = jsio.Upstream(config, route, call.method, fwd, body, call.js.signal)
+        budget = Budget(
+            _clock, ex.started + config.timeouts.deadline_s, config.timeouts.attempt_for(route.role)
         )
+        result = await forward(plan, upstream, sync, budget)
         ex.attempts = result.attempts
-        sync.maybe_flush(store, config.health, _clock, self._background, _log)
+        sync.maybe_flush(io)
         if result.node is None:
             return self._error(
                 ex,
@@ -207,21 +266,21 @@ class Default(WorkerEntrypoint):
                 headers={"retry-after": str(result.retry_after_s)},
                 attempts=[a.public() for a in ex.attempts],
             )
-        assert result.head is not None  # forward sets it with the node that answered
-        resp = upstream.responses[result.node]
-        fallback = plan.is_fallback(result.node)
-        return self._relay(resp, result.head.status, result.node, fallback, ex, config), True
+        return self._relay(result, plan, ex, config)
 
-    def _relay(self, resp, status: int, n: int, fallback: bool, ex: Exchange, config):
+    def _relay(self, result: ForwardResult, plan: Plan, ex: Exchange, config: GatewayConfig):
         """The node's answer for the client, as a JS Response: the SDK's `Response` wrapper
         adds only type checks and crossings on the hot path, and the runtime hands a fetch
         handler's result to `python_to_rpc`, which passes a JS object through as it is
         (workerd src/pyodide/internal/introspection.py, `wrapper_func`)."""
+        n, resp = result.node, result.response
+        assert n is not None and result.head is not None  # forward sets all three together
+        status = result.head.status
         heady = {
             "x-heady-node": str(n),
             "x-heady-role": ex.role or "",
             "x-heady-attempts": str(len(ex.attempts)),
-            "x-heady-fallback": "true" if fallback else "false",
+            "x-heady-fallback": "true" if plan.is_fallback(n) else "false",
             "x-request-id": ex.rid,
         }
         model = _ISO.sync.view.get(n).model  # learnt by the cron from the node's metrics
@@ -233,12 +292,8 @@ class Default(WorkerEntrypoint):
         init = {"status": status, "statusText": resp.statusText, "headers": jsio.js_obj(headers)}
         stream = resp.body  # each read of a JS attribute is a crossing: once
         if stream is None or ex.method == "HEAD" or status in _NO_BODY_STATUSES:
-            _log(ex.log_line())
             jsio.discard(resp)
             return js.Response.new(None, **init)
-        # Logged now: if the client leaves, the request is torn down with no chance to log.
-        # A stream that later breaks off adds a second line for the same request id.
-        _log(ex.log_line())
         sse = is_sse(headers)
         if not sse and "content-length" in headers:
             # Handed over as it is: the runtime pumps it natively (no JS or Python per chunk).
@@ -254,10 +309,10 @@ class Default(WorkerEntrypoint):
         # No reference is kept here: the pipe's promise holds the task while the body flows,
         # and a task kept in a module-level set would pin the frame of every request whose
         # client left (the task then never resumes: bench/README.md).
-        asyncio.ensure_future(self._finish(relay, n, ex, config, sse))  # noqa: RUF006
+        asyncio.ensure_future(self._finish(relay, n, ex, sse))  # noqa: RUF006
         return js.Response.new(relay.readable, **init)
 
-    async def _finish(self, relay, n: int, ex: Exchange, config, sse: bool) -> None:
+    async def _finish(self, relay, n: int, ex: Exchange, sse: bool) -> None:
         """Close the client's stream when the node's ended; if the node's broke, mark the node,
         log the cut and end the client's stream loudly: a final error event for an event
         stream, an aborted body otherwise (which the wire shows as a short body)."""
@@ -268,12 +323,12 @@ class Default(WorkerEntrypoint):
             writer = relay.writable.getWriter()
             if writer.desiredSize is None:  # the client's side errored: it went away
                 return
-            sync = _ISO.sync
+            io, sync = self._io(), _ISO.sync
             ms = (_clock() - started) * 1000
-            ex.attempts = [*ex.attempts, fw.cut(n, sync.view, config.health, _clock(), ms)]
+            ex.attempts = [*ex.attempts, cut(n, sync, _clock(), ms)]
             ex.error = str(exc)[:200]
-            _log(ex.log_line())
-            sync.maybe_flush(self._store(), config.health, _clock, self._background, _log)
+            _log(ex.log_line())  # the request's second line: how its body ended
+            sync.maybe_flush(io)
             if sse:
                 jsio.end_loudly(writer, ex.rid)
             else:
@@ -283,21 +338,14 @@ class Default(WorkerEntrypoint):
         # the request may be over and this task would never resume (bench/README.md).
         relay.writable.getWriter().close().catch(jsio.IGNORE)
 
-    # ---- status and cron --------------------------------------------------------------
-
-    async def _status(self, config: GatewayConfig, ex: Exchange):
-        sync = _ISO.sync
-        await sync.refresh(self._store(), config.health, _clock, self._background, _log)
-        body = status_body(config, sync.view, _clock(), ex.rid, VERSION)
-        cors = cors_headers(ex.origin, config.cors_origins)
-        return _json_response(json.dumps(body), 200, {"x-request-id": ex.rid, **cors}), False
+    # ---- cron ---------------------------------------------------------------------------
 
     async def scheduled(self, controller, env=None, ctx=None):
         """Cron: probe the nodes that need it, all in parallel, and share what changed."""
         config = self._config()
         started = _clock()
-        sync, store = _ISO.sync, self._store()
-        await sync.read(store, config.health, _clock, _log)
+        io, sync = self._io(), _ISO.sync
+        await sync.read(io)
         scheduled_s = float(getattr(controller, "scheduledTime", started * 1000)) / 1000
         results = await cron.probe_all(
             config,
@@ -307,9 +355,7 @@ class Default(WorkerEntrypoint):
             str(getattr(controller, "cron", "") or ""),
             _clock,
         )
-        wrote = False
-        if sync.view.may_write(_clock(), config.health) and not sync.flushing:
-            wrote = await sync.flush(store, config.health, _clock, _log)
+        wrote = await sync.flush(io) if sync.flush_due(_clock()) else False
         _log(
             {
                 "msg": "probe",
@@ -318,6 +364,16 @@ class Default(WorkerEntrypoint):
                 "ms": round(max(0.0, _clock() - started) * 1000, 1),
             }
         )
+
+
+# dispatch.ROUTES names its handlers; each takes (call, config, the row's captured params).
+_HANDLERS = {
+    "preflight": Default._preflight,
+    "healthz": Default._healthz,
+    "status": Default._status,
+    "forward": Default._forward,
+    "page": Default._page,
+}
 
 
 def _env_str(env, key: str) -> str | None:

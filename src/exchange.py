@@ -1,5 +1,6 @@
-"""One client request's bookkeeping: its id, route, attempts and how it ended, as the one
-JSON log line the gateway prints per request. Pure."""
+"""An exchange is one client request and the gateway's answer to it (HTTP's term for a
+request/response pair). `Exchange` keeps its bookkeeping — id, route, attempts, how it
+ended — and renders the one JSON log line the gateway prints per request. Pure."""
 
 from __future__ import annotations
 

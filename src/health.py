@@ -1,9 +1,9 @@
 """Node health: per-node HealthState, its transitions, and the KV record that shares it.
 
 Pure. The shell keeps one HealthView per isolate, feeds it attempt outcomes and probe
-results, and persists the view to Workers KV only when a transition happened (see
-`HealthView.needs_write`). The whole fleet lives in ONE KV key, so an isolate refreshes its
-view with a single read.
+results, and persists the view to Workers KV only when a transition happened
+(`HealthView.apply` marks the view dirty; `HealthView.may_write` says when to write). The
+whole fleet lives in ONE KV key, so an isolate refreshes its view with a single read.
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 from config import HealthPolicy
+from heady_shared.metrics import MAX_LOAD
 from heady_shared.routes import NODE_NUMBERS
+from settings import BY_NAME
 
 State = Literal["up", "down", "unknown"]
 KV_KEY = "health:v1"
@@ -24,11 +26,11 @@ FORGET_AFTER_S = 86400.0  # a record older than this says nothing any more
 MIN_KV_TTL_S = 60  # KV rejects expirationTtl below 60 s
 # Bounds for every number in the shared KV record: anything another isolate (or a corrupt or
 # hostile write) put there is clamped into these before it is trusted or written back. Each
-# stays far below 2**53, so it crosses into JS as a Number, never a BigInt.
-MAX_COOLDOWN_S = 86400.0  # the largest COOLDOWN_MAX_S setting (src/settings.py)
+# stays far below 2**53, so it crosses into JS as a Number, never a BigInt. A load is bounded
+# by heady_shared.metrics.MAX_LOAD, the bound its probe reading already passed.
+MAX_COOLDOWN_S = float(BY_NAME["COOLDOWN_MAX_S"].hi or 0)  # the largest settable cooldown
 MAX_FAILURES = 64  # cooldown_s stops growing long before this
 MAX_LATENCY_MS = 3_600_000.0
-MAX_LOAD = 1_000_000
 MAX_CLOCK_SKEW_S = 5.0  # a write stamped further ahead than this is not believed
 
 
@@ -130,9 +132,9 @@ def is_transition(old: HealthState, new: HealthState) -> bool:
 
 
 def covers(theirs: HealthState | None, mine: HealthState, policy: HealthPolicy) -> bool:
-    """Does a KV record already say what we know? Then writing ours would be a wasted write.
-    A down mark counts as known when KV holds one ending at most half a base cooldown
-    earlier: another isolate saw the same outage."""
+    """Does KV's record for a node (`theirs`) already say what this isolate knows (`mine`)?
+    Then writing ours would be a wasted write. A down mark counts as known when KV holds
+    one ending at most half a base cooldown earlier: another isolate saw the same outage."""
     if mine.at == 0.0:
         return True  # nothing observed here beyond what was read
     if theirs is None:

@@ -1,8 +1,9 @@
 """The gateway's I/O over the runtime's JS objects: fetch to a node up to its head, the KV
 store, the cron's probe GET, the request body read, and the end of a relayed stream.
 
-Shell code: it adapts the pure modules' interfaces (forward.Upstream, sync.HealthStore,
-cron.Prober) to workerd and decides nothing itself. Covered by the end-to-end suite.
+Shell code: it adapts the pure modules' interfaces (forward.Upstream, storage.HealthStore,
+cron.Prober) to workerd and decides nothing itself (R2 and D1: jsstore.py). Covered by the
+end-to-end suite.
 """
 
 import time
@@ -10,11 +11,18 @@ import time
 import js
 from pyodide.ffi import create_proxy, to_js
 
-import body as bd
-from attempt import Head, error_kind
+from attempt import Head
+from body import (
+    TOO_LARGE,
+    BodyError,
+    body_error,
+    content_length,
+    read_fault,
+    short_body_fault,
+)
 from config import GatewayConfig
 from errors import sse_error_event
-from heady_shared.failures import HEAD_FIELDS
+from heady_shared.failures import HEAD_FIELDS, connection_error_kind
 from health import KV_KEY
 from routing import upstream_url
 
@@ -54,7 +62,7 @@ def js_obj(d: dict):
 
 
 class KvStore:
-    """sync.HealthStore over the HEALTH_KV binding, looked up only when KV is used: most
+    """storage.HealthStore over the HEALTH_KV binding, looked up only when KV is used: most
     requests never touch it, and every lookup is a crossing into JS. Without the binding
     (a local run without KV) it reads nothing and writes nowhere."""
 
@@ -90,7 +98,6 @@ class Upstream:
         # ignores it for subrequests, so each fetch gets a fresh signal that follows it.
         self._client = client
         self._tried = 0
-        self.responses: dict[int, object] = {}
 
     async def head(self, node: int, timeout_s: float):
         if self._tried and self._client.aborted:  # gone while the last node failed
@@ -107,12 +114,11 @@ class Upstream:
         )
         if error:
             return "client_gone" if self._client.aborted else error
-        self.responses[node] = resp
         h = resp.headers
-        return Head(int(resp.status), {f: h.get(f) for f in HEAD_FIELDS})
+        return Head(int(resp.status), {f: h.get(f) for f in HEAD_FIELDS}, resp)
 
-    def discard(self, node: int) -> None:
-        discard(self.responses.pop(node, None))
+    def discard(self, head: Head) -> None:
+        discard(head.response)
 
 
 class Prober:
@@ -159,8 +165,8 @@ async def read_body(js_req, headers, config: GatewayConfig):
     mark or GPU time, and a truncated body must never reach a node as if whole.
     Returns the bytes (a JS buffer, or None) or a BodyError for the client."""
     limit = config.max_body_bytes
-    declared = bd.content_length(headers.get("content-length"), limit)
-    if isinstance(declared, bd.BodyError):
+    declared = content_length(headers.get("content-length"), limit)
+    if isinstance(declared, BodyError):
         return declared
     stream = js_req.body
     if stream is None:
@@ -181,16 +187,16 @@ async def read_body(js_req, headers, config: GatewayConfig):
             body = await read_limited(stream, limit, config.timeouts.upload_s)
     except TimeoutError:
         secs = config.timeouts.upload_s
-        return bd.BodyError(408, "upload_timeout", f"request body not sent within {secs:g} s")
+        return BodyError(408, "upload_timeout", f"request body not sent within {secs:g} s")
     except Exception as exc:  # bad chunked framing, a client that dropped mid-upload
-        fault = bd.read_fault(str(exc))
+        fault = read_fault(str(exc))
         if fault is None:
             raise  # our own misuse of the stream: a logged internal error
-        return bd.body_error(fault)
+        return body_error(fault)
     if body is None:
-        return bd.BodyError(413, bd.TOO_LARGE, f"request body exceeds the {limit} byte limit")
-    fault = bd.short_body_fault(declared, int(body.byteLength))
-    return bd.body_error(fault) if fault else body
+        return BodyError(413, TOO_LARGE, f"request body exceeds the {limit} byte limit")
+    fault = short_body_fault(declared, int(body.byteLength))
+    return body_error(fault) if fault else body
 
 
 class _UploadDeadline:
@@ -274,7 +280,8 @@ async def fetch_head(url: str, timeout_s: float, client=None, **init):
     except Exception as exc:  # workerd's network errors arrive as JsException
         if controller.signal.aborted:
             return None, "timeout"
-        return None, error_kind(str(exc))
+        # "refused" (connection lost or refused) or "error" (DNS, TLS, anything else)
+        return None, connection_error_kind(str(exc))
     finally:
         js.clearTimeout(timer)
     return resp, None

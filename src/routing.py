@@ -5,13 +5,17 @@ Pure: decides from plain data only, so every rule is unit-tested in CPython.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import hmac
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from urllib.parse import unquote, unquote_plus
 
 from config import GatewayConfig
 from heady_shared.routes import Pool
 from health import HealthView
 
+# The prefix of the API the GPU nodes serve ("heavy": model work, as opposed to what the
+# gateway answers itself): /api/heavy/<role>/<node path>.
 HEAVY_PREFIX = "/api/heavy/"
 MAX_PATH_BYTES = 4096
 MAX_QUERY_BYTES = 8192
@@ -22,7 +26,7 @@ ALLOWED_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "O
 class Route:
     role: str
     rest: str  # path after the role, always starting with "/", still percent-encoded
-    query: str  # raw query string without "?", may be empty
+    query: str  # raw query string without "?", may be empty; never holds a client key
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,12 +53,15 @@ def parse_route(
     query: str,
     roles: tuple[str, ...],
     upstream_paths: tuple[str, ...] = ("/v1/",),
+    keys: Sequence[str] = (),
 ) -> Route | RouteError:
     """Validate a /api/heavy/<role>/<rest> request. `path` is the runtime's normalised path.
 
     Only the API goes through: a node also serves /invocations, /pause, /tokenize and more,
     several of them open even with vLLM's --api-key (it guards only paths under /v1; vLLM
-    docs/usage/security.md), so anything outside `upstream_paths` never reaches a node."""
+    docs/usage/security.md), so anything outside `upstream_paths` never reaches a node.
+    A client key sent in the query string is the gateway's, never the node's: the route's
+    query is without any parameter whose value is one of `keys`."""
     if method not in ALLOWED_METHODS:
         return RouteError(405, "method_not_allowed", f"method {method[:16]!r} is not supported")
     if len(path) > MAX_PATH_BYTES or len(query) > MAX_QUERY_BYTES:
@@ -71,7 +78,7 @@ def parse_route(
     if not path_allowed(rest, upstream_paths):
         allowed = ", ".join(upstream_paths)
         return RouteError(404, "not_forwarded", f"only these node paths are served here: {allowed}")
-    return Route(role, rest, query)
+    return Route(role, rest, strip_key_params(query, keys))
 
 
 def path_allowed(rest: str, upstream_paths: tuple[str, ...]) -> bool:
@@ -104,6 +111,36 @@ def _query_problem(query: str) -> str | None:
     if any(ord(c) < 0x20 or ord(c) == 0x7F for c in query):
         return "control characters are not allowed in the query"
     return None
+
+
+def strip_key_params(query: str, keys: Sequence[str]) -> str:
+    """The query without any parameter whose value (or bare text) is a client key.
+
+    `query` is the raw string after "?" (no "#"). Other parameters keep their exact bytes and
+    order. A value is compared percent-decoded, both as-is and with "+" as a space, against
+    every key in constant time (no early exit), so timing says nothing about the keys.
+    """
+    if not query or not keys:
+        return query
+    encoded = [k.encode() for k in keys if k]
+    kept = []
+    for part in query.split("&"):
+        _, sep, value = part.partition("=")
+        candidate = value if sep else part  # "?KEY" alone counts too
+        if candidate and _is_key(candidate, encoded):
+            continue
+        kept.append(part)
+    return "&".join(kept)
+
+
+def _is_key(raw_value: str, keys: list[bytes]) -> bool:
+    candidates = {raw_value, unquote(raw_value), unquote_plus(raw_value)}
+    found = False
+    for candidate in candidates:
+        supplied = candidate.encode("utf-8", "surrogateescape")
+        for key in keys:
+            found |= hmac.compare_digest(supplied, key)
+    return found
 
 
 def upstream_url(base_url: str, route: Route) -> str:

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import time
 
-import health as hl
+import health
 from config import GatewayConfig
 from routing import route_table
 
 
 def status_body(
-    config: GatewayConfig, view: hl.HealthView, now: float, request_id: str, version: str
+    config: GatewayConfig, view: health.HealthView, now: float, request_id: str, version: str
 ) -> dict[str, object]:
     nodes = []
     for node in config.nodes:

@@ -1,124 +1,106 @@
 """An isolate's health view <-> the one KV record every edge location shares.
 
-KV is a hint, never a dependency: every read and write has a short time-out, a failed or
-slow read leaves the isolate routing on its own knowledge, and concurrent cold requests
-make one read (the first waits for it, the others route on what the isolate knows). Writes
-are coalesced (at most one per KV_MIN_WRITE_INTERVAL_S, only after a transition, skipped
-when KV already says the same). The I/O is a `HealthStore`; the shell's
-is Workers KV, the tests' is a dict.
+KV is a hint, never a dependency: every read and write has a short time-out, and a failed or
+slow read leaves the isolate routing on its own knowledge. Only the first request of a cold
+isolate waits for KV (at most KV_TIMEOUT_S); a request arriving while that read is under way
+does not wait for it — workerd cancels a request that awaits another request's I/O — and
+routes on what the isolate knows so far. Writes are coalesced (at most one per
+KV_MIN_WRITE_INTERVAL_S, only after a transition, skipped when KV already says the same).
+The store is a `storage.HealthStore`: the shell's is Workers KV, the tests' a dict.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
-from typing import Protocol
 
-import health as hl
+import health
 from config import HealthPolicy
-
-Log = Callable[[dict], None]
-Background = Callable[[Awaitable[None]], None]  # ctx.waitUntil for work after the response
-
-
-class HealthStore(Protocol):
-    async def read(self) -> str | None: ...
-
-    async def write(self, body: str, ttl_s: int) -> None: ...
+from services import Services
+from storage import HealthStore
 
 
 class HealthSync:
-    def __init__(self) -> None:
-        self.view = hl.HealthView()
+    """One isolate's node health (`view`, under `policy`) and its exchange with KV. Each
+    method takes the request's `Services` (store, clock, waitUntil, log)."""
+
+    def __init__(self, policy: HealthPolicy) -> None:
+        self.policy = policy
+        self.view = health.HealthView()
         self.flushing = False
         self._reading: asyncio.Future[None] | None = None
 
-    async def refresh(
-        self,
-        store: HealthStore | None,
-        policy: HealthPolicy,
-        clock: Callable[[], float],
-        background: Background,
-        log: Log,
-    ) -> None:
+    async def refresh(self, io: Services) -> None:
         """Before routing: a cold isolate waits (briefly) for KV; a warm one refreshes in
         the background when its view is older than HEALTH_REFRESH_S."""
-        if not self.view.needs_refresh(clock(), policy):
+        if not self.view.needs_refresh(io.clock(), self.policy):
             return
         if self._reading is not None:
             # Another request's read is under way. Not awaited: workerd cancels a request
             # that waits on I/O started by another request ("The script will never generate
             # a response"), so a follower routes on what this isolate knows so far.
             return
-        self._reading = asyncio.ensure_future(self.read(store, policy, clock, log))
+        self._reading = asyncio.ensure_future(self.read(io))
         if self.view.loaded_at is None:
             await asyncio.shield(self._reading)  # bounded by KV_TIMEOUT_S
         else:
-            background(self._reading)
+            io.background(self._reading)
 
-    async def read(
-        self, store: HealthStore | None, policy: HealthPolicy, clock: Callable[[], float], log: Log
-    ) -> None:
+    async def read(self, io: Services) -> None:
         try:
-            records, written_at = await self._snapshot(store, policy, clock())
-            self.view.merge(records, written_at, clock())
+            records, written_at = await self._snapshot(io.store, io.clock())
+            self.view.merge(records, written_at, io.clock())
         except Exception as exc:  # time-out or KV error: route on what this isolate knows
-            log({"msg": "kv_read_failed", "error": _why(exc)})
+            io.log({"msg": "kv_read_failed", "error": _why(exc)})
             # Not re-read on every request while KV is sick: the refresh interval applies.
-            self.view.loaded_at = clock()
+            self.view.loaded_at = io.clock()
         finally:
             self._reading = None
 
-    def maybe_flush(
-        self,
-        store: HealthStore | None,
-        policy: HealthPolicy,
-        clock: Callable[[], float],
-        background: Background,
-        log: Log,
-    ) -> None:
-        if self.view.may_write(clock(), policy) and not self.flushing:
-            self.flushing = True
-            background(self.flush(store, policy, clock, log))
+    def flush_due(self, now: float) -> bool:
+        """A transition is owed to KV, the write interval has passed, and no flush runs."""
+        return self.view.may_write(now, self.policy) and not self.flushing
 
-    async def flush(
-        self, store: HealthStore | None, policy: HealthPolicy, clock: Callable[[], float], log: Log
-    ) -> bool:
+    def maybe_flush(self, io: Services) -> None:
+        """After a request: start a flush in the background (ctx.waitUntil) when one is due."""
+        if self.flush_due(io.clock()):
+            self.flushing = True
+            io.background(self.flush(io))
+
+    async def flush(self, io: Services) -> bool:
         """Read-merge-write the record, skipping the write if KV already knows. True when
         nothing is left to write."""
         self.flushing = True
-        view = self.view
+        view, policy = self.view, self.policy
         try:
-            if store is None:
+            if io.store is None:
                 view.dirty = False
                 return True
-            now = clock()
-            records, written_at = await self._snapshot(store, policy, now)
+            now = io.clock()
+            records, written_at = await self._snapshot(io.store, now)
             view.dirty = any(
-                not hl.covers(records.get(n), mine, policy) for n, mine in view.nodes.items()
+                not health.covers(records.get(n), mine, policy) for n, mine in view.nodes.items()
             )
             view.merge(records, written_at, now)
             if not view.may_write(now, policy):
                 return not view.dirty
-            body, ttl = hl.encode(view, now)
+            body, ttl = health.encode(view, now)
             noted = view.changes
-            await asyncio.wait_for(store.write(body, ttl), policy.kv_timeout_s)
+            await asyncio.wait_for(io.store.write(body, ttl), policy.kv_timeout_s)
             view.written_at = now
             # A transition made while the write was in flight is not in `body`: still owed.
             view.dirty = view.changes != noted
             return not view.dirty
         except Exception as exc:  # e.g. KV's 1 write/s per key limit: stay dirty, retry later
-            log({"msg": "kv_write_failed", "error": _why(exc)})
+            io.log({"msg": "kv_write_failed", "error": _why(exc)})
             return False
         finally:
             self.flushing = False
 
-    @staticmethod
-    async def _snapshot(store: HealthStore | None, policy: HealthPolicy, now: float):
+    async def _snapshot(self, store: HealthStore | None, now: float):
         if store is None:
             return {}, 0.0
-        raw = await asyncio.wait_for(store.read(), policy.kv_timeout_s)
-        return hl.decode(raw, now)
+        raw = await asyncio.wait_for(store.read(), self.policy.kv_timeout_s)
+        return health.decode(raw, now)
 
 
 def _why(exc: BaseException) -> str:

@@ -1,4 +1,4 @@
-"""Section 9: a bounded chaos run (issue 9) — load on the gateway while nodes flap.
+"""Section 9: a bounded chaos run — load on the gateway while nodes flap.
 
 A calm phase, then a chaos phase in which a seeded random flapper switches nodes between
 healthy and a failure mode through the fleet's control API (refuse, hang, 503, and a mid-stream
@@ -14,7 +14,7 @@ spread over all roles. Every exchange is classified:
 
 Bounded in time (the profile's seconds, `--chaos-seconds`) and loopback only. A stream that
 the node cuts (`stream_reset`, `stream_eof`) counts as lost unless the client is told: with
-the gateway's error event (issue 8) it is an `error event`, a loud failure.
+the gateway's error event it is an `error event`, a loud failure.
 """
 
 from __future__ import annotations

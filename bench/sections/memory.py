@@ -1,4 +1,4 @@
-"""Section 8: does workerd's memory level off or keep climbing (issue 9)?
+"""Section 8: does workerd's memory level off or keep climbing?
 
 Fresh instances of bare-py and the gateway (with `--memory-src`, each `--src` tree too) take
 `memory_requests` small POSTs each, all at the same time, in load segments of a few seconds;

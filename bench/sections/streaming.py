@@ -1,4 +1,4 @@
-"""Section 2: what relaying a stream costs (issue 8) — per-stream CPU, first-event delay and
+"""Section 2: what relaying a stream costs — per-stream CPU, first-event delay and
 per-event delay, each target side by side (and `--src` trees, for a before/after in one run).
 
 The nodes stream `sse_events` events 10 ms apart, each stamped with the node's monotonic clock

@@ -62,10 +62,15 @@ def parse_endpoint(raw: str | None) -> Endpoint:
         return _invalid("plain http is only allowed for localhost; tunnels give https")
     if not local and "." not in host:
         return _invalid("host has no domain")
-    if host.endswith(QUICK_TUNNEL_SUFFIX):
+    if is_quick_tunnel(host):
         return _invalid("quick tunnels (trycloudflare.com) do not carry SSE; use a named tunnel")
     authority = host + (f":{port}" if colon else "")
     return Endpoint("configured", f"{scheme}://{authority}" + (f"/{path}" if path else ""))
+
+
+def is_quick_tunnel(host: str) -> bool:
+    """A Cloudflare quick tunnel's host: refused by the gateway and never opened by a node."""
+    return host.lower().endswith(QUICK_TUNNEL_SUFFIX)
 
 
 def _invalid(reason: str) -> Endpoint:

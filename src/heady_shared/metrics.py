@@ -1,7 +1,8 @@
 """A node's load from vLLM's Prometheus `/metrics` text (or a JSON health answer).
 
 vLLM exports `vllm:num_requests_waiting` / `vllm:num_requests_running` gauges, one sample per
-model label set (vllm/v1/metrics/loggers.py); the queue depth is their sum.
+model label set (vllm/v1/metrics/loggers.py). A node's load is its queue depth: the waiting
+gauge summed over label sets; requests already running are not counted.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ WAITING = "vllm:num_requests_waiting"
 RUNNING = "vllm:num_requests_running"
 # Keys a non-vLLM JSON health answer may carry its queue depth under.
 QUEUE_KEYS = ("queue_depth", "queue", "num_requests_waiting", "waiting", "pending")
-MAX_LOAD = 10**9  # beyond any real queue; keeps the number an exact, small int
+# The largest queue depth believed, from a node or from the shared KV record (src/health.py):
+# beyond any real queue, and far below 2**53, so it stays an exact int in JSON and in JS.
+MAX_LOAD = 10**9
 # vLLM labels its metrics with the first --served-model-name (vllm/v1/metrics/loggers.py,
 # labelnames=["model_name", ...]): the node's own model id, for the x-heady-model header.
 _MODEL_LABEL = re.compile(r'^vllm:[A-Za-z0-9_:]+\{[^}]*\bmodel_name="([^"\\]{1,128})"', re.M)

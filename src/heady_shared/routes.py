@@ -36,9 +36,21 @@ DEFAULT_POOLS: Mapping[str, Pool] = {
 }
 
 
+ENDPOINT_PREFIX = "COLAB_ENDPOINT_"
+
+
 def endpoint_key(node: int) -> str:
     """The Worker secret holding a node's tunnel URL."""
-    return f"COLAB_ENDPOINT_{node}"
+    return f"{ENDPOINT_PREFIX}{node}"
+
+
+def endpoint_node(key: str) -> int | None:
+    """The node number an `endpoint_key` name carries, or None for any other name. Any n >= 1
+    counts, even past NODE_COUNT, so a reader of .dev.vars can say the number is out of range."""
+    digits = key[len(ENDPOINT_PREFIX) :] if key.startswith(ENDPOINT_PREFIX) else ""
+    if digits.isascii() and digits.isdigit() and not digits.startswith("0"):
+        return int(digits)
+    return None
 
 
 def valid_role_name(name: object) -> bool:
@@ -108,13 +120,6 @@ def _node_list(value: object, where: str, errors: list[str]) -> tuple[int, ...] 
 def role_of(node: int, pools: Mapping[str, Pool] = DEFAULT_POOLS) -> str | None:
     """The role whose pair holds this node (its own role), or None for a node in no pair."""
     return next((p.role for p in pools.values() if node in p.pair), None)
-
-
-def nodes_for_role(role: str, pools: Mapping[str, Pool] = DEFAULT_POOLS) -> tuple[int, ...]:
-    pool = pools.get(role)
-    if pool is None:
-        raise ValueError(f"unknown role {role!r}; expected one of {', '.join(pools)}")
-    return pool.pair
 
 
 def roles_served_by(node: int, pools: Mapping[str, Pool] = DEFAULT_POOLS) -> tuple[str, ...]:

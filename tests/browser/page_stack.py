@@ -15,6 +15,7 @@ from selenium import webdriver
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 
+from harness.bindings import fleet_env
 from harness.gateway import ROOT, Gateway, build_config
 from sim.fleet import FleetProcess
 
@@ -43,11 +44,8 @@ CHROMIUM_FLAGS = (
 
 def page_bindings(fleet: FleetProcess, **extra: str) -> dict[str, str]:
     """Nodes 1-6 on the simulated fleet, 7 invalid, 8 not set: all five states on one page."""
-    b = {f"COLAB_ENDPOINT_{n}": fleet.url(n) for n in range(1, 7)}
-    b |= {
+    settings = {
         "COLAB_ENDPOINT_7": NODE7_VALUE,
-        "GATEWAY_API_KEYS": API_KEY,
-        "NODE_TOKEN": NODE_TOKEN,
         "ATTEMPT_TIMEOUT_S": "2",
         "PROBE_TIMEOUT_S": "2",
         # Every cron tick probes every node (not only down/unknown ones), so a test moves
@@ -57,8 +55,9 @@ def page_bindings(fleet: FleetProcess, **extra: str) -> dict[str, str]:
         "COOLDOWN_BASE_S": "600",
         "COOLDOWN_MAX_S": "600",
     }
-    b.update(extra)
-    return b
+    return fleet_env(
+        fleet, node_token=NODE_TOKEN, api_keys=API_KEY, nodes=range(1, 7), **settings | extra
+    )
 
 
 def secrets_of(fleet: FleetProcess) -> list[str]:

@@ -36,9 +36,9 @@ def healthy(httpx_mock: HTTPXMock, base: str, queue: bool = True) -> None:
 
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    for key in ["NODE_TOKEN", "GATEWAY_API_KEY", "HEADY_GATEWAY_URL"] + [
-        f"COLAB_ENDPOINT_{n}" for n in range(1, 9)
-    ]:
+    env_keys = ["NODE_TOKEN", "GATEWAY_API_KEY", "HEADY_GATEWAY_URL"]
+    env_keys += ["ROUTES", "HEALTH_PATH", "METRICS_PATH"]
+    for key in env_keys + [f"COLAB_ENDPOINT_{n}" for n in range(1, 9)]:
         monkeypatch.delenv(key, raising=False)
     monkeypatch.chdir(tmp_path)  # no stray ./.dev.vars
 
@@ -182,6 +182,66 @@ def test_probe_bad_input_is_one_line(tmp_path: Path, capsys, content: str, messa
 def test_probe_missing_file(tmp_path: Path, capsys) -> None:
     assert main(["probe", "--dev-vars", str(tmp_path / "nope")]) == 2
     assert "cannot read" in capsys.readouterr().err
+
+
+def test_probe_asks_what_the_gateway_asks(httpx_mock: HTTPXMock, tmp_path: Path, capsys) -> None:
+    # ROUTES, HEALTH_PATH and METRICS_PATH from .dev.vars are read as the gateway reads them:
+    # roles from the operator's table, the node asked on the operator's paths.
+    nodes = {1: HOSTS[1], 2: HOSTS[2], 5: HOSTS[5]}
+    path = Path(dev_vars(tmp_path, nodes))
+    routes = '{"roles": {"chat": [2, 5], "embed": [6]}, "fallback": [1]}'
+    path.write_text(
+        path.read_text() + f"ROUTES='{routes}'\nHEALTH_PATH=/ping\nMETRICS_PATH=/stats\n"
+    )
+    for url in (HOSTS[1], HOSTS[2]):
+        httpx_mock.add_response(url=f"{url}/ping", text="")
+        httpx_mock.add_response(url=f"{url}/v1/models", text=MODELS)
+        httpx_mock.add_response(url=f"{url}/stats", text=METRICS)
+    httpx_mock.add_exception(httpx.ConnectError("refused"), url=f"{HOSTS[5]}/ping")
+    assert main(["probe", "--dev-vars", str(path), "--json"]) == 1
+    data = json.loads(capsys.readouterr().out)
+    by_node = {n["node"]: n for n in data["nodes"]}
+    assert [by_node[n]["role"] for n in (1, 2, 5, 6)] == [None, "chat", "chat", "embed"]
+    assert by_node[2]["state"] == "up" and by_node[2]["queue"] == 3
+    assert by_node[5]["state"] == "down" and by_node[6]["state"] == "unconfigured"
+    assert data["uncovered_roles"] == ["embed"]  # node 1 up, but only as the fallback
+    assert {r.url.path for r in httpx_mock.get_requests()} == {"/ping", "/v1/models", "/stats"}
+
+
+def test_probe_skips_the_load_when_metrics_path_is_empty(
+    httpx_mock: HTTPXMock, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    monkeypatch.setenv("NODE_TOKEN", TOKEN)
+    monkeypatch.setenv("COLAB_ENDPOINT_1", HOSTS[1])
+    monkeypatch.setenv("METRICS_PATH", "")
+    healthy(httpx_mock, HOSTS[1], queue=False)  # any other request fails the test
+    assert main(["probe", "--json"]) == 1
+    assert json.loads(capsys.readouterr().out)["nodes"][0]["queue"] is None
+
+
+def test_probe_bad_health_path_falls_back_with_a_warning(
+    httpx_mock: HTTPXMock, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    monkeypatch.setenv("NODE_TOKEN", TOKEN)
+    monkeypatch.setenv("COLAB_ENDPOINT_1", HOSTS[1])
+    monkeypatch.setenv("HEALTH_PATH", "//evil.example/x")
+    healthy(httpx_mock, HOSTS[1])
+    assert main(["probe", "--json"]) == 1
+    out, err = capsys.readouterr()
+    assert json.loads(out)["nodes"][0]["state"] == "up"
+    assert (
+        err
+        == "heady: warning: HEALTH_PATH: must be an absolute path such as /health; using /health\n"
+    )
+
+
+def test_probe_bad_routes_is_one_line(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    monkeypatch.setenv("NODE_TOKEN", TOKEN)
+    monkeypatch.setenv("COLAB_ENDPOINT_1", HOSTS[1])
+    monkeypatch.setenv("ROUTES", '{"roles": {"code": [3, 9]}}')
+    assert main(["probe"]) == 2
+    err = capsys.readouterr().err
+    assert err == "heady: error: ROUTES.roles.code: 9 is not a node number 1-8\n"
 
 
 # --- secrets -----------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from harness.bindings import fleet_env
 from harness.gateway import Gateway, build_config
 from sim.fleet import Fleet
 
@@ -32,18 +33,16 @@ def fleet() -> Iterator[Fleet]:
 
 
 def fleet_bindings(fleet: Fleet, **extra: str) -> dict[str, str]:
-    b = {f"COLAB_ENDPOINT_{n}": fleet.url(n) for n in range(1, 9)}
-    b |= {
-        "GATEWAY_API_KEYS": f"other-key,{API_KEY}",
-        "NODE_TOKEN": NODE_TOKEN,
+    settings = {
         "ATTEMPT_TIMEOUT_S": "2",
         "ROLE_TIMEOUTS_S": '{"batch": 3}',
         "KV_MIN_WRITE_INTERVAL_S": "1",
         "MAX_BODY_BYTES": str(64 * 1024),
         "CORS_ORIGINS": "https://app.example",
     }
-    b.update(extra)
-    return b
+    return fleet_env(
+        fleet, node_token=NODE_TOKEN, api_keys=f"other-key,{API_KEY}", **settings | extra
+    )
 
 
 @pytest.fixture(scope="session")

@@ -318,7 +318,7 @@ NODE_ONLY = [
 
 @pytest.mark.parametrize(("method", "path"), NODE_ONLY)
 def test_only_the_api_reaches_a_node(client, fleet, method, path):
-    # Anything outside /v1/ is the gateway's own 404 and never reaches a node (issue 8).
+    # Anything outside /v1/ is the gateway's own 404 and never reaches a node.
     r = client.request(method, f"/api/heavy/code{path}", json=chat("code", prompt="x"))
     err = assert_error(r, 404)
     assert err["request_id"]

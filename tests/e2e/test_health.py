@@ -146,7 +146,7 @@ def test_one_structured_log_line_per_request(client, gateway, fleet):
     assert first["role"] == "reasoning" and first["status"] == 200
     assert first["attempts"][0]["outcome"] in ("failover", "pass")
     assert isinstance(first["ms"], float | int)
-    # one clock for every duration: none is ever negative (issue 8)
+    # one clock for every duration: none is ever negative
     assert all(x["ms"] >= 0 and all(a["ms"] >= 0 for a in x["attempts"]) for x in recs)
     joined = "\n".join(gateway.lines)
     assert "127.0.0.1:" + str(fleet.port(1)) not in joined  # no node URL in any log line

@@ -1,6 +1,6 @@
 """Streams through the gateway, seen by raw HTTP clients (httpx, raw sockets, curl -N).
 
-A node that dies mid-answer must never look like a finished answer (issue 8):
+A node that dies mid-answer must never look like a finished answer:
 - an SSE stream gets the events that arrived, then exactly one error event in the OpenAI shape,
   then a clean end, and the client's keep-alive connection stays usable;
 - any other body is aborted, so every client reports an incomplete body;

@@ -14,7 +14,8 @@ from heady_node.gpu import (
     parse_cuda_version,
     parse_nvidia_smi,
 )
-from heady_node.roles import ROLES, nodes_for_role, role_for_node
+from heady_node.roles import ROLES, role_for_node
+from heady_shared.routes import DEFAULT_POOLS
 
 COMBOS = [(r, g) for r in ROLES for g in GPU_CLASSES]
 
@@ -23,7 +24,7 @@ def test_roles_follow_node_numbers() -> None:
     assert [role_for_node(n) for n in range(1, 9)] == [
         "reasoning", "reasoning", "code", "code", "vision", "vision", "batch", "batch",
     ]  # fmt: skip
-    assert nodes_for_role("vision") == (5, 6)
+    assert DEFAULT_POOLS["vision"].pair == (5, 6)
 
 
 def test_gpu_classes_are_the_cards_colab_offers() -> None:

@@ -3,6 +3,7 @@
 import pytest
 
 from heady_node import colab, status, tunnel, wrangler
+from heady_shared.metrics import parse_metrics
 
 VLLM_METRICS = """\
 # HELP vllm:num_requests_running Number of requests currently running on GPU.
@@ -17,7 +18,7 @@ not a metric line
 
 
 def test_metrics_to_status_line() -> None:
-    snap = status.snapshot(status.parse_metrics(VLLM_METRICS))
+    snap = status.snapshot(parse_metrics(VLLM_METRICS))
     assert snap == status.Snapshot(served=42, running=2, waiting=5)
     line = status.status_line("12:00:00", 3, "code", snap)
     assert line == "[12:00:00] node 3 (code) up | served 42 | running 2 | queue 5"

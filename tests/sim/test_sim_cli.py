@@ -9,7 +9,9 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -182,5 +184,39 @@ def test_node_cli_served_model_name_and_node_number() -> None:
         assert r.headers["x-sim-node"] == "4"
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=5) == 0
+    finally:
+        _kill(proc)
+
+
+def test_node_cli_honours_max_num_seqs() -> None:
+    # The node side passes vLLM's --max-num-seqs from its preset; the sim queues beyond it.
+    port = _free_port()
+    args = ["m", "--port", str(port), "--max-num-seqs", "1", "--sim-token-s", "0.1"]
+    proc = _spawn("-m", "sim.node", *args, stdin=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    body = {"prompt": "a", "max_tokens": 5}
+    try:
+        assert proc.stderr is not None
+        assert "Uvicorn running" in proc.stderr.readline()
+        with ThreadPoolExecutor(2) as pool, httpx.Client(timeout=5) as c:
+            first = pool.submit(httpx.post, url + "/v1/completions", json=body, timeout=5)
+            second = pool.submit(httpx.post, url + "/v1/completions", json=body, timeout=5)
+            waiting = 'vllm:num_requests_waiting{model_name="m"} 1.0'
+            deadline = time.monotonic() + 5
+            while waiting not in c.get(url + "/metrics").text:
+                assert time.monotonic() < deadline, "the second request never waited"
+                time.sleep(0.01)
+            assert [first.result().status_code, second.result().status_code] == [200, 200]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=5) == 0
+    finally:
+        _kill(proc)
+
+
+def test_node_cli_refuses_a_bad_max_num_seqs() -> None:
+    proc = _spawn("-m", "sim.node", "--port", "0", "--max-num-seqs", "0", stdin=subprocess.DEVNULL)
+    try:
+        assert proc.wait(timeout=10) == 2
+        assert proc.stderr is not None and "max_num_seqs must be at least 1" in proc.stderr.read()
     finally:
         _kill(proc)

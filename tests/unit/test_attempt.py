@@ -12,7 +12,6 @@ from attempt import (
     MAX_RETRY_AFTER_S,
     Attempt,
     Head,
-    error_kind,
     judge,
     no_response,
     parse_retry_after,
@@ -127,23 +126,6 @@ def test_no_response_always_fails_over(kind):
     a = no_response(8, kind, 99.5)
     assert a == Attempt(8, "failover", kind, None, 99.5, None)
     assert a.node_failed
-
-
-@pytest.mark.parametrize(
-    ("message", "kind"),
-    [
-        ("Network connection lost.", "refused"),
-        ("connect ECONNREFUSED 127.0.0.1:9", "refused"),
-        ("Connection refused", "refused"),
-        ("TypeError: Failed to connect", "refused"),
-        ("internal error; reference = abc", "error"),
-        ("DNS lookup failed", "error"),
-        ("TLS handshake failure", "error"),
-        ("", "error"),
-    ],
-)
-def test_error_kind(message, kind):
-    assert error_kind(message) == kind
 
 
 # ---- Attempt ---------------------------------------------------------------------------

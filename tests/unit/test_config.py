@@ -1,6 +1,7 @@
 """config.py: the Worker's vars and secrets -> GatewayConfig (endpoint verdicts and ROUTES
-come from heady_shared, tested in test_shared.py; here: how load_config uses them, numbers
-within their declared bounds, keys, flags, tokens, paths)."""
+come from heady_shared, tested in test_shared_*.py; every number's declared bounds, in
+test_settings.py; here: the defaults, how load_config uses the shared verdicts, keys, flags,
+tokens, paths, the cooldown cap and the per-role time-outs). The fleet's env: conftest.py."""
 
 from __future__ import annotations
 
@@ -11,23 +12,13 @@ from hypothesis import strategies as st
 from config import load_config
 from heady_shared.endpoints import parse_endpoint
 from heady_shared.routes import DEFAULT_POOLS, NODE_NUMBERS, Pool, endpoint_key, parse_routes
-from settings import BY_NAME, CONFIG_KEYS, SETTINGS
-
-
-def full_env(**extra: str | None) -> dict[str, str | None]:
-    env: dict[str, str | None] = {
-        f"COLAB_ENDPOINT_{n}": f"https://node{n}.example" for n in NODE_NUMBERS
-    }
-    env["GATEWAY_API_KEYS"] = "k1"
-    env.update(extra)
-    return env
-
+from settings import CONFIG_KEYS
 
 # ---- load_config -----------------------------------------------------------------------
 
 
-def test_defaults():
-    cfg = load_config(full_env())
+def test_defaults(fleet):
+    cfg = fleet
     assert cfg.problems == () and cfg.fatal == ()
     assert [n.number for n in cfg.nodes] == list(NODE_NUMBERS)
     assert all(n.usable and n.config == "configured" for n in cfg.nodes)
@@ -66,8 +57,8 @@ def test_empty_env_never_raises_and_reports_nothing_fatal():
     assert cfg.problems == ()
 
 
-def test_invalid_endpoint_is_a_problem_without_the_url():
-    cfg = load_config(full_env(COLAB_ENDPOINT_3="https://user:topsecret@tunnel.example"))
+def test_invalid_endpoint_is_a_problem_without_the_url(fleet_env):
+    cfg = load_config(fleet_env(COLAB_ENDPOINT_3="https://user:topsecret@tunnel.example"))
     node = cfg.node(3)
     assert node.config == "invalid" and not node.usable and node.base_url is None
     assert "credentials" in node.reason
@@ -85,14 +76,14 @@ def test_invalid_endpoint_is_a_problem_without_the_url():
         ("https://node3.example/a%20b", "percent-encoded"),
     ],
 )
-def test_endpoints_the_shared_verdict_rejects_are_invalid_nodes(raw, reason):
-    cfg = load_config(full_env(COLAB_ENDPOINT_3=raw))
+def test_endpoints_the_shared_verdict_rejects_are_invalid_nodes(raw, reason, fleet_env):
+    cfg = load_config(fleet_env(COLAB_ENDPOINT_3=raw))
     assert not cfg.node(3).usable and reason in cfg.node(3).reason
     assert cfg.problems == (f"COLAB_ENDPOINT_3: {cfg.node(3).reason}",)
 
 
-def test_loopback_http_is_a_usable_node():
-    cfg = load_config(full_env(COLAB_ENDPOINT_3="http://127.0.0.1:8003/"))
+def test_loopback_http_is_a_usable_node(fleet_env):
+    cfg = load_config(fleet_env(COLAB_ENDPOINT_3="http://127.0.0.1:8003/"))
     assert cfg.node(3).usable and cfg.node(3).base_url == "http://127.0.0.1:8003"
     assert cfg.problems == ()
 
@@ -126,17 +117,17 @@ def test_every_node_carries_the_shared_endpoint_verdict(env):
     assert cfg.problems == tuple(f"{endpoint_key(n.number)}: {n.reason}" for n in invalid)
 
 
-def test_routes_var_sets_the_pools():
+def test_routes_var_sets_the_pools(fleet_env):
     raw = '{"roles": {"chat": [2, 5], "embed": [6]}, "fallback": [8]}'
-    cfg = load_config(full_env(ROUTES=raw))
+    cfg = load_config(fleet_env(ROUTES=raw))
     assert cfg.pools == parse_routes(raw)[0]
     assert cfg.roles == ("chat", "embed")
     assert cfg.pools["chat"] == Pool("chat", (2, 5), (8,))
     assert cfg.fatal == ()
 
 
-def test_bad_routes_are_fatal():
-    cfg = load_config(full_env(ROUTES='{"roles": {"code": [3, 9]}}'))
+def test_bad_routes_are_fatal(fleet_env):
+    cfg = load_config(fleet_env(ROUTES='{"roles": {"code": [3, 9]}}'))
     assert cfg.pools == {}
     assert cfg.roles == ()
     assert len(cfg.fatal) == 1 and "ROUTES.roles.code" in cfg.fatal[0] and "9" in cfg.fatal[0]
@@ -154,12 +145,12 @@ def test_bad_routes_are_fatal():
         (" , \n ", ()),
     ],
 )
-def test_api_keys_parsing(raw, keys):
-    assert load_config(full_env(GATEWAY_API_KEYS=raw)).api_keys == keys
+def test_api_keys_parsing(raw, keys, fleet_env):
+    assert load_config(fleet_env(GATEWAY_API_KEYS=raw)).api_keys == keys
 
 
-def test_api_keys_unset():
-    env = full_env()
+def test_api_keys_unset(fleet_env):
+    env = fleet_env(GATEWAY_API_KEYS="k1")
     del env["GATEWAY_API_KEYS"]
     assert load_config(env).api_keys == ()
 
@@ -180,8 +171,8 @@ def test_api_keys_unset():
         (None, False),
     ],
 )
-def test_auth_disabled_flag(raw, expected):
-    assert load_config(full_env(AUTH_DISABLED=raw)).auth_disabled is expected
+def test_auth_disabled_flag(raw, expected, fleet_env):
+    assert load_config(fleet_env(AUTH_DISABLED=raw)).auth_disabled is expected
 
 
 @pytest.mark.parametrize(
@@ -194,101 +185,35 @@ def test_auth_disabled_flag(raw, expected):
         (None, None),
     ],
 )
-def test_node_token_accepted(raw, token):
-    cfg = load_config(full_env(NODE_TOKEN=raw))
+def test_node_token_accepted(raw, token, fleet_env):
+    cfg = load_config(fleet_env(NODE_TOKEN=raw))
     assert cfg.node_token == token
     assert not any("NODE_TOKEN" in p for p in cfg.problems)
 
 
 @pytest.mark.parametrize("raw", ["to\nken", "to\rken", "tök", "tok\x00en", "tok\x7f", "tok€"])
-def test_node_token_with_bad_chars_is_dropped_and_reported(raw):
-    cfg = load_config(full_env(NODE_TOKEN=raw))
+def test_node_token_with_bad_chars_is_dropped_and_reported(raw, fleet_env):
+    cfg = load_config(fleet_env(NODE_TOKEN=raw))
     assert cfg.node_token is None
     problems = [p for p in cfg.problems if p.startswith("NODE_TOKEN")]
     assert len(problems) == 1
     assert raw.strip() not in problems[0]  # the secret is not quoted
 
 
-NUMBERS = [
-    # name, attribute getter, default, lo, hi
-    ("ATTEMPT_TIMEOUT_S", lambda c: c.timeouts.attempt_s, 120.0, 1, 3600),
-    ("DEADLINE_S", lambda c: c.timeouts.deadline_s, 900.0, 1, 7200),
-    ("COOLDOWN_BASE_S", lambda c: c.health.cooldown_base_s, 30.0, 1, 3600),
-    ("STABLE_AFTER_S", lambda c: c.health.stable_after_s, 1800.0, 0, 86400),
-    ("HEALTH_REFRESH_S", lambda c: c.health.refresh_s, 30.0, 1, 3600),
-    ("KV_MIN_WRITE_INTERVAL_S", lambda c: c.health.min_write_interval_s, 120.0, 1, 86400),
-    ("PROBE_TIMEOUT_S", lambda c: c.health.probe_timeout_s, 5.0, 0.5, 60),
-    ("PROBE_UP_EVERY_S", lambda c: c.health.probe_up_every_s, 1800.0, 60, 86400),
-    ("KV_TIMEOUT_S", lambda c: c.health.kv_timeout_s, 1.0, 0.05, 30),
-    ("UPLOAD_TIMEOUT_S", lambda c: c.timeouts.upload_s, 60.0, 1, 3600),
-    ("MAX_BODY_BYTES", lambda c: c.max_body_bytes, 10 * 1024 * 1024, 0, 100 * 1024 * 1024),
-    ("MAX_ATTEMPTS", lambda c: c.max_attempts, 4, 1, 8),
-]
-
-
-def test_numbers_table_matches_the_declared_settings():
-    # every numeric setting is checked here (COOLDOWN_MAX_S has its own tests: it is tied
-    # to the base), with the default and bounds settings.py declares
-    declared = {s.name for s in SETTINGS if s.kind == "number"}
-    assert {row[0] for row in NUMBERS} | {"COOLDOWN_MAX_S"} == declared
-    for name, _, default, lo, hi in NUMBERS:
-        spec = BY_NAME[name]
-        assert (spec.default, spec.lo, spec.hi) == (default, lo, hi), name
-
-
-@pytest.mark.parametrize(("name", "get", "default", "lo", "hi"), NUMBERS)
-def test_numbers_in_range_are_used(name, get, default, lo, hi):
-    for value in (lo, hi):
-        cfg = load_config(full_env(**{name: f" {value} ", "COOLDOWN_MAX_S": "86400"}))
-        assert get(cfg) == value
-        assert cfg.problems == ()
-
-
-@pytest.mark.parametrize(("name", "get", "default", "lo", "hi"), NUMBERS)
-def test_numbers_out_of_range_are_reported_and_defaulted(name, get, default, lo, hi):
-    for raw in (str(lo - 1 if lo >= 1 else lo - 0.25), str(hi + 1), "-5", "1e999", "nan", "inf"):
-        cfg = load_config(full_env(**{name: raw}))
-        assert get(cfg) == default, (name, raw)
-        (problem,) = cfg.problems
-        assert problem.startswith(f"{name}:")
-        assert "outside" in problem and "using" in problem
-
-
-@pytest.mark.parametrize(("name", "get", "default", "lo", "hi"), NUMBERS)
-def test_numbers_not_numeric_are_reported_and_defaulted(name, get, default, lo, hi):
-    cfg = load_config(full_env(**{name: "ten"}))
-    assert get(cfg) == default
-    (problem,) = cfg.problems
-    assert problem.startswith(f"{name}:") and "'ten' is not a number" in problem
-
-
-@pytest.mark.parametrize(("name", "get", "default", "lo", "hi"), NUMBERS)
-def test_numbers_blank_is_default_silently(name, get, default, lo, hi):
-    cfg = load_config(full_env(**{name: "  "}))
-    assert get(cfg) == default
-    assert cfg.problems == ()
-
-
-def test_integer_settings_are_ints():
-    cfg = load_config(full_env(MAX_ATTEMPTS="2.9", MAX_BODY_BYTES="1024.5"))
+def test_integer_settings_are_ints(fleet_env):
+    cfg = load_config(fleet_env(MAX_ATTEMPTS="2.9", MAX_BODY_BYTES="1024.5"))
     assert cfg.max_attempts == 2 and isinstance(cfg.max_attempts, int)
     assert cfg.max_body_bytes == 1024 and isinstance(cfg.max_body_bytes, int)
 
 
-def test_cooldown_cap_below_base_uses_base():
-    cfg = load_config(full_env(COOLDOWN_BASE_S="100", COOLDOWN_MAX_S="50"))
+def test_cooldown_cap_below_base_uses_base(fleet_env):
+    cfg = load_config(fleet_env(COOLDOWN_BASE_S="100", COOLDOWN_MAX_S="50"))
     assert cfg.health.cooldown_base_s == 100 and cfg.health.cooldown_max_s == 100
     assert any("COOLDOWN_MAX_S is below COOLDOWN_BASE_S" in p for p in cfg.problems)
 
 
-def test_cooldown_cap_range():
-    cfg = load_config(full_env(COOLDOWN_MAX_S="86401"))
-    assert cfg.health.cooldown_max_s == 600.0
-    assert any(p.startswith("COOLDOWN_MAX_S:") for p in cfg.problems)
-
-
-def test_role_timeouts():
-    cfg = load_config(full_env(ROLE_TIMEOUTS_S='{"code": 30, "batch": 1200.5}'))
+def test_role_timeouts(fleet_env):
+    cfg = load_config(fleet_env(ROLE_TIMEOUTS_S='{"code": 30, "batch": 1200.5}'))
     assert cfg.timeouts.per_role_attempt_s == {"code": 30.0, "batch": 1200.5}
     assert cfg.timeouts.attempt_for("code") == 30.0
     assert cfg.timeouts.attempt_for("vision") == 120.0
@@ -302,15 +227,15 @@ def test_role_timeouts():
         ("[1]", "ROLE_TIMEOUTS_S: expected an object"),
     ],
 )
-def test_role_timeouts_bad_shape_uses_defaults(raw, fragment):
-    cfg = load_config(full_env(ROLE_TIMEOUTS_S=raw))
+def test_role_timeouts_bad_shape_uses_defaults(raw, fragment, fleet_env):
+    cfg = load_config(fleet_env(ROLE_TIMEOUTS_S=raw))
     assert cfg.timeouts.per_role_attempt_s == {"batch": 600.0}
     assert any(fragment in p for p in cfg.problems)
 
 
 @pytest.mark.parametrize("value", ["0", "3601", "true", '"30"', "null", "-1"])
-def test_role_timeouts_bad_values_are_ignored(value):
-    cfg = load_config(full_env(ROLE_TIMEOUTS_S='{"code": ' + value + ', "vision": 10}'))
+def test_role_timeouts_bad_values_are_ignored(value, fleet_env):
+    cfg = load_config(fleet_env(ROLE_TIMEOUTS_S='{"code": ' + value + ', "vision": 10}'))
     assert cfg.timeouts.per_role_attempt_s == {"vision": 10.0}
     assert cfg.problems == ("ROLE_TIMEOUTS_S.code: expected seconds 1..3600; ignored",)
 
@@ -322,14 +247,15 @@ def test_role_timeouts_bad_values_are_ignored(value):
         ("/healthz", "/healthz", False),
         (" /v1/models ", "/v1/models", False),
         ("", "/health", False),
+        ("   ", "/health", False),  # blank is unset, as for every other setting
         ("health", "/health", True),
         ("//evil.example/x", "/health", True),
         ("/a/../b", "/health", True),
         ("https://other.example/health", "/health", True),
     ],
 )
-def test_health_path(raw, path, problem):
-    cfg = load_config(full_env(HEALTH_PATH=raw))
+def test_health_path(raw, path, problem, fleet_env):
+    cfg = load_config(fleet_env(HEALTH_PATH=raw))
     assert cfg.health.probe_path == path
     assert any(p.startswith("HEALTH_PATH") for p in cfg.problems) is problem
 
@@ -343,10 +269,11 @@ def test_health_path(raw, path, problem):
         ("/stats", "/stats", False),
         ("metrics", "/metrics", True),
         ("/../metrics", "/metrics", True),
+        ("//evil.example/metrics", "/metrics", True),  # the same rule as HEALTH_PATH
     ],
 )
-def test_metrics_path(raw, path, problem):
-    cfg = load_config(full_env(METRICS_PATH=raw))
+def test_metrics_path(raw, path, problem, fleet_env):
+    cfg = load_config(fleet_env(METRICS_PATH=raw))
     assert cfg.health.metrics_path == path
     assert any(p.startswith("METRICS_PATH") for p in cfg.problems) is problem
 
@@ -362,8 +289,8 @@ def test_metrics_path(raw, path, problem):
         ("https://a.example/, https://b.example", ("https://a.example", "https://b.example")),
     ],
 )
-def test_cors_origins(raw, origins):
-    assert load_config(full_env(CORS_ORIGINS=raw)).cors_origins == origins
+def test_cors_origins(raw, origins, fleet_env):
+    assert load_config(fleet_env(CORS_ORIGINS=raw)).cors_origins == origins
 
 
 @pytest.mark.parametrize(
@@ -388,16 +315,16 @@ def test_cors_origins(raw, origins):
         (",,", ("/v1/",), 1),
     ],
 )
-def test_upstream_paths(raw, paths, problems):
-    cfg = load_config(full_env(UPSTREAM_PATHS=raw))
+def test_upstream_paths(raw, paths, problems, fleet_env):
+    cfg = load_config(fleet_env(UPSTREAM_PATHS=raw))
     assert cfg.upstream_paths == paths
     found = [p for p in cfg.problems if p.startswith("UPSTREAM_PATHS")]
     assert len(found) == problems, found
     assert cfg.fatal == ()
 
 
-def test_upstream_paths_problem_quotes_a_bounded_item():
-    cfg = load_config(full_env(UPSTREAM_PATHS="/v1/," + "x" * 500))
+def test_upstream_paths_problem_quotes_a_bounded_item(fleet_env):
+    cfg = load_config(fleet_env(UPSTREAM_PATHS="/v1/," + "x" * 500))
     (problem,) = cfg.problems
     assert "x" * 40 in problem and "x" * 41 not in problem
 
@@ -429,20 +356,20 @@ def test_load_config_never_raises_and_values_stay_in_range(env):
         assert cfg.pools
 
 
-def test_role_timeouts_pathological_json_is_a_problem_not_an_exception():
-    cfg = load_config(full_env(ROLE_TIMEOUTS_S="[" * 100_000))
+def test_role_timeouts_pathological_json_is_a_problem_not_an_exception(fleet_env):
+    cfg = load_config(fleet_env(ROLE_TIMEOUTS_S="[" * 100_000))
     assert cfg.timeouts.per_role_attempt_s == {"batch": 600.0}
     assert any("ROLE_TIMEOUTS_S: not valid JSON" in p for p in cfg.problems)
 
 
 @pytest.mark.parametrize("n", NODE_NUMBERS)
-def test_each_slot_reads_its_own_secret(n):
-    env = full_env(**{f"COLAB_ENDPOINT_{n}": "https://only-this.example/p/"})
+def test_each_slot_reads_its_own_secret(n, fleet_env):
+    env = fleet_env(**{f"COLAB_ENDPOINT_{n}": "https://only-this.example/p/"})
     cfg = load_config(env)
     assert cfg.node(n).number == n
     assert cfg.node(n).base_url == "https://only-this.example/p"
     others = [m for m in NODE_NUMBERS if m != n]
     assert all(cfg.node(m).base_url == f"https://node{m}.example" for m in others)
-    bad = load_config(full_env(**{f"COLAB_ENDPOINT_{n}": "https://x.example?q=1"}))
+    bad = load_config(fleet_env(**{f"COLAB_ENDPOINT_{n}": "https://x.example?q=1"}))
     assert [m.number for m in bad.nodes if not m.usable] == [n]
     assert bad.problems == (f"COLAB_ENDPOINT_{n}: URL must not carry a query or fragment",)

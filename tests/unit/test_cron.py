@@ -1,6 +1,6 @@
-"""cron.py: sparse probe scheduling (the cron period itself is in test_shared.py), what a
+"""cron.py: sparse probe scheduling (the cron period itself is in test_shared_schedule.py), what a
 probe answer means (the failure rules, the load from a health body or the metrics path) and
-how answers fold into health."""
+how answers are recorded in health."""
 
 from __future__ import annotations
 
@@ -14,10 +14,11 @@ from hypothesis import strategies as st
 import health as hl
 from attempt import Head
 from config import load_config
-from cron import ProbeResult, fold, nodes_to_probe, probe, probe_all
+from cron import ProbeResult, nodes_to_probe, probe, probe_all, record_probes
 from heady_shared.routes import NODE_NUMBERS
 from heady_shared.schedule import cron_period_s
 from health import HealthState, HealthView
+from tests.unit.conftest import fleet_config
 
 SLOT = 1800.0
 BASE = 1_700_001_000.0 // SLOT * SLOT  # a slot boundary
@@ -25,11 +26,7 @@ NOW = BASE + 17.0
 
 
 def cfg(unusable=(), **extra):
-    env = {
-        f"COLAB_ENDPOINT_{n}": f"https://node{n}.example" for n in NODE_NUMBERS if n not in unusable
-    }
-    env.update(extra)
-    return load_config(env)
+    return fleet_config(slots=dict.fromkeys(unusable, "unconfigured"), **extra)
 
 
 CFG = cfg()
@@ -261,30 +258,30 @@ def test_probe_ms_never_negative_when_the_clock_steps_back():
     assert result.ms == 0.0
 
 
-# ---- fold: answers into health ------------------------------------------------------------------
+# ---- record_probes: answers into health ---------------------------------------------------
 
 
-def folded(old: HealthState | None, result: ProbeResult, now: float = NOW) -> HealthView:
+def recorded(old: HealthState | None, result: ProbeResult, now: float = NOW) -> HealthView:
     v = view({} if old is None else {result.node: old})
-    fold(v, [result], now, CFG)
+    record_probes(v, [result], now, CFG)
     return v
 
 
 def test_first_success_on_an_unknown_node_is_up_but_not_news():
-    v = folded(None, ProbeResult(3, True, "ok", 12.0))
+    v = recorded(None, ProbeResult(3, True, "ok", 12.0))
     h = v.get(3)
     assert (h.state, h.since, h.latency_ms, h.checked_at, h.at) == ("up", NOW, 12.0, NOW, NOW)
     assert not v.dirty  # an unknown node is tried anyway: nothing to share
 
 
 def test_first_success_with_a_load_is_worth_sharing():
-    v = folded(None, ProbeResult(3, True, "ok", 12.0, 5))
+    v = recorded(None, ProbeResult(3, True, "ok", 12.0, 5))
     assert (v.get(3).load, v.get(3).load_at) == (5, NOW)
     assert v.dirty
 
 
 def test_failure_marks_down_with_the_base_cooldown():
-    v = folded(up(), ProbeResult(3, False, "tunnel_down"))
+    v = recorded(up(), ProbeResult(3, False, "tunnel_down"))
     h = v.get(3)
     assert (h.state, h.reason, h.failures) == ("down", "tunnel_down", 1)
     assert h.until == NOW + POLICY.cooldown_base_s
@@ -293,13 +290,13 @@ def test_failure_marks_down_with_the_base_cooldown():
 
 
 def test_failure_on_an_unknown_node_marks_it_down():
-    v = folded(None, ProbeResult(5, False, "refused"))
+    v = recorded(None, ProbeResult(5, False, "refused"))
     assert v.is_down(5, NOW) and v.dirty
 
 
 def test_failure_while_cooling_down_changes_nothing_worth_sharing():
     old = HealthState("down", since=NOW - 10, until=NOW + 20, failures=2, reason="busy", at=NOW)
-    v = folded(old, ProbeResult(3, False, "timeout"))
+    v = recorded(old, ProbeResult(3, False, "timeout"))
     h = v.get(3)
     assert (h.state, h.until, h.failures, h.reason) == ("down", NOW + 20, 2, "busy")
     assert h.checked_at == NOW
@@ -308,7 +305,7 @@ def test_failure_while_cooling_down_changes_nothing_worth_sharing():
 
 def test_failure_after_an_expired_cooldown_grows_the_next_one():
     old = HealthState("down", since=NOW - 100, until=NOW - 1, failures=2, at=NOW - 100)
-    v = folded(old, ProbeResult(3, False, "timeout"))
+    v = recorded(old, ProbeResult(3, False, "timeout"))
     h = v.get(3)
     assert h.failures == 3 and h.until == NOW + hl.cooldown_s(3, POLICY)
     assert v.dirty
@@ -316,7 +313,7 @@ def test_failure_after_an_expired_cooldown_grows_the_next_one():
 
 def test_success_on_a_down_node_brings_it_up():
     old = HealthState("down", since=NOW - 100, until=NOW + 50, failures=2, at=NOW - 100)
-    v = folded(old, ProbeResult(3, True, "ok", 8.0, 1))
+    v = recorded(old, ProbeResult(3, True, "ok", 8.0, 1))
     h = v.get(3)
     assert (h.state, h.since, h.until, h.reason, h.load) == ("up", NOW, None, None, 1)
     assert v.dirty
@@ -328,7 +325,7 @@ def test_success_on_a_down_node_brings_it_up():
 )
 def test_an_up_node_is_worth_sharing_only_when_its_load_changed(old_load, new_load, dirty):
     old = up(load=old_load, load_at=None if old_load is None else BASE)
-    v = folded(old, ProbeResult(3, True, "ok", 9.0, new_load))
+    v = recorded(old, ProbeResult(3, True, "ok", 9.0, new_load))
     h = v.get(3)
     assert h.state == "up" and h.latency_ms == 9.0 and h.checked_at == NOW
     # an unreadable load keeps the last known one (and its age)
@@ -339,7 +336,7 @@ def test_an_up_node_is_worth_sharing_only_when_its_load_changed(old_load, new_lo
 def test_fold_touches_only_the_probed_nodes():
     other = up(load=2, load_at=BASE)
     v = view({4: other})
-    fold(v, [ProbeResult(3, False, "refused")], NOW, CFG)
+    record_probes(v, [ProbeResult(3, False, "refused")], NOW, CFG)
     assert v.get(4) == other and set(v.nodes) == {3, 4}
 
 
@@ -427,12 +424,12 @@ def test_every_probed_node_ends_up_or_down_by_its_answer(by_node, before, schedu
 def test_a_new_model_id_is_worth_sharing_and_a_known_one_is_not():
     view = HealthView()
     cfg = load_config({})
-    fold(view, [ProbeResult(3, True, "ok", 5.0, None, "org/m-7b")], NOW, cfg)
+    record_probes(view, [ProbeResult(3, True, "ok", 5.0, None, "org/m-7b")], NOW, cfg)
     assert view.get(3).model == "org/m-7b"
     view.dirty = False
-    fold(view, [ProbeResult(3, True, "ok", 5.0, None, "org/m-7b")], NOW + 1, cfg)
+    record_probes(view, [ProbeResult(3, True, "ok", 5.0, None, "org/m-7b")], NOW + 1, cfg)
     assert not view.dirty
-    fold(view, [ProbeResult(3, True, "ok", 5.0, None, None)], NOW + 2, cfg)
+    record_probes(view, [ProbeResult(3, True, "ok", 5.0, None, None)], NOW + 2, cfg)
     assert view.get(3).model == "org/m-7b" and not view.dirty  # no answer keeps what we knew
-    fold(view, [ProbeResult(3, True, "ok", 5.0, None, "org/m-14b")], NOW + 3, cfg)
+    record_probes(view, [ProbeResult(3, True, "ok", 5.0, None, "org/m-14b")], NOW + 3, cfg)
     assert view.get(3).model == "org/m-14b" and view.dirty

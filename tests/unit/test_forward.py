@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pytest
 from hypothesis import given, settings
@@ -14,12 +14,14 @@ from hypothesis import strategies as st
 
 import health as hl
 from attempt import Attempt, Head, judge
-from config import HealthPolicy, load_config
-from forward import MIN_ATTEMPT_S, Forwarded, cut, forward, retry_after
+from config import HealthPolicy
+from forward import MIN_ATTEMPT_S, Budget, ForwardResult, cut, forward, retry_after
 from heady_shared.failures import match
 from heady_shared.routes import NODE_NUMBERS, Pool
 from health import HealthState, HealthView
 from routing import Plan, make_plan
+from sync import HealthSync
+from tests.unit.conftest import fleet_config
 
 T0 = 1_700_000_000.0
 POLICY = HealthPolicy()  # cooldown base 30 s, cap 600 s
@@ -60,7 +62,8 @@ class Call:
 
 @dataclass
 class FakeUpstream:
-    """forward.Upstream with scripted per-node results; records every call and discard."""
+    """forward.Upstream with scripted per-node results; records every call and discard. A
+    head's `response` (the shell's JS response) is here the number of the node it came from."""
 
     clock: Clock
     script: dict[int, Step]
@@ -79,10 +82,17 @@ class FakeUpstream:
             self.clock.t += step.took_s
             result = step.result
         call.ended = self.clock.t
-        return result
+        return replace(result, response=node) if isinstance(result, Head) else result
 
-    def discard(self, node: int) -> None:
-        self.discarded.append(node)
+    def discard(self, head: Head) -> None:
+        self.discarded.append(head.response)
+
+
+def health_sync(view: HealthView, policy: HealthPolicy = POLICY) -> HealthSync:
+    """The isolate's node health as forward() sees it: this view under this policy."""
+    sync = HealthSync(policy)
+    sync.view = view
+    return sync
 
 
 def plan_of(*nodes: int, pair: tuple[int, ...] | None = None) -> Plan:
@@ -98,7 +108,7 @@ def run(
     deadline_in: float = 900.0,
     clock: Clock | None = None,
     policy: HealthPolicy = POLICY,
-) -> tuple[Forwarded, FakeUpstream, HealthView]:
+) -> tuple[ForwardResult, FakeUpstream, HealthView]:
     clock = clock or Clock()
     view = view if view is not None else HealthView()
     upstream = FakeUpstream(clock, script)
@@ -106,11 +116,8 @@ def run(
         forward(
             plan,
             upstream,
-            view,
-            policy,
-            attempt_s=attempt_s,
-            deadline=clock.t + deadline_in,
-            clock=clock,
+            health_sync(view, policy),
+            Budget(clock, clock.t + deadline_in, attempt_s),
         )
     )
     return result, upstream, view
@@ -122,6 +129,7 @@ def run(
 def test_first_node_answers():
     result, up, view = run(plan_of(3, 4, 1, 2), {3: Step(ok(), 0.25)})
     assert (result.node, result.head, result.client_gone) == (3, ok(), False)
+    assert result.response == 3  # the chosen head's own response travels with the result
     assert result.attempts == [Attempt(3, "pass", "ok", 200, 250.0)]
     assert [c.node for c in up.calls] == [3]
     assert up.discarded == []
@@ -324,7 +332,7 @@ def test_retry_after_reads_only_the_plan_nodes_still_cooling():
 def test_cut_marks_the_node_down_and_records_it():
     view = HealthView()
     view.nodes[3] = HealthState("up", since=T0 - 5000, at=T0 - 5000)
-    a = cut(3, view, POLICY, T0, 1234.56)
+    a = cut(3, health_sync(view), T0, 1234.56)
     assert a == Attempt(3, "cut", "upstream_disconnected", None, 1234.6)
     assert a.node_failed
     h = view.get(3)
@@ -333,7 +341,7 @@ def test_cut_marks_the_node_down_and_records_it():
 
 
 def test_cut_ms_never_negative():
-    assert cut(3, HealthView(), POLICY, T0, -7.0).ms == 0.0
+    assert cut(3, HealthSync(POLICY), T0, -7.0).ms == 0.0
 
 
 # ---- properties ------------------------------------------------------------------------------
@@ -376,7 +384,7 @@ def check_run(plan, script, before, attempt_s, deadline_in, start):
     deadline = start + deadline_in
     upstream = FakeUpstream(clock, script)
     result = asyncio.run(
-        forward(plan, upstream, view, POLICY, attempt_s=attempt_s, deadline=deadline, clock=clock)
+        forward(plan, upstream, health_sync(view), Budget(clock, deadline, attempt_s))
     )
     calls = upstream.calls
     tried = [c.node for c in calls]
@@ -412,6 +420,7 @@ def check_run(plan, script, before, attempt_s, deadline_in, start):
     elif passed:
         n = passed[0].node
         assert (result.node, result.head) == (n, script[n].result)
+        assert result.response == n  # the relayed response is the answering node's own
         assert isinstance(result.head, Head)
         assert match(result.head.status, result.head.fields) is None
         assert result.retry_after_s is None
@@ -464,7 +473,7 @@ def test_attempt_loop_properties(plan, script, before, attempt_s, deadline_in, s
     check_run(plan, script, before, attempt_s, deadline_in, start)
 
 
-CFG = load_config({f"COLAB_ENDPOINT_{n}": f"https://node{n}.example" for n in NODE_NUMBERS})
+CFG = fleet_config()
 
 
 @given(

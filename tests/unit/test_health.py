@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from config import HealthPolicy
+from heady_shared.metrics import MAX_LOAD, WAITING, queue_depth
 from health import (
     FORGET_AFTER_S,
     KV_KEY,
@@ -19,7 +20,6 @@ from health import (
     MAX_COOLDOWN_S,
     MAX_FAILURES,
     MAX_LATENCY_MS,
-    MAX_LOAD,
     MIN_KV_TTL_S,
     RECORD_VERSION,
     HealthState,
@@ -556,7 +556,7 @@ def test_event_sequences_keep_the_state_sane(seq):
         assert h.at <= t
 
 
-# ---- corrupt or hostile KV records (issue 9) -------------------------------------------
+# ---- corrupt or hostile KV records: decoded safely -------------------------------------------
 
 JS_SAFE = 2**53  # beyond this a Python int crosses into JS as a BigInt
 
@@ -771,11 +771,31 @@ def test_decode_of_any_json_gives_what_encode_accepts(nodes, written_at, now):
     assert_writable(records, now)
 
 
-@given(st.dictionaries(st.integers(1, 8), wild_record, max_size=8), st.floats(allow_nan=False))
+# A record decode can keep: a state and a recent `at`, every other field anything.
+live_record = st.fixed_dictionaries(
+    {"s": st.sampled_from(["up", "down", "unknown"]), "at": st.floats(NOW - 100_000, NOW + 100)},
+    optional={k: wild_numbers | wild_json for k in FIELDS if k not in ("s", "at")},
+)
+
+
+@given(
+    st.dictionaries(st.integers(1, 8), wild_record | live_record, max_size=8),
+    st.floats(allow_nan=False) | st.floats(NOW - 10, NOW + 10),
+)
 @settings(max_examples=150, deadline=None)
 def test_decode_never_raises_on_any_text_shape(nodes, now):
+    """Any record shapes at any clock, with no write time: what comes back is only past,
+    recent, bounded records of the nodes given (what encode writes back unchanged), and no
+    write time."""
     raw = json.dumps({"v": 1, "nodes": {str(k): v for k, v in nodes.items()}})
-    decode(raw, now)
+    records, written_at = decode(raw, now)
+    assert written_at == 0.0
+    assert set(records) <= set(nodes)
+    for h in records.values():
+        assert 0 < h.at <= now and now - h.at < FORGET_AFTER_S
+        assert bounded(h, now) == h
+    if records:
+        assert_writable(records, now)
 
 
 @given(
@@ -807,6 +827,16 @@ def test_encode_never_emits_a_number_that_cannot_round_trip(h):
     back = decode(body, NOW)[0]
     expected = bounded(h, NOW)
     assert back == ({4: expected} if NOW - expected.at < FORGET_AFTER_S and expected.at else {})
+
+
+def test_every_load_a_probe_reads_survives_the_kv_record():
+    # one bound for a load: what a probe believes, the shared record keeps (and nothing more)
+    for reported, load in ((MAX_LOAD, MAX_LOAD), (MAX_LOAD + 1, None)):
+        assert queue_depth(f"{WAITING} {reported}\n", "text/plain") == load
+        v = HealthView()
+        v.nodes[3] = with_probe(HealthState("up", since=NOW, at=NOW), NOW, load, 5.0)
+        body, _ = encode(v, NOW)
+        assert decode(body, NOW)[0][3].load == load
 
 
 def test_the_model_id_round_trips_and_junk_is_dropped():

@@ -9,26 +9,16 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from config import load_config
 from heady_shared.routes import NODE_NUMBERS, Pool
 from health import LOAD_TTL_S, HealthState, HealthView
 from routing import Plan, make_plan
+from tests.unit.conftest import Slot, fleet_config
 
 NOW = 1_700_000_000.0
 
 
-def config(max_attempts: int = 4, states: dict[int, str] | None = None, **extra: str):
-    states = states or {}
-    env: dict[str, str] = {}
-    for n in NODE_NUMBERS:
-        state = states.get(n, "configured")
-        if state == "configured":
-            env[f"COLAB_ENDPOINT_{n}"] = f"https://node{n}.example"
-        elif state == "invalid":
-            env[f"COLAB_ENDPOINT_{n}"] = f"ftp://node{n}.example"
-    env["MAX_ATTEMPTS"] = str(max_attempts)
-    env.update(extra)
-    cfg = load_config(env)
+def config(max_attempts: int = 4, states: dict[int, Slot] | None = None, **extra: str):
+    cfg = fleet_config(slots=states, MAX_ATTEMPTS=str(max_attempts), **extra)
     assert cfg.fatal == ()
     return cfg
 

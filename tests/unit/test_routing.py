@@ -1,9 +1,9 @@
-"""routing.py: split_url, parse_route (and which node paths are forwarded), upstream_url,
-route_table."""
+"""routing.py: split_url, parse_route (and which node paths are forwarded, with no client key
+left in the query), upstream_url, route_table."""
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit
+from urllib.parse import quote, quote_plus, unquote, unquote_plus, urlsplit
 
 import pytest
 from hypothesis import given, settings
@@ -20,6 +20,7 @@ from routing import (
     path_allowed,
     route_table,
     split_url,
+    strip_key_params,
     upstream_url,
 )
 
@@ -332,3 +333,73 @@ def test_route_table():
         "code": {"pair": [3, 4], "fallback": [1, 2]},
         "embed": {"pair": [6], "fallback": []},
     }
+
+
+# ---- strip_key_params: a client key in the query never reaches a node --------------------
+
+KEYS = ("client-key-0123456789", "other-key")
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ("", ""),
+        ("a=1", "a=1"),
+        ("key=client-key-0123456789", ""),
+        ("api_key=other-key&stream=true", "stream=true"),
+        ("a=1&k=client-key-0123456789&b=2", "a=1&b=2"),
+        ("a=1&k=other-key&k2=client-key-0123456789", "a=1"),
+        ("client-key-0123456789", ""),  # the key alone, no name
+        ("k=client%2Dkey%2D0123456789", ""),  # percent-encoded
+        ("k=other+key", "k=other+key"),  # "+" is a space: "other key" is not a key
+        ("k=client-key-012345678", "k=client-key-012345678"),  # a prefix is not the key
+        ("k=client-key-01234567890", "k=client-key-01234567890"),
+        ("k=", "k="),
+        ("=client-key-0123456789", ""),
+        ("a=%20x&&b=%zz", "a=%20x&&b=%zz"),  # others keep their exact bytes, even odd ones
+        ("client-key-0123456789=1", "client-key-0123456789=1"),  # a name is not a value
+    ],
+)
+def test_strip_key_params(query, expected):
+    assert strip_key_params(query, KEYS) == expected
+
+
+def test_plus_as_space_is_also_compared():
+    assert strip_key_params("k=my+key&x=1", ("my key",)) == "x=1"
+
+
+def test_no_keys_keeps_the_query():
+    assert strip_key_params("k=client-key-0123456789", ()) == "k=client-key-0123456789"
+    assert strip_key_params("k=", ("",)) == "k="
+
+
+key_text = st.text(st.characters(min_codepoint=33, max_codepoint=0x2FF), min_size=1, max_size=20)
+param = st.tuples(st.text(st.characters(min_codepoint=97, max_codepoint=122), max_size=5), key_text)
+
+
+@given(st.lists(param, max_size=6), st.lists(key_text, min_size=1, max_size=3), st.data())
+@settings(max_examples=300, deadline=None)
+def test_no_key_survives_in_any_encoding(params, keys, data):
+    """Whatever the mix and encoding, no value equal to a key is left, and every other
+    parameter is kept exactly, in order. (A value counts as a key when any reading of it is
+    one: as sent, percent-decoded, or with "+" as a space.)"""
+    parts = []
+    expect = []
+    for name, value in params:
+        is_key = data.draw(st.booleans())
+        value = data.draw(st.sampled_from(keys)) if is_key else value
+        enc = data.draw(st.sampled_from([quote, quote_plus]))
+        part = f"{name}={enc(value, safe='')}"
+        parts.append(part)
+        raw = part.partition("=")[2]
+        if not {raw, unquote(raw), unquote_plus(raw)} & set(keys):
+            expect.append(part)
+        else:
+            assert value in keys or raw in keys or unquote(raw) in keys
+    assert strip_key_params("&".join(parts), keys) == "&".join(expect)
+
+
+def test_parse_route_strips_client_keys_from_the_query():
+    got = parse_route("GET", "/api/heavy/code/v1/models", "a=1&key=other-key", ROLES, keys=KEYS)
+    assert got == Route("code", "/v1/models", "a=1")
+    assert route("/api/heavy/code/v1/models", "a=1&key=other-key").query == "a=1&key=other-key"

@@ -1,13 +1,18 @@
 """settings.py is the one declaration of every setting: wrangler.toml's [vars] and the table
-in docs/configuration.md must say what it says, and load_config must honour its bounds."""
+in docs/configuration.md must say what it says, config's dataclasses default to what it
+declares, every row fills one config field, and load_config honours every declared bound."""
 
+import dataclasses
+import operator
 import tomllib
+import typing
 from pathlib import Path
 
 import pytest
 
 import settings
-from config import load_config
+from config import GatewayConfig, HealthPolicy, Timeouts, load_config
+from heady_shared.routes import NODE_NUMBERS
 
 ROOT = Path(__file__).resolve().parents[2]
 BEGIN, END = "<!-- settings:begin -->", "<!-- settings:end -->"
@@ -27,19 +32,58 @@ def test_docs_table_is_generated_from_the_declaration():
 
 
 def test_no_secret_has_a_default_or_sits_in_wrangler_toml():
+    secrets = [s for s in settings.SETTINGS if s.secret]
+    assert {s.name for s in secrets} >= {"GATEWAY_API_KEYS", "NODE_TOKEN", "COLAB_ENDPOINT_1"}
+    for s in secrets:
+        assert s.default is None and not s.in_wrangler, s.name
+
+
+def test_every_kind_has_one_parser():
+    assert set(settings.PARSERS) == set(typing.get_args(settings.Kind))
+
+
+def test_every_config_field_is_filled_by_exactly_one_setting():
+    own = {"nodes", "timeouts", "health", "problems", "fatal"}  # built by load_config itself
+    fields = [f"nodes.{n}" for n in NODE_NUMBERS]
+    fields += [f.name for f in dataclasses.fields(GatewayConfig) if f.name not in own]
+    fields += [f"timeouts.{f.name}" for f in dataclasses.fields(Timeouts)]
+    fields += [f"health.{f.name}" for f in dataclasses.fields(HealthPolicy)]
+    assert sorted(s.into for s in settings.SETTINGS) == sorted(fields)
+
+
+def test_an_unset_setting_is_its_declared_default_and_so_is_each_dataclass_default():
+    cfg = load_config({})
+    assert cfg.timeouts == Timeouts() and cfg.health == HealthPolicy()
     for s in settings.SETTINGS:
-        if s.kind == "secret":
-            assert s.default is None and not s.in_wrangler, s.name
+        if not s.into.startswith("nodes."):
+            assert operator.attrgetter(s.into)(cfg) == settings.DEFAULTS[s.name], s.name
+    # the [vars] wrangler.toml carries change nothing: they are the defaults, read cleanly
+    assert load_config(settings.wrangler_vars()) == cfg
 
 
-NUMBERS = [s for s in settings.SETTINGS if s.kind == "number"]
+BOUNDED = [s for s in settings.SETTINGS if s.kind in ("number", "integer")]
 
 
-@pytest.mark.parametrize("spec", NUMBERS, ids=lambda s: s.name)
-def test_every_number_falls_back_to_its_default_outside_its_bounds(spec):
-    for bad in (str(spec.hi * 2 + 1), str(spec.lo - 1), "nan", "abc"):
-        cfg = load_config({spec.name: bad})
-        assert any(p.startswith(spec.name + ":") for p in cfg.problems), (spec.name, bad)
+@pytest.mark.parametrize("spec", BOUNDED, ids=lambda s: s.name)
+def test_every_number_honours_its_declared_bounds(spec):
+    """Within lo..hi: used as given. Outside, or not a number: the default and one problem
+    naming the setting. Blank: the default, silently."""
+    value_of = operator.attrgetter(spec.into)
+    default = settings.DEFAULTS[spec.name]
+    room = {"COOLDOWN_BASE_S": "1", "COOLDOWN_MAX_S": "86400"}  # the cap may not sit below the base
     for good in (spec.lo, spec.hi):
-        problems = load_config({spec.name: str(good)}).problems
-        assert not [p for p in problems if p.startswith(spec.name + ":")], (spec.name, good)
+        cfg = load_config({**room, spec.name: f" {good} "})
+        assert value_of(cfg) == good and cfg.problems == (), good
+    below = spec.lo - 1 if spec.lo >= 1 else spec.lo - 0.25
+    for bad in (below, spec.hi + 1, spec.hi * 2 + 1, -5, "1e999", "nan", "inf"):
+        cfg = load_config({**room, spec.name: str(bad)})
+        assert value_of(cfg) == default, bad
+        (problem,) = cfg.problems
+        assert problem.startswith(f"{spec.name}:") and "outside" in problem and "using" in problem
+    for raw in ("ten", "abc"):
+        cfg = load_config({**room, spec.name: raw})
+        assert value_of(cfg) == default
+        (problem,) = cfg.problems
+        assert problem.startswith(f"{spec.name}:") and f"{raw!r} is not a number" in problem
+    cfg = load_config({**room, spec.name: "  "})
+    assert value_of(cfg) == default and cfg.problems == ()

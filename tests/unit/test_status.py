@@ -13,6 +13,7 @@ from config import load_config
 from heady_shared.routes import NODE_NUMBERS
 from health import LOAD_TTL_S, HealthState, HealthView
 from status import iso, status_body
+from tests.unit.conftest import fleet_env
 
 NOW = 1_700_000_000.0  # 2023-11-14T22:13:20Z
 NODE_KEYS = {
@@ -33,11 +34,9 @@ NODE_KEYS = {
 SECRETS = ("secret-tunnel", "tok-SECRET", "client-KEY")
 
 
-def env(**extra: str) -> dict[str, str]:
-    out = {f"COLAB_ENDPOINT_{n}": f"https://secret-tunnel-{n}.ngrok-free.app" for n in NODE_NUMBERS}
-    out |= {"NODE_TOKEN": "tok-SECRET", "GATEWAY_API_KEYS": "client-KEY"}
-    out |= extra
-    return out
+def env(**extra: str) -> dict[str, str | None]:
+    secrets = {"NODE_TOKEN": "tok-SECRET", "GATEWAY_API_KEYS": "client-KEY"}
+    return fleet_env("https://secret-tunnel-{n}.ngrok-free.app", **(secrets | extra))
 
 
 def body(view: HealthView | None = None, now: float = NOW, **extra: str) -> dict:

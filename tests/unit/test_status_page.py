@@ -1,5 +1,6 @@
-"""The status page module on CPython: what serve() answers, and that the page's CSP hashes,
-ETag and markup agree with the bytes it serves (recomputed here from the HTML itself)."""
+"""The status page module on CPython: what serve() answers, that the page's CSP hashes, ETag
+and markup agree with the bytes it serves (recomputed here from the HTML itself), and that
+those bytes are the files in src/status_page/ (the script is checked as the file it is)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,20 @@ import gzip
 import hashlib
 import json
 import re
+import tomllib
+from fnmatch import fnmatch
 from html.parser import HTMLParser
+from pathlib import Path
 
 import pytest
 
 import status_page as sp
 from heady_shared.failures import EXPLAIN
+
+PAGE_DIR = Path(sp.__file__).parent
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = (PAGE_DIR / "page.js").read_text()
+STYLE = (PAGE_DIR / "page.css").read_text()
 
 
 class _Scan(HTMLParser):
@@ -154,6 +163,51 @@ def test_markup_has_no_inline_handlers_style_attributes_or_external_resources() 
             assert "name" not in attrs and attrs.get("autocomplete") == "off"
 
 
+def _body_attrs() -> dict[str, str | None]:
+    return next(attrs for tag, attrs in _scan().tags if tag == "body")
+
+
+def test_the_page_inlines_its_script_and_style_files_verbatim() -> None:
+    scan = _scan()
+    # The template's newline after <script>/<style> belongs to the hashed text.
+    assert scan.scripts == ["\n" + SCRIPT]
+    assert scan.styles == ["\n" + STYLE]
+    assert "{{" not in sp.HTML.replace(SCRIPT, "").replace(STYLE, "")  # every slot filled
+
+
+def test_the_page_files_are_what_wrangler_and_the_harness_bundle_as_text() -> None:
+    rules = tomllib.loads((ROOT / "wrangler.toml").read_text())["rules"]
+    text_globs = [g for r in rules if r["type"] == "Text" for g in r["globs"]]
+    for name in ("page.html", "page.css", "page.js"):
+        assert any(fnmatch(f"status_page/{name}", g) for g in text_globs), name
+    assert not any(fnmatch("status_page/__init__.py", g) for g in text_globs)
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "<p>{{style}}{{script}}{{poll_ms}}{{poll_s}}</p>",  # one missing
+        "{{style}}{{script}}{{poll_ms}}{{poll_s}}{{explain}}{{style}}",  # one twice
+        "{{style}}{{script}}{{poll_ms}}{{poll_s}}{{explain}}{{nope}}",  # one unknown
+    ],
+)
+def test_a_template_slot_missing_repeated_or_unknown_fails_the_build(template: str) -> None:
+    slots = dict.fromkeys(("style", "script", "poll_ms", "poll_s", "explain"), "")
+    with pytest.raises(ValueError, match="slots"):
+        sp._fill(template, slots)
+
+
+def test_inserted_text_is_not_read_as_a_slot() -> None:
+    assert sp._fill("<{{a}}|{{b}}>", {"a": "{{b}}", "b": "x"}) == "<{{b}}|x>"
+
+
+def test_the_script_takes_shared_values_from_the_page_and_copies_none() -> None:
+    assert "Number(document.body.dataset.pollMs)" in SCRIPT
+    assert "JSON.parse(document.body.dataset.explain)" in SCRIPT
+    assert str(sp.POLL_MS) not in SCRIPT  # no fallback copy of the period
+    assert not any(text in SCRIPT for text in EXPLAIN.values())  # no copy of the explanations
+
+
 def test_page_basics_title_language_viewport_colour_scheme_and_poll_period() -> None:
     html = sp.HTML
     assert re.search(r"<title>Heady gateway &middot; cluster status</title>", html)
@@ -161,8 +215,8 @@ def test_page_basics_title_language_viewport_colour_scheme_and_poll_period() -> 
     assert 'name="viewport" content="width=device-width, initial-scale=1"' in html
     assert 'name="color-scheme" content="light dark"' in html
     assert "prefers-color-scheme:dark" in html
-    assert f'data-poll-ms="{sp.POLL_MS}"' in html
-    assert "{poll_s}" not in html and f"every {sp.POLL_MS // 1000} s" in html
+    assert _body_attrs()["data-poll-ms"] == str(sp.POLL_MS)
+    assert f"every {sp.POLL_MS // 1000} s" in html
 
 
 def test_page_is_ascii_and_small() -> None:
@@ -174,7 +228,7 @@ def test_page_is_ascii_and_small() -> None:
 
 
 def test_the_page_names_no_key_and_puts_nothing_in_a_url() -> None:
-    script = _scan().scripts[0]
+    script = SCRIPT
     # The only request is a header-authenticated fetch of /api/status.
     assert re.findall(r"fetch\(\"([^\"]*)\"", script) == ["/api/status"]
     assert "location" not in script and "history" not in script
@@ -183,7 +237,18 @@ def test_the_page_names_no_key_and_puts_nothing_in_a_url() -> None:
 
 
 def test_reason_explanations_are_the_ones_heady_probe_prints() -> None:
-    found = re.search(r"const EXPLAIN = (\{.*?\});\n", _scan().scripts[0])
-    assert found is not None
-    assert json.loads(found.group(1)) == EXPLAIN
-    assert "<" not in found.group(1)  # cannot close the <script> element
+    # The parser unescapes the attribute as a browser does; the script JSON.parses it.
+    attr = _body_attrs()["data-explain"]
+    assert attr is not None and json.loads(attr) == EXPLAIN
+
+
+def test_explanations_cannot_break_out_of_their_attribute(monkeypatch: pytest.MonkeyPatch) -> None:
+    hostile = {"x": "it's <b>&amp;</b> \"quoted\"'>"}
+    monkeypatch.setattr(sp, "EXPLAIN", hostile)
+    page, _ = sp._build()
+    s = _Scan()
+    s.feed(page)
+    s.close()
+    body = next(attrs for tag, attrs in s.tags if tag == "body")
+    assert json.loads(body["data-explain"] or "") == hostile
+    assert [t for t, _ in s.tags].count("b") == 0  # no markup escaped into the page

@@ -17,6 +17,7 @@ import pytest
 import health as hl
 from config import HealthPolicy
 from health import HealthState, HealthView
+from services import Services
 from sync import HealthSync
 
 T0 = 1_700_000_000.0
@@ -41,7 +42,7 @@ class Clock:
 
 
 class FakeStore:
-    """sync.HealthStore in memory. `read_s`/`write_s` delay the call (None: hang forever);
+    """storage.HealthStore in memory. `read_s`/`write_s` delay the call (None: hang forever);
     `ticks` makes every call last that many event-loop turns; `read_error`/`write_error` make
     it raise. Records how many calls were in flight at once."""
 
@@ -97,7 +98,8 @@ async def _delay(seconds: float | None) -> None:
 
 
 class Shell:
-    """What the Worker passes in: the clock, ctx.waitUntil and the log."""
+    """What the Worker passes in (as one Services per request): the store, the clock,
+    ctx.waitUntil and the log."""
 
     def __init__(self, clock: Clock | None = None) -> None:
         self.clock = clock or Clock()
@@ -114,14 +116,17 @@ class Shell:
         while self.tasks:
             await self.tasks.pop(0)
 
-    async def refresh(self, sync: HealthSync, store, policy=POLICY) -> None:
-        await sync.refresh(store, policy, self.clock, self.background, self.log)
+    def io(self, store) -> Services:
+        return Services(store, self.clock, self.background, self.log)
 
-    def maybe_flush(self, sync: HealthSync, store, policy=POLICY) -> None:
-        sync.maybe_flush(store, policy, self.clock, self.background, self.log)
+    async def refresh(self, sync: HealthSync, store) -> None:
+        await sync.refresh(self.io(store))
 
-    async def flush(self, sync: HealthSync, store, policy=POLICY) -> bool:
-        return await sync.flush(store, policy, self.clock, self.log)
+    def maybe_flush(self, sync: HealthSync, store) -> None:
+        sync.maybe_flush(self.io(store))
+
+    async def flush(self, sync: HealthSync, store) -> bool:
+        return await sync.flush(self.io(store))
 
 
 async def until_loaded(sync: HealthSync) -> None:
@@ -147,7 +152,7 @@ def down(n_until: float, at: float = T0) -> HealthState:
 
 def test_cold_refresh_waits_for_one_read():
     async def main():
-        shell, sync, store = Shell(), HealthSync(), FakeStore(record({3: DOWN3}))
+        shell, sync, store = Shell(), HealthSync(POLICY), FakeStore(record({3: DOWN3}))
         store.read_s = 0.01
         await shell.refresh(sync, store)
         assert store.reads == 1 and shell.tasks == []
@@ -161,7 +166,7 @@ def test_cold_refresh_waits_for_one_read():
 
 def test_concurrent_cold_refreshes_make_one_read():
     async def main():
-        shell, sync, store = Shell(), HealthSync(), FakeStore(record({3: DOWN3}))
+        shell, sync, store = Shell(), HealthSync(POLICY), FakeStore(record({3: DOWN3}))
         store.read_s = 0.02
         seen: dict[int, bool] = {}
 
@@ -181,7 +186,7 @@ def test_concurrent_cold_refreshes_make_one_read():
 
 def test_a_cancelled_cold_request_does_not_cancel_the_read():
     async def main():
-        shell, sync, store = Shell(), HealthSync(), FakeStore(record({3: DOWN3}))
+        shell, sync, store = Shell(), HealthSync(POLICY), FakeStore(record({3: DOWN3}))
         store.read_s = 0.02
         first = asyncio.ensure_future(shell.refresh(sync, store))
         await asyncio.sleep(0)
@@ -197,7 +202,7 @@ def test_a_cancelled_cold_request_does_not_cancel_the_read():
 
 def test_a_warm_fresh_view_reads_nothing():
     async def main():
-        shell, sync, store = Shell(), HealthSync(), FakeStore()
+        shell, sync, store = Shell(), HealthSync(POLICY), FakeStore()
         await shell.refresh(sync, store)
         shell.clock.t += POLICY.refresh_s - 0.001
         await shell.refresh(sync, store)
@@ -208,7 +213,7 @@ def test_a_warm_fresh_view_reads_nothing():
 
 def test_a_warm_stale_view_refreshes_once_in_the_background():
     async def main():
-        shell, sync, store = Shell(), HealthSync(), FakeStore()
+        shell, sync, store = Shell(), HealthSync(POLICY), FakeStore()
         await shell.refresh(sync, store)
         store.value = record({3: DOWN3})
         store.read_s = 0.02
@@ -229,7 +234,7 @@ def test_a_warm_stale_view_refreshes_once_in_the_background():
 
 def test_a_refresh_keeps_a_newer_local_observation():
     async def main():
-        shell, sync, store = Shell(), HealthSync(), FakeStore()
+        shell, sync, store = Shell(), HealthSync(POLICY), FakeStore()
         await shell.refresh(sync, store)
         mine = HealthState("up", since=T0 + 5, at=T0 + 5)
         sync.view.nodes[3] = mine
@@ -245,21 +250,21 @@ def test_a_refresh_keeps_a_newer_local_observation():
 
 def test_a_hung_read_is_given_up_and_routing_goes_on():
     async def main():
-        shell, sync, store = Shell(), HealthSync(), FakeStore()
+        shell, sync, store = Shell(), HealthSync(HUNG), FakeStore()
         store.read_s = None
         started = time.monotonic()
-        await shell.refresh(sync, store, HUNG)
+        await shell.refresh(sync, store)
         waited = time.monotonic() - started
         assert KV_TIMEOUT_S * 0.9 <= waited < KV_TIMEOUT_S + 2.0
         assert shell.logs == [{"msg": "kv_read_failed", "error": "timed out"}]
         assert sync.view.loaded_at == T0
         assert sync.view.nodes == {}
         # a sick KV is not re-read on every request: the refresh interval applies
-        await shell.refresh(sync, store, HUNG)
+        await shell.refresh(sync, store)
         assert store.reads == 1 and shell.tasks == []
         shell.clock.t += POLICY.refresh_s
         store.read_s = 0.0
-        await shell.refresh(sync, store, HUNG)
+        await shell.refresh(sync, store)
         await shell.drain()
         assert store.reads == 2 and sync.view.loaded_at == shell.clock.t
 
@@ -268,10 +273,10 @@ def test_a_hung_read_is_given_up_and_routing_goes_on():
 
 def test_concurrent_cold_refreshes_on_a_hung_kv_give_up_together():
     async def main():
-        shell, sync, store = Shell(), HealthSync(), FakeStore()
+        shell, sync, store = Shell(), HealthSync(HUNG), FakeStore()
         store.read_s = None
         started = time.monotonic()
-        await asyncio.gather(*(shell.refresh(sync, store, HUNG) for _ in range(10)))
+        await asyncio.gather(*(shell.refresh(sync, store) for _ in range(10)))
         assert time.monotonic() - started < KV_TIMEOUT_S + 2.0
         assert store.reads == 1
         assert [line["msg"] for line in shell.logs] == ["kv_read_failed"]
@@ -281,7 +286,7 @@ def test_concurrent_cold_refreshes_on_a_hung_kv_give_up_together():
 
 def test_a_failing_read_is_logged_with_its_error():
     async def main():
-        shell, sync, store = Shell(), HealthSync(), FakeStore()
+        shell, sync, store = Shell(), HealthSync(POLICY), FakeStore()
         store.read_error = RuntimeError("KV GET failed: 500 Internal Server Error")
         await shell.refresh(sync, store)
         assert shell.logs == [
@@ -297,9 +302,9 @@ def test_an_error_without_text_is_named_by_its_type_and_long_ones_are_cut():
         shell = Shell()
         store = FakeStore()
         store.read_error = ConnectionResetError()
-        await shell.refresh(HealthSync(), store)
+        await shell.refresh(HealthSync(POLICY), store)
         store.read_error = RuntimeError("x" * 5000)
-        await shell.refresh(HealthSync(), store)
+        await shell.refresh(HealthSync(POLICY), store)
         assert shell.logs[0]["error"] == "ConnectionResetError"
         assert shell.logs[1]["error"] == "x" * 200
 
@@ -308,7 +313,7 @@ def test_an_error_without_text_is_named_by_its_type_and_long_ones_are_cut():
 
 def test_garbage_in_kv_is_no_knowledge_not_an_error():
     async def main():
-        shell, sync, store = Shell(), HealthSync(), FakeStore("{not json")
+        shell, sync, store = Shell(), HealthSync(POLICY), FakeStore("{not json")
         await shell.refresh(sync, store)
         assert shell.logs == [] and sync.view.nodes == {} and sync.view.loaded_at == T0
 
@@ -317,7 +322,7 @@ def test_garbage_in_kv_is_no_knowledge_not_an_error():
 
 def test_no_kv_binding_routes_on_local_knowledge():
     async def main():
-        shell, sync = Shell(), HealthSync()
+        shell, sync = Shell(), HealthSync(POLICY)
         await shell.refresh(sync, None)
         assert sync.view.loaded_at == T0 and shell.logs == []
 
@@ -327,8 +332,8 @@ def test_no_kv_binding_routes_on_local_knowledge():
 # ---- flush: read-merge-write ----------------------------------------------------------------
 
 
-def dirty_sync(*states: tuple[int, HealthState]) -> HealthSync:
-    sync = HealthSync()
+def dirty_sync(*states: tuple[int, HealthState], policy: HealthPolicy = POLICY) -> HealthSync:
+    sync = HealthSync(policy)
     for n, h in states:
         sync.view.apply(n, h)
     assert sync.view.dirty
@@ -422,15 +427,15 @@ def test_a_slow_write_is_given_up_and_stays_dirty():
     async def main():
         shell, store = Shell(), FakeStore()
         store.write_s = None
-        sync = dirty_sync((3, down(T0 + 30)))
+        sync = dirty_sync((3, down(T0 + 30)), policy=HUNG)
         started = time.monotonic()
-        assert await shell.flush(sync, store, HUNG) is False
+        assert await shell.flush(sync, store) is False
         assert time.monotonic() - started < KV_TIMEOUT_S + 2.0
         assert shell.logs == [{"msg": "kv_write_failed", "error": "timed out"}]
         assert sync.view.dirty and sync.view.written_at == 0.0 and not sync.flushing
         # the next flush tries again
         store.write_s = 0.0
-        assert await shell.flush(sync, store, HUNG) is True
+        assert await shell.flush(sync, store) is True
         assert len(store.writes) == 1 and not sync.view.dirty
 
     run(main)
@@ -454,8 +459,8 @@ def test_a_hung_read_before_a_write_is_given_up_too():
     async def main():
         shell, store = Shell(), FakeStore()
         store.read_s = None
-        sync = dirty_sync((3, down(T0 + 30)))
-        assert await shell.flush(sync, store, HUNG) is False
+        sync = dirty_sync((3, down(T0 + 30)), policy=HUNG)
+        assert await shell.flush(sync, store) is False
         assert store.writes == [] and sync.view.dirty and not sync.flushing
         assert shell.logs == [{"msg": "kv_write_failed", "error": "timed out"}]
 
@@ -467,7 +472,7 @@ def test_a_hung_read_before_a_write_is_given_up_too():
 
 def test_maybe_flush_does_nothing_without_a_transition():
     async def main():
-        shell, sync, store = Shell(), HealthSync(), FakeStore()
+        shell, sync, store = Shell(), HealthSync(POLICY), FakeStore()
         shell.maybe_flush(sync, store)
         assert shell.tasks == [] and not sync.flushing
 
@@ -529,7 +534,7 @@ def test_flushes_stay_one_at_a_time_under_a_stream_of_transitions():
         # zero-length sleeps only: the interleaving is the event loop's, not the machine's
         shell, store = Shell(), FakeStore()
         store.ticks = 3
-        sync = HealthSync()
+        sync = HealthSync(POLICY)
         for i in range(40):
             shell.clock.t = T0 + i * 30.0  # every 4th step passes the write interval
             sync.view.apply(1 + i % 8, down(shell.clock.t + 5 + i, at=shell.clock.t))
@@ -550,16 +555,28 @@ def test_write_interval_setting_is_the_one_used(interval):
     async def main():
         policy = HealthPolicy(kv_timeout_s=2.0, min_write_interval_s=interval)
         shell, store = Shell(), FakeStore()
-        sync = dirty_sync((3, down(T0 + 30)))
-        shell.maybe_flush(sync, store, policy)
+        sync = dirty_sync((3, down(T0 + 30)), policy=policy)
+        shell.maybe_flush(sync, store)
         await shell.drain()
         sync.view.apply(4, down(T0 + 30))
         shell.clock.t = T0 + interval - 0.5
-        shell.maybe_flush(sync, store, policy)
+        shell.maybe_flush(sync, store)
         assert shell.tasks == []
         shell.clock.t = T0 + interval
-        shell.maybe_flush(sync, store, policy)
+        shell.maybe_flush(sync, store)
         assert len(shell.tasks) == 1
         await shell.drain()
 
     run(main)
+
+
+def test_flush_due_is_the_one_condition_for_the_cron_and_the_request_path():
+    sync = dirty_sync((3, down(T0 + 30)))
+    assert sync.flush_due(T0)
+    sync.flushing = True
+    assert not sync.flush_due(T0)  # one flush at a time
+    sync.flushing = False
+    sync.view.written_at = T0
+    assert not sync.flush_due(T0 + POLICY.min_write_interval_s - 0.001)
+    assert sync.flush_due(T0 + POLICY.min_write_interval_s)
+    assert not HealthSync(POLICY).flush_due(T0)  # nothing owed

@@ -1,0 +1,5 @@
+import sys
+
+from sim.node.cli import main
+
+sys.exit(main())

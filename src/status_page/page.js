@@ -1,0 +1,268 @@
+"use strict";
+(() => {
+// Shared values come from the page (status_page/__init__.py sets them): one source each.
+const POLL_MS = Number(document.body.dataset.pollMs);
+const TIMEOUT_MS = 10000;
+const STORE = "heady-gateway.client-key";
+const $ = (id) => document.getElementById(id);
+const form = $("key-form"), input = $("key"), keyMsg = $("key-message");
+const summary = $("summary"), version = $("version"), updated = $("updated");
+const stale = $("stale"), staleText = $("stale-text"), problems = $("problems");
+const roles = $("roles"), change = $("change-key");
+const STATES = {
+  up: "\u2713", down: "\u2715", unknown: "?", unconfigured: "\u2013", invalid: "!"
+};
+// What a failure reason usually means on a node: heady_shared.failures.EXPLAIN, the text
+// `heady probe` prints too.
+const EXPLAIN = JSON.parse(document.body.dataset.explain);
+let memKey = null, timer = 0, busy = false, lastOk = 0, skew = 0, last = null;
+
+function getKey() {
+  try { return localStorage.getItem(STORE) || memKey; } catch (e) { return memKey; }
+}
+function setKey(k) {
+  memKey = k;
+  try { localStorage.setItem(STORE, k); } catch (e) { /* private mode: memory only */ }
+}
+function dropKey() {
+  memKey = null;
+  try { localStorage.removeItem(STORE); } catch (e) { /* nothing stored */ }
+}
+
+function el(tag, attrs, ...kids) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (v === null || v === undefined || v === false) continue;
+    if (k === "text") e.textContent = v; else e.setAttribute(k, v === true ? "" : String(v));
+  }
+  for (const c of kids) if (c !== null && c !== undefined && c !== false) e.append(c);
+  return e;
+}
+
+function span(n) {
+  const s = Math.round(Math.abs(n) / 1000);
+  if (s < 60) return s + " s";
+  if (s < 3600) return Math.floor(s / 60) + " min";
+  if (s < 86400) return Math.floor(s / 3600) + " h " + Math.floor(s % 3600 / 60) + " min";
+  return Math.floor(s / 86400) + " d";
+}
+function clock(ms) {
+  const d = new Date(ms), o = {hour: "2-digit", minute: "2-digit", second: "2-digit",
+    hour12: false};
+  if (Math.abs(Date.now() + skew - ms) > 72e6) { o.month = "short"; o.day = "numeric"; }
+  return d.toLocaleString([], o);
+}
+function when(iso) {
+  const t = Date.parse(iso);
+  if (isNaN(t)) return null;
+  const d = t - (Date.now() + skew);
+  if (Math.abs(d) < 1500) return clock(t) + " (now)";
+  return clock(t) + (d > 0 ? " (in " + span(d) + ")" : " (" + span(d) + " ago)");
+}
+function shown(n) {
+  return n.config === "configured" ? String(n.state) : String(n.config);
+}
+function available(n) {
+  return !!n && n.config === "configured" && n.state !== "down";
+}
+
+function tile(n) {
+  const st = shown(n), rows = [];
+  const add = (label, value, field) => {
+    if (value === null || value === undefined || value === "") return;
+    rows.push(el("dt", {text: label}), el("dd", {"data-field": field, text: value}));
+  };
+  if (n.config !== "configured") {
+    add("config", n.config_reason || n.config, "config");
+  } else {
+    if (n.reason && st !== "up") {
+      add(st === "down" ? "reason" : "last failure", String(n.reason), "reason");
+      if (Object.hasOwn(EXPLAIN, n.reason)) {
+        rows.push(el("dd", {class: "why", "data-field": "why", text: EXPLAIN[n.reason]}));
+      }
+    }
+    if (st === "unknown" && !n.since && !n.checked_at) add("state", "not observed yet", "note");
+    add("since", n.since && when(n.since), "since");
+    add("cooldown until", n.until && when(n.until), "until");
+    add(st === "up" ? "latency" : "last latency", n.latency_ms === null ||
+      n.latency_ms === undefined ? null : Math.round(n.latency_ms) + " ms", "latency");
+    add("queue", n.load === null || n.load === undefined ? null : n.load + " waiting", "load");
+    if (n.failures) add("failures", String(n.failures), "failures");
+    add("probed", n.checked_at && when(n.checked_at), "checked");
+  }
+  const label = "Node " + n.node + ": " + st +
+    (n.reason && st === "down" ? ", " + n.reason : "");
+  return el("li", {class: "tile", "data-node": n.node, "data-state": st, tabindex: 0,
+    "aria-label": label},
+    el("h3", {}, "Node " + n.node,
+      el("span", {class: "badge"}, el("span", {"aria-hidden": "true", text: STATES[st] || "?"}),
+        st)),
+    el("dl", {}, ...rows));
+}
+
+function roleSection(name, route, byNum) {
+  const pair = (route.pair || []).map((k) => byNum.get(k)).filter(Boolean);
+  const fb = (route.fallback || []).filter((k) => !(route.pair || []).includes(k));
+  const up = pair.filter(available).length;
+  const covered = up > 0 || fb.some((k) => available(byNum.get(k)));
+  const cover = up > 0 ? up + " of " + pair.length + " available"
+    : covered ? "pair unavailable: falling back" : "no node can serve this role";
+  const chain = fb.map((k) => {
+    const n = byNum.get(k), st = n ? shown(n) : "unknown";
+    return el("li", {}, el("span", {class: "chip"}, "node " + k), " (" + st + ")");
+  });
+  return el("section", {class: "role", "data-role": name, "data-covered": String(covered),
+    "aria-label": "role " + name},
+    el("h2", {}, name, el("span", {class: "cover", text: cover})),
+    el("ul", {class: "tiles"}, ...pair.map(tile)),
+    chain.length ? el("p", {class: "fallback"}, "Fallback: ", el("ol", {}, ...chain)) : null);
+}
+
+function render(data) {
+  const nodes = data.nodes, byNum = new Map(nodes.map((n) => [n.node, n]));
+  const routes = data.routes || {}, inPair = new Set();
+  const focused = document.activeElement && document.activeElement.closest &&
+    document.activeElement.closest(".tile");
+  const keep = focused ? [focused.closest(".role").dataset.role, focused.dataset.node] : null;
+  const sections = Object.entries(routes).map(([name, r]) => {
+    (r.pair || []).forEach((k) => inPair.add(k));
+    return roleSection(name, r, byNum);
+  });
+  const rest = nodes.filter((n) => !inPair.has(n.node));
+  if (rest.length) {
+    sections.push(el("section", {class: "role", "data-role": "", "aria-label": "no role"},
+      el("h2", {}, "in no role's pair"), el("ul", {class: "tiles"}, ...rest.map(tile))));
+  }
+  roles.replaceChildren(...sections);
+  if (keep) {
+    const again = roles.querySelector(
+      '.role[data-role="' + CSS.escape(keep[0]) + '"] .tile[data-node="' + keep[1] + '"]');
+    if (again) again.focus();
+  }
+
+  const counts = {};
+  for (const n of nodes) counts[shown(n)] = (counts[shown(n)] || 0) + 1;
+  const order = ["up", "down", "unknown", "invalid", "unconfigured"];
+  const parts = order.filter((s) => counts[s]).map((s) => counts[s] + " " + s);
+  Object.keys(counts).filter((s) => !order.includes(s)).forEach((s) =>
+    parts.push(counts[s] + " " + s));
+  const uncovered = sections.filter((s) => s.dataset.covered === "false")
+    .map((s) => s.dataset.role);
+  summary.textContent = nodes.length + " nodes: " + parts.join(", ") +
+    (uncovered.length ? ". No node can serve: " + uncovered.join(", ") : "");
+  summary.dataset.ok = uncovered.length ? "false" : "true";
+
+  const probs = Array.isArray(data.problems) ? data.problems : [];
+  problems.hidden = probs.length === 0;
+  problems.querySelector("ul").replaceChildren(...probs.map((p) => el("li", {text: p})));
+  const g = data.gateway || {};
+  version.textContent = "gateway " + (g.version || "?") +
+    (g.auth === "disabled" ? " (auth disabled)" : "");
+}
+
+function markStale(why) {
+  if (last) render(last);  // the last known state, its "ago" times brought up to date
+  document.body.dataset.stale = "true";
+  stale.hidden = false;
+  staleText.textContent = why + ". Showing " +
+    (lastOk ? "the update of " + clock(lastOk + skew) : "nothing yet") +
+    "; retrying every " + POLL_MS / 1000 + " s.";
+}
+
+function askKey(message) {
+  clearTimeout(timer);
+  timer = 0;
+  // No key, no data: what an earlier key showed is not left on screen.
+  last = null;
+  lastOk = 0;
+  roles.replaceChildren();
+  problems.hidden = stale.hidden = true;
+  document.body.dataset.stale = "false";
+  updated.textContent = "not updated yet";
+  document.body.dataset.view = "key";
+  form.hidden = false;
+  change.hidden = true;
+  keyMsg.dataset.kind = message ? "error" : "info";
+  keyMsg.replaceChildren(message ? el("strong", {text: message + " "}) : "",
+    "Enter one of the gateway's client keys (GATEWAY_API_KEYS). It is kept in this " +
+    "browser's storage and sent only to this gateway, in a header.");
+  summary.textContent = message ? "Key rejected" : "Waiting for a client key";
+  input.value = "";
+  input.focus();
+}
+
+function schedule() {
+  clearTimeout(timer);
+  timer = document.hidden ? 0 : setTimeout(poll, POLL_MS);
+}
+
+async function poll() {
+  clearTimeout(timer);
+  timer = 0;
+  const key = getKey();
+  if (!key) { askKey(); return; }
+  if (busy) return;
+  busy = true;
+  const ctl = new AbortController(), cut = setTimeout(() => ctl.abort(), TIMEOUT_MS);
+  try {
+    const r = await fetch("/api/status", {
+      headers: {authorization: "Bearer " + key, accept: "application/json"},
+      cache: "no-store", credentials: "omit", redirect: "error", signal: ctl.signal});
+    if (r.status === 401) {
+      dropKey();
+      askKey("The gateway rejected this key (HTTP 401).");
+      return;
+    }
+    const body = await r.json().catch(() => null);
+    if (r.ok && body && Array.isArray(body.nodes)) {
+      // The gateway's clock (gateway.time, else the Date header), for "ago" and "in".
+      const served = Date.parse((body.gateway && body.gateway.time) || r.headers.get("date") || "");
+      const diff = isNaN(served) ? 0 : served - Date.now();
+      skew = Math.abs(diff) > 2500 ? diff : 0;
+      lastOk = Date.now();
+      last = body;
+      render(body);
+      document.body.dataset.stale = "false";
+      stale.hidden = true;
+      updated.textContent = "updated " + clock(lastOk + skew);
+      updated.dataset.at = String(lastOk);
+    } else {
+      const err = body && body.error ? body.error : {};
+      markStale("The gateway answered HTTP " + r.status +
+        (err.type ? " " + err.type : "") + (err.message ? ": " + err.message : ""));
+    }
+  } catch (e) {
+    markStale(ctl.signal.aborted ? "No answer from the gateway within " +
+      TIMEOUT_MS / 1000 + " s" : "The gateway cannot be reached");
+  } finally {
+    clearTimeout(cut);
+    busy = false;
+  }
+  if (document.body.dataset.view === "status") schedule();
+}
+
+form.addEventListener("submit", (ev) => {
+  ev.preventDefault();
+  const k = input.value.trim();
+  input.value = "";
+  if (!k) { input.focus(); return; }
+  setKey(k);
+  form.hidden = true;
+  change.hidden = false;
+  document.body.dataset.view = "status";
+  summary.textContent = "Loading\u2026";
+  poll();
+});
+change.addEventListener("click", () => { dropKey(); askKey(); });
+document.addEventListener("visibilitychange", () => {
+  if (document.hidden) { clearTimeout(timer); timer = 0; }
+  else if (document.body.dataset.view === "status") poll();
+});
+if (getKey()) {
+  document.body.dataset.view = "status";
+  change.hidden = false;
+  poll();
+} else {
+  askKey();
+}
+})();
