@@ -307,15 +307,20 @@ async def read_whole(stream, declared: int | None, limit: int, upload_s: float):
     chunks = []
     total = 0
     with _UploadDeadline(reader, upload_s) as deadline:
-        while (size := next_read_size(total, declared, limit)) > 0:
-            got = await reader.readAtLeast(size, js.Uint8Array.new(size))
-            value = got.value
-            n = 0 if value is None else int(value.byteLength)
-            if n:
-                chunks.append(value)
-                total += n
-            if got.done or n < size:
-                break
+        try:
+            while (size := next_read_size(total, declared, limit)) > 0:
+                got = await reader.readAtLeast(size, js.Uint8Array.new(size))
+                value = got.value
+                n = 0 if value is None else int(value.byteLength)
+                if n:
+                    chunks.append(value)
+                    total += n
+                if got.done or n < size:
+                    break
+        except Exception:
+            if deadline.passed:  # the timer's cancel can fail a read in flight
+                raise TimeoutError from None
+            raise
     if total > limit:
         reader.cancel()
         return None
