@@ -275,6 +275,28 @@ async def body_grow(req, declared):
     return joined
 
 
+async def body_steps(req, declared):
+    """What the gateway does (src/body.py next_read_size): 64 KiB, then as much as has come."""
+    reader = req.body.getReader(mode="byob")
+    timer = js.setTimeout(reader.cancel.bind(reader), 60_000)
+    chunks, total = [], 0
+    while (size := min(declared - total, max(64 * 1024, total))) > 0:
+        got = await reader.readAtLeast(size, js.Uint8Array.new(size))
+        n = 0 if got.value is None else int(got.value.byteLength)
+        if n:
+            chunks.append(got.value)
+            total += n
+        if got.done or n < size:
+            break
+    js.clearTimeout(timer)
+    joined = js.Uint8Array.new(total)
+    offset = 0
+    for c in chunks:
+        joined.set(c, offset)
+        offset += c.byteLength
+    return joined
+
+
 async def body_piped(req, declared):
     """A native pipe into a FixedLengthStream (aborted by a JS timer through the pipe's
     signal), read whole by arrayBuffer(): one Python await, no crossing per chunk."""
