@@ -56,6 +56,7 @@ from sim.node.record import HISTORY
 from sim.server import HTTPServer, Request, Response
 
 __all__ = [
+    "BATCH_CAPACITY",
     "BATCH_NODES",
     "NODE_MODELS",
     "Fleet",
@@ -66,13 +67,12 @@ __all__ = [
     "main",
 ]
 
-# The nodes whose workers always take batch work: the batch pair of the default route table.
-BATCH_NODES: tuple[int, ...] = DEFAULT_POOLS["batch"].pair
-
 
 # The GPU each node of the default fleet stands in for: a T4 on odd nodes, an L4 on even ones,
 # so the two nodes of a pair serve different models, as they do whenever Colab hands them
 # different GPUs.
+# The nodes whose workers always take batch work: the batch pair of the default route table.
+BATCH_NODES: tuple[int, ...] = DEFAULT_POOLS["batch"].pair
 NODE_GPUS: dict[int, str] = {n: "t4" if n % 2 else "l4" for n in range(1, NODE_COUNT + 1)}
 
 
@@ -86,6 +86,19 @@ def _preset(n: int) -> Preset:
 # The checkpoint each node of the default fleet serves, read from the presets so the two
 # cannot drift apart.
 NODE_MODELS: dict[int, str] = {n: _preset(n).model.repo for n in NODE_GPUS}
+
+
+# The batch pair's engines in `make dev` and the batch bench: the preset's --max-num-seqs (T4:
+# 64 sequences of Qwen2.5-3B; L4: 128 of Qwen2.5-7B-AWQ) and a decode step time estimated from
+# memory bandwidth (not measured on a GPU): a step reads the weights once plus the running
+# sequences' KV cache. T4 (320 GB/s): 6.2 GB of fp16 weights + 64 x ~1k tokens x 36 KiB of KV
+# = ~8.5 GB -> ~27 ms, about 50 ms with Turing's attention kernels and scheduling overhead.
+# L4 (300 GB/s): ~5.5 GB of AWQ weights + 128 x ~1k tokens x 56 KiB = ~13 GB -> ~42 ms.
+# So ~1,300 and ~3,200 generated tokens/s at a full batch: what such cards sustain.
+BATCH_TOKEN_S: dict[str, float] = {"t4": 0.05, "l4": 0.04}
+BATCH_CAPACITY: dict[int, Capacity] = {
+    n: Capacity(_preset(n).max_num_seqs, BATCH_TOKEN_S[NODE_GPUS[n]]) for n in BATCH_NODES
+}
 
 
 def default_served_names(n: int, pools: Mapping[str, Any] | None = None) -> tuple[str, ...]:
