@@ -95,11 +95,12 @@ test: install browser-install lint
 bench: install
 	$(PY) -m bench.run --out bench/results.md
 
-# Load on the gateway while simulated nodes flap; CHAOS_S seconds of chaos.
+# Load on the gateway while simulated nodes flap; CHAOS_S seconds of chaos. Then a 2,000-line
+# batch while batch nodes die with their workers (bench/sections/batch.py).
 .PHONY: chaos
 CHAOS_S ?= 60
 chaos: install
-	$(PY) -m bench.run --sections chaos --chaos-seconds $(CHAOS_S)
+	$(PY) -m bench.run --sections chaos,batch-chaos --chaos-seconds $(CHAOS_S)
 
 clean:
 	rm -rf .harness .venv .venv313 node_modules tools/node22/node_modules dist
