@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import tempfile
 import threading
 import time
@@ -50,6 +51,7 @@ SECRET = "bench-node-secret-2c9e41"
 CHAT = "/v1/chat/completions"
 INTERACTIVE_PATH = "/api/heavy/reasoning/v1/completions"
 DONE = ("completed", "failed", "expired", "cancelled")
+_LEASE_ID = re.compile(r"/leases/[^/]+/")
 
 
 @dataclass(frozen=True)
@@ -174,7 +176,7 @@ def run_batch(stack: Stack, data: bytes, on_progress: Any = None, timeout: float
         with contextlib.suppress(ValueError, AttributeError):
             rec = json.loads(line)
             if isinstance(rec, dict) and rec.get("route"):
-                out.routes[str(rec["route"])] += 1
+                out.routes[_LEASE_ID.sub("/leases/{id}/", str(rec["route"]))] += 1
     out.status = b.status
     counts = b.request_counts
     out.completed, out.failed = (counts.completed, counts.failed) if counts else (0, 0)
