@@ -64,3 +64,17 @@ def test_batch_chaos_smoke(table: str) -> None:
     assert rows["every custom_id exactly once"][2] == "**yes**"
     assert rows["lines never seen by an engine (must be 0)"][2] == "**yes**"
     assert _num(rows["completed / failed"][1]) == 200
+
+
+def test_batch_budget_counts_the_core_calls() -> None:
+    """bench.batch_budget (docs/budgets.md): 1,000 lines in 10 shards, every call counted."""
+    from bench.batch_budget import run
+
+    tally = run(1000, 100, 2, 5)
+    shards = tally["shards: lease, input, 2 heartbeats, result PUTs, commit"]
+    # Per shard: an input GET, two result PUTs (output and error: some lines fail), two HEADs.
+    assert shards.r2 == {"B: GetObject": 10, "A: PutObject": 20, "B: HeadObject": 20}
+    # lease + input + 2 heartbeats + 2 result targets + commit (a read and 2 writes) >= 8 each
+    assert shards.statements >= 80 and shards.written >= 10 * 13
+    assert tally["batches.retrieve x 5"].written == 0  # reads never write
+    assert tally["files.content (output + error)"].r2 == {"B: GetObject": 20}
