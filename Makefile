@@ -11,7 +11,8 @@ PY := $(VENV)/bin/python
 NODE22_BIN := $(CURDIR)/tools/node22/node_modules/.bin
 export WRANGLER_SEND_METRICS := false
 
-.PHONY: help install dev gateway test lint test-py313 deploy-check bench clean browser-install test-browser
+.PHONY: help install dev gateway test lint test-py313 deploy-check bench clean browser-install test-browser \
+	torch-install test-torch
 
 help:
 	@echo "make dev       simulated 8-node cluster + gateway on http://127.0.0.1:$(PORT)"
@@ -20,6 +21,7 @@ help:
 	@echo "make bench     benchmarks: gateway vs direct, bare JS, bare Python -> bench/results.md"
 	@echo "make deploy-check   npx wrangler deploy --dry-run (bundles the real deploy offline)"
 	@echo "make test-browser   the status page in headless Chromium (installs Debian's chromium)"
+	@echo "make test-torch     tests/torch (image engine on the CPU) in .venv-torch (Python 3.11)"
 
 install: $(VENV)/.installed node_modules/.installed tools/node22/node_modules/.installed .harness/.sdk
 
@@ -58,8 +60,32 @@ lint: $(VENV)/.installed
 test-py313: $(VENV)/.installed
 	@test -n "$(PY313)" || { echo "Python 3.13 not found (pyenv install 3.13.0)"; exit 1; }
 	test -x .venv313/bin/python || $(PY313) -m venv .venv313
-	.venv313/bin/python -m pip install --quiet --disable-pip-version-check pytest==9.2.0 hypothesis==6.170.17 pytest-timeout==2.4.0
+	# tests/unit builds uploads with httpx and checks API shapes against the openai SDK's types.
+	.venv313/bin/python -m pip install --quiet --disable-pip-version-check pytest==9.2.0 hypothesis==6.170.17 pytest-timeout==2.4.0 httpx==0.28.1 openai==3.57.0
 	.venv313/bin/python -m pytest -q -p no:cacheprovider tests/unit
+
+# The torch venv: Python 3.11, because the CPU-only torch wheel this project pins (2.13.0+cpu,
+# ~190 MB) is the one the machines keep for 3.11; plain `pip install torch` pulls gigabytes of
+# CUDA wheels. One pin list (requirements-torch.txt) for every torch test (image engine now,
+# fine-tuning later). The marker is named after the pin list's hash, so editing a pin
+# reinstalls and nothing else does. First install ~1.5 min with warm pip caches; tests ~75 s CPU.
+PY311 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.11.*/bin/python3.11) $(shell command -v python3.11))
+TORCH_VENV := .venv-torch
+TORCH_PINS_HASH = $(shell sha256sum requirements-torch.txt | cut -c1-16)
+TORCH_MARKER = $(TORCH_VENV)/.installed-$(TORCH_PINS_HASH)
+
+torch-install: $(TORCH_MARKER)
+
+$(TORCH_MARKER): requirements-torch.txt
+	@test -n "$(PY311)" || { echo "Python 3.11 not found (pyenv install 3.11.7)"; exit 1; }
+	test -x $(TORCH_VENV)/bin/python || $(PY311) -m venv $(TORCH_VENV)
+	rm -f $(TORCH_VENV)/.installed-*
+	$(TORCH_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-torch.txt
+	touch $@
+
+# -o addopts: the main run's addopts ignore tests/torch (it needs this venv); here it is the point.
+test-torch: torch-install
+	HF_HUB_OFFLINE=1 $(TORCH_VENV)/bin/python -m pytest -q -p no:cacheprovider -o addopts=-ra tests/torch
 
 # Debian's Chromium and its driver for the status page's browser test (no browser download at
 # test time). Debian's mirrors keep only the current build of a suite (a security update
@@ -91,6 +117,7 @@ test: install browser-install lint
 	$(PY) -m pytest -q
 	$(MAKE) --no-print-directory test-py313
 	$(MAKE) --no-print-directory deploy-check
+	$(MAKE) --no-print-directory test-torch
 
 bench: install
 	$(PY) -m bench.run --out bench/results.md
@@ -103,4 +130,4 @@ chaos: install
 	$(PY) -m bench.run --sections chaos,batch-chaos --chaos-seconds $(CHAOS_S)
 
 clean:
-	rm -rf .harness .venv .venv313 node_modules tools/node22/node_modules dist
+	rm -rf .harness .venv .venv313 .venv-torch node_modules tools/node22/node_modules dist

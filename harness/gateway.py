@@ -134,6 +134,12 @@ def build_config(
         "kvNamespaces": {ns["binding"]: ns["id"] for ns in wrangler.get("kv_namespaces", [])},
         "r2Buckets": {b["binding"]: b["bucket_name"] for b in wrangler.get("r2_buckets", [])},
         "d1Databases": {d["binding"]: d["database_id"] for d in wrangler.get("d1_databases", [])},
+        # Applied by the runner after start, tracked in d1_migrations as wrangler does.
+        "d1Migrations": {
+            d["binding"]: str(ROOT / d["migrations_dir"])
+            for d in wrangler.get("d1_databases", [])
+            if d.get("migrations_dir")
+        },
         # R2 and D1 persist beside the KV folder (.wrangler/state/{kv,r2,d1}, as wrangler's).
         "kvPersist": persist or False,
         "r2Persist": str(Path(persist).parent / "r2") if persist else False,

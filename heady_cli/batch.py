@@ -29,7 +29,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.table import Column, Table
 from rich.text import Text
 
-from heady_cli.config import CliError, gateway_key, load_vars
+from heady_cli.config import CliError, resolve_gateway
 from heady_shared.routes import valid_role_name
 
 EXIT_OK, EXIT_ENDED_BADLY, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -243,21 +243,6 @@ def summary(view: BatchView) -> list[str]:
     if view.output_file_id or view.error_file_id:
         lines.append(f"  results: heady batch results {view.id} -o out.jsonl --errors err.jsonl")
     return lines
-
-
-def resolve_gateway(gateway: str | None, key: str | None, dev_vars: str | None) -> tuple[str, str]:
-    """Gateway URL and client key as `heady status` finds them: flags, else the environment
-    (HEADY_GATEWAY_URL, GATEWAY_API_KEY or the first of GATEWAY_API_KEYS), else .dev.vars."""
-    values = load_vars(dev_vars) if (dev_vars or not (gateway and key)) else {}
-    base = gateway or values.get("HEADY_GATEWAY_URL", "")
-    key = key or gateway_key(values)
-    if not base:
-        raise CliError("no gateway URL: pass --gateway or set HEADY_GATEWAY_URL")
-    if not key:
-        raise CliError("no gateway key: pass --key or set GATEWAY_API_KEY (or GATEWAY_API_KEYS)")
-    if not base.startswith(("https://", "http://")):
-        raise CliError(f"gateway URL must start with https://, got {base[:60]!r}")
-    return base.rstrip("/"), key
 
 
 # --- the HTTP shell ----------------------------------------------------------------------

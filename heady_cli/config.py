@@ -12,7 +12,7 @@ from heady_shared.routes import NODE_COUNT, endpoint_node
 # The environment overrides .dev.vars for these, as for every COLAB_ENDPOINT_<n>; ROUTES and
 # the probe paths so `heady probe` asks what the gateway asks.
 _ENV_KEYS = frozenset(
-    {"NODE_TOKEN", "GATEWAY_API_KEY", "GATEWAY_API_KEYS", "HEADY_GATEWAY_URL"}
+    {"NODE_TOKEN", "NODE_SECRET", "GATEWAY_API_KEY", "GATEWAY_API_KEYS", "HEADY_GATEWAY_URL"}
     | {"ROUTES", "HEALTH_PATH", "METRICS_PATH"}
 )
 
@@ -91,3 +91,18 @@ def mask_url(url: str) -> str:
     first, dot, rest = host.partition(".")
     masked = f"{first[:2]}…{first[-2:]}" if len(first) > 6 else "…"
     return f"{parts.scheme}://{masked}{dot}{rest}{port}"
+
+
+def resolve_gateway(gateway: str | None, key: str | None, dev_vars: str | None) -> tuple[str, str]:
+    """Gateway URL and client key as `heady status` finds them: flags, else the environment
+    (HEADY_GATEWAY_URL, GATEWAY_API_KEY or the first of GATEWAY_API_KEYS), else .dev.vars."""
+    values = load_vars(dev_vars) if (dev_vars or not (gateway and key)) else {}
+    base = gateway or values.get("HEADY_GATEWAY_URL", "")
+    key = key or gateway_key(values)
+    if not base:
+        raise CliError("no gateway URL: pass --gateway or set HEADY_GATEWAY_URL")
+    if not key:
+        raise CliError("no gateway key: pass --key or set GATEWAY_API_KEY (or GATEWAY_API_KEYS)")
+    if not base.startswith(("https://", "http://")):
+        raise CliError(f"gateway URL must start with https://, got {base[:60]!r}")
+    return base.rstrip("/"), key

@@ -14,7 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from rich.table import Table
 
 from heady_cli import batch, gateway, probe, secrets
-from heady_cli.config import CliError, endpoints, gateway_key, load_vars, mask_url
+from heady_cli.config import CliError, endpoints, load_vars, mask_url, resolve_gateway
 from heady_shared.routes import ENDPOINT_PREFIX, NODE_COUNT
 
 EXIT_OK, EXIT_UNHEALTHY, EXIT_ERROR = 0, 1, 2
@@ -70,7 +70,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
         print(json.dumps(out, indent=2))
     else:
         table = Table(title="Heady nodes (direct probe)")
-        for col in ("node", "role", "state", "latency", "model", "queue", "endpoint", "reason"):
+        cols = ("node", "role", "state", "latency", "model", "queue", "serves", "endpoint")
+        for col in (*cols, "reason"):
             table.add_column(col, overflow="fold")
         for r in results:
             url = r.url if args.show_urls or not r.url else mask_url(r.url)
@@ -81,6 +82,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
                 "-" if r.latency_ms is None else f"{r.latency_ms:.0f} ms",
                 r.model or "-",
                 "-" if r.queue is None else str(r.queue),
+                "-" if r.capabilities is None else ", ".join(r.capabilities) or "nothing",
                 url or "-",
                 r.reason or "",
             )
@@ -94,6 +96,10 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 
 def cmd_secrets(args: argparse.Namespace) -> int:
+    if args.node_credential is not None:
+        secret = load_vars(args.dev_vars).get("NODE_SECRET", "")
+        text = secrets.credential_json(secret, args.node_credential)
+        return _emit(args, text, hint="set it as that node's secret (heady_node reads it)")
     urls: dict[int, str] = {}
     if args.file:
         try:
@@ -102,11 +108,19 @@ def cmd_secrets(args: argparse.Namespace) -> int:
             raise CliError(f"cannot read {args.file}: {exc.strerror or exc}") from None
     urls.update(secrets.parse_args_urls(args.urls))
     values: dict[str, str] = {}
-    if not urls or args.with_token:
+    if not urls or args.with_token or args.with_node_secret:
         values = load_vars(args.dev_vars)
     if not urls:
         urls = endpoints(values)
-    text = secrets.bulk_json(urls, values.get("NODE_TOKEN", "") if args.with_token else None)
+    text = secrets.bulk_json(
+        urls,
+        values.get("NODE_TOKEN", "") if args.with_token else None,
+        values.get("NODE_SECRET", "") if args.with_node_secret else None,
+    )
+    return _emit(args, text)
+
+
+def _emit(args: argparse.Namespace, text: str, hint: str = "") -> int:
     if args.output:
         path = Path(args.output)
         try:
@@ -114,23 +128,19 @@ def cmd_secrets(args: argparse.Namespace) -> int:
             path.write_text(text + "\n")
         except OSError as exc:
             raise CliError(f"cannot write {path}: {exc.strerror or exc}") from None
-        print(f"wrote {len(json.loads(text))} secret(s) to {path}; upload with:", file=sys.stderr)
-        print(f"  npx wrangler secret bulk {path}", file=sys.stderr)
+        if hint:
+            print(f"wrote {path}; {hint}", file=sys.stderr)
+        else:
+            count = len(json.loads(text))
+            print(f"wrote {count} secret(s) to {path}; upload with:", file=sys.stderr)
+            print(f"  npx wrangler secret bulk {path}", file=sys.stderr)
     else:
         print(text)
     return EXIT_OK
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    values = load_vars(args.dev_vars) if (args.dev_vars or not (args.gateway and args.key)) else {}
-    base = args.gateway or values.get("HEADY_GATEWAY_URL", "")
-    key = args.key or gateway_key(values)
-    if not base:
-        raise CliError("no gateway URL: pass --gateway or set HEADY_GATEWAY_URL")
-    if not key:
-        raise CliError("no gateway key: pass --key or set GATEWAY_API_KEY (or GATEWAY_API_KEYS)")
-    if not base.startswith(("https://", "http://")):
-        raise CliError(f"gateway URL must start with https://, got {base[:60]!r}")
+    base, key = resolve_gateway(args.gateway, args.key, args.dev_vars)
     st = gateway.fetch_status(base, key, args.timeout)
     missing = gateway.uncovered_roles(st)
     if args.json:
@@ -188,6 +198,13 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--file", help=f"KEY=value file with {ENDPOINT_PREFIX}n lines")
     se.add_argument("--dev-vars", help="used when no URL is given (default ./.dev.vars)")
     se.add_argument("--with-token", action="store_true", help="include NODE_TOKEN as well")
+    se.add_argument("--with-node-secret", action="store_true", help="include NODE_SECRET as well")
+    se.add_argument(
+        "--node-credential",
+        type=int,
+        metavar="N",
+        help="instead: node N's HEADY_NODE_CREDENTIAL, derived from NODE_SECRET",
+    )
     se.add_argument("-o", "--output", help="write the JSON here (mode 600) instead of stdout")
     se.set_defaults(func=cmd_secrets)
 

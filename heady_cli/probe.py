@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import httpx
 
 from heady_cli.config import CliError, mask_url, validate_url
+from heady_shared import capabilities as caps
 from heady_shared.failures import EXPLAIN, HEAD_FIELDS, match
 from heady_shared.metrics import WAITING, gauge, parse_metrics
 from heady_shared.probes import parse_health_path, parse_metrics_path
@@ -61,6 +62,8 @@ class NodeResult:
     model: str | None = None
     queue: int | None = None
     reason: str | None = None
+    # What the node reports it serves in its metrics, as the gateway's cron reads it
+    capabilities: tuple[str, ...] | None = None
 
     def as_dict(self, show_secrets: bool) -> dict[str, object]:
         d = dict(self.__dict__)
@@ -129,16 +132,17 @@ async def probe_node(
             model = parse_models(models.text)
         except ValueError as exc:
             return NodeResult(**down, latency_ms=latency, reason=str(exc))
-        queue = None
+        queue = found = None
         try:  # queue depth is informative only: a node without metrics is still up
             if setup.metrics_path is not None:
                 metrics_url = f"{url}{setup.metrics_path}"
                 metrics = await client.get(metrics_url, headers=headers, timeout=timeout)
                 if metrics.status_code == 200:
                     queue = gauge(parse_metrics(metrics.text), WAITING)
+                    found = caps.parse(metrics.text)
         except httpx.HTTPError:
             pass
-        return NodeResult(node, role, "up", url, latency, model, queue)
+        return NodeResult(node, role, "up", url, latency, model, queue, capabilities=found)
     except Exception as exc:  # any failure of one node must not sink the whole probe
         return NodeResult(**down, reason=error_reason(exc, timeout))
 

@@ -113,6 +113,8 @@ class _Lease:
     n_lines: int
     heartbeat_s: float
     input: str
+    shard_lines: int | None = None  # a validate lease: the gateway's SHARD_LINES
+    max_lines: int | None = None
 
     @classmethod
     def parse(cls, data: object) -> _Lease:
@@ -130,6 +132,11 @@ class _Lease:
         beat = float(beat) if isinstance(beat, int | float) and beat > 0 else 30.0
         n = data.get("n_lines")
         seq = data.get("seq")
+        limits = {
+            k: v
+            for k in ("shard_lines", "max_lines")
+            if isinstance(v := data.get(k), int) and v > 0
+        }
         return cls(
             id=lid,
             token=token,
@@ -140,6 +147,7 @@ class _Lease:
             n_lines=n if isinstance(n, int) else -1,
             heartbeat_s=max(0.05, beat),
             input=inp,
+            **limits,
         )
 
 
@@ -367,7 +375,8 @@ class BatchWorker:
 
     # -- validate -----------------------------------------------------------------------------
     async def _validate(self, lease: _Lease) -> str:
-        checker = Validator(lease.endpoint)
+        limits = {"shard_lines": lease.shard_lines, "max_lines": lease.max_lines}
+        checker = Validator(lease.endpoint, **{k: v for k, v in limits.items() if v})
         async with self.gw.stream("GET", lease.input, headers={TOKEN_HEADER: lease.token}) as resp:
             _expect(resp, 200)
             async for raw in asplit_lines(resp.aiter_bytes()):

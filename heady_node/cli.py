@@ -6,10 +6,10 @@
                                                 # HEADY_GATEWAY_URL + HEADY_NODE_CREDENTIAL are set)
 
 Settings come from flags or the environment (HEADY_NODE, HEADY_TUNNEL, HEADY_MODEL, HEADY_PORT,
-HEADY_MEDIA_DOMAINS, HEADY_ROUTES, HEADY_DRY_RUN); secrets (NODE_TOKEN, CF_TUNNEL_TOKEN_<n>, ...)
-from Colab's Secrets panel when in Colab, the environment otherwise. Exit codes: 0 stopped
-cleanly, 1 the engine failed, 2 bad settings or a host that cannot run vLLM (one
-`heady-node: error:` line).
+HEADY_MEDIA_DOMAINS, HEADY_ROUTES, HEADY_DRY_RUN, HEADY_IMAGES=0, HEADY_IMAGE_MODEL); secrets
+(NODE_TOKEN, CF_TUNNEL_TOKEN_<n>, ...) from Colab's Secrets panel when in Colab, the environment
+otherwise. Exit codes: 0 stopped cleanly, 1 the engine failed, 2 bad settings or a host that
+cannot run vLLM (one `heady-node: error:` line).
 """
 
 import argparse
@@ -67,6 +67,15 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--status-interval", type=float, default=60.0)
     serve.add_argument("--rounds", type=int, default=None, help="stop after N status lines")
     serve.add_argument("--engine", default=None, help="command replacing `vllm serve`")
+    serve.add_argument(
+        "--no-images",
+        action="store_true",
+        default=env("HEADY_IMAGES", "1").strip().lower() in ("0", "false", "no"),
+        help="vision nodes: serve chat only, no image engine next to vLLM",
+    )
+    serve.add_argument(
+        "--image-model", default=env("HEADY_IMAGE_MODEL") or None, help="image checkpoint"
+    )
     serve.add_argument("--dry-run", action="store_true", default=_env_flag("HEADY_DRY_RUN"))
 
     # Its own flags and --help: heady_node.batch_worker (dispatched in main before parsing).
@@ -116,6 +125,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         status_interval=args.status_interval,
         log_dir=args.log_dir,
         engine=shlex.split(args.engine) if args.engine else None,
+        images=not args.no_images,
+        image_model=args.image_model,
         out=lambda s: print(s, flush=True),
     )
     signal.signal(signal.SIGTERM, _interrupt)

@@ -15,7 +15,15 @@ one the guard refuses to start and vLLM with it: fail closed, never open.
 
 Pure ASGI on purpose: Starlette's BaseHTTPMiddleware re-wraps response bodies, while this passes
 `send` through untouched, so streamed (SSE) answers leave as the engine writes them. It imports
-nothing beyond the standard library, so vLLM's process needs nothing extra installed.
+nothing beyond the standard library and this package (relay, heady_shared), so vLLM's process
+needs nothing extra installed.
+
+The join with the image engine (vision nodes; docs/images.md): one tunnel, one guard. With
+IMAGES_URL_ENV set, an allowed `/v1/images/*` request is relayed to the image engine's loopback
+port (heady_node.relay) instead of vLLM, and `/metrics` gets the image engine's gauges and this
+node's capabilities appended (heady_shared.capabilities). Every other request takes exactly the
+path it took before: one prefix test more, `send` still untouched, so a chat stream's events
+are not delayed by the join (tests/node/test_image_join.py measures it).
 """
 
 import hashlib
@@ -25,8 +33,19 @@ import os
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
+
+from heady_node import relay
+from heady_shared import capabilities
 
 TOKEN_ENV = "HEADY_NODE_TOKEN"
+# Set by the node session for vLLM's process: where the image engine listens (loopback), and
+# what vLLM itself serves (chat; image_input when started with image limits).
+IMAGES_URL_ENV = "HEADY_IMAGES_URL"
+CAPABILITIES_ENV = "HEADY_NODE_CAPABILITIES"
+IMAGES_PREFIX = "/v1/images/"
+METRICS_PATH = "/metrics"
+IMAGE_METRICS_TIMEOUT_S = 2.0
 IMPORT_PATH = "heady_node.guard.NodeGuard"
 # Marks the guard's own refusals, so the launcher can tell "guard answered" from a route's 404.
 MARK_HEADER = "x-heady-guard"
@@ -98,8 +117,42 @@ def _route_path(scope: Scope) -> str:
     return path.removeprefix(root) if root else path
 
 
+def parse_images_url(raw: str | None) -> tuple[str, int] | None:
+    """(host, port) of the image engine from IMAGES_URL_ENV; None when unset. A value that is
+    not http://host:port is refused at start, like a missing token (fail closed)."""
+    if not raw or not raw.strip():
+        return None
+    try:
+        parts = urlsplit(raw.strip())
+        port = parts.port
+    except ValueError:
+        port = None
+    if port is None or (
+        parts.scheme != "http"
+        or not parts.hostname
+        or not parts.port
+        or parts.path not in ("", "/")
+    ):
+        raise RuntimeError(f"{IMAGES_URL_ENV} must look like http://127.0.0.1:8001, got {raw!r}")
+    return parts.hostname, port
+
+
+def parse_capabilities(raw: str | None) -> tuple[str, ...]:
+    names = {c.strip() for c in (raw or "").split(",") if c.strip()}
+    unknown = names - set(capabilities.KNOWN)
+    if unknown:
+        raise RuntimeError(f"{CAPABILITIES_ENV}: unknown capabilities {sorted(unknown)}")
+    return tuple(c for c in capabilities.KNOWN if c in names)
+
+
 class NodeGuard:
-    def __init__(self, app: ASGIApp, token: str | None = None) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        token: str | None = None,
+        images_url: str | None = None,
+        node_capabilities: str | None = None,
+    ) -> None:
         token = token if token is not None else os.environ.get(TOKEN_ENV, "")
         if not token.strip():
             raise RuntimeError(
@@ -107,19 +160,42 @@ class NodeGuard:
             )
         self.app = app
         self._digest = token_digest(token.strip())
+        env = os.environ.get
+        self.images = parse_images_url(
+            images_url if images_url is not None else env(IMAGES_URL_ENV)
+        )
+        caps = node_capabilities if node_capabilities is not None else env(CAPABILITIES_ENV)
+        self.capabilities = parse_capabilities(caps)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)  # lifespan
             return
-        denial = decide(_route_path(scope), _header(scope, b"authorization"), self._digest)
+        path = _route_path(scope)
+        authorization = _header(scope, b"authorization")
+        denial = decide(path, authorization, self._digest)
         if denial is None:
-            await self.app(scope, receive, send)
+            if scope["type"] == "http" and self.images and path.startswith(IMAGES_PREFIX):
+                host, port = self.images
+                await relay.relay(scope, receive, send, host, port, what="image engine")
+            elif (
+                scope["type"] == "http"
+                and path == METRICS_PATH
+                and (self.images or self.capabilities)
+            ):
+                await self._metrics(scope, receive, send, authorization)
+            else:
+                await self.app(scope, receive, send)
         elif scope["type"] == "websocket":
             # Closing before accept makes the server answer the handshake with 403.
             await send({"type": "websocket.close", "code": 1008})
         else:
             await _send_denial(send, denial)
+
+    async def _metrics(
+        self, scope: Scope, receive: Receive, send: Send, authorization: str | None
+    ) -> None:
+        await _metrics_with_extras(self, scope, receive, send, authorization)
 
 
 async def _send_denial(send: Send, denial: Denial) -> None:
@@ -134,4 +210,51 @@ async def _send_denial(send: Send, denial: Denial) -> None:
     if denial.status == 401:
         headers.append((b"www-authenticate", b"Bearer"))
     await send({"type": "http.response.start", "status": denial.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class _Captured:
+    """An inner app's whole answer (for /metrics only: small, and never streamed)."""
+
+    def __init__(self) -> None:
+        self.status = 500
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.body = bytearray()
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+            self.headers = list(message.get("headers") or [])
+        elif message["type"] == "http.response.body":
+            self.body += message.get("body") or b""
+
+
+async def _metrics_with_extras(
+    guard: "NodeGuard", scope: Scope, receive: Receive, send: Send, authorization: str | None
+) -> None:
+    # vLLM's Prometheus app gzips when asked to; ask it for plain text so lines can be added.
+    inner_scope = dict(scope)
+    inner_scope["headers"] = [
+        (k, v) for k, v in scope.get("headers") or () if k.lower() != b"accept-encoding"
+    ]
+    captured = _Captured()
+    await guard.app(inner_scope, receive, captured.send)
+    body = bytes(captured.body)
+    if captured.status == 200:
+        extra = capabilities.exposition(guard.capabilities)
+        if guard.images:
+            host, port = guard.images
+            auth = authorization.encode("latin-1") if authorization else None
+            text = await relay.fetch_text(host, port, METRICS_PATH, auth, IMAGE_METRICS_TIMEOUT_S)
+            extra += text or ""
+        if body and not body.endswith(b"\n"):
+            body += b"\n"
+        body += extra.encode()
+    headers = [
+        (k, v)
+        for k, v in captured.headers
+        if k.lower() not in (b"content-length", b"content-encoding", b"transfer-encoding")
+    ]
+    headers.append((b"content-length", str(len(body)).encode()))
+    await send({"type": "http.response.start", "status": captured.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

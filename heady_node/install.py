@@ -19,6 +19,10 @@ from dataclasses import dataclass
 from heady_node import gpu as gpu_mod
 
 VLLM_VERSION = "0.33.0"
+# The image engine on vision nodes (heady_node.image_server), installed in the same resolve as
+# vLLM so it runs on vLLM's torch (diffusers needs no torch of its own); vLLM already brings
+# transformers, safetensors, Pillow, starlette/uvicorn and python-multipart.
+DIFFUSERS_VERSION = "0.42.1"
 MIN_DRIVER_MAJOR = 525
 BLACKWELL_COMPUTE_CAPABILITY = 10.0
 BLACKWELL_MIN_CUDA = (12, 8)
@@ -105,6 +109,7 @@ def install_commands(
             "install",
             *target,
             f"vllm=={VLLM_VERSION}",
+            f"diffusers=={DIFFUSERS_VERSION}",
             "--torch-backend=auto",
         ],
         ["vllm", "download-kernels"],

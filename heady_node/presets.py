@@ -30,9 +30,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from heady_node.gpu import GPU_CLASSES, GpuClass
+from heady_node.guard import CAPABILITIES_ENV, IMAGES_URL_ENV
 from heady_node.guard import IMPORT_PATH as GUARD_IMPORT_PATH
 from heady_node.guard import TOKEN_ENV as GUARD_TOKEN_ENV
 from heady_node.roles import ROLES
+from heady_shared import capabilities
 from heady_shared.routes import DEFAULT_POOLS, Pool, roles_served_by
 
 GIB = 1024**3
@@ -110,6 +112,8 @@ class Preset:
     max_num_seqs: int
     bf16: bool  # of the card actually present (an unknown card may differ from its class)
     vision: VisionLimits | None = None
+    # Lowered on vision nodes that also run the image engine (heady_node.image_presets).
+    gpu_memory_utilization: float = GPU_MEMORY_UTILIZATION
 
     @property
     def dtype(self) -> str:
@@ -240,7 +244,7 @@ def engine_argv(
         "--served-model-name", *(served_names or (preset.model.repo,)),
         "--max-model-len", str(preset.max_model_len),
         "--max-num-seqs", str(preset.max_num_seqs),
-        "--gpu-memory-utilization", f"{GPU_MEMORY_UTILIZATION:.2f}",
+        "--gpu-memory-utilization", f"{preset.gpu_memory_utilization:.2f}",
         "--dtype", preset.dtype,
         "--middleware", GUARD_IMPORT_PATH,
     ]  # fmt: skip
@@ -263,12 +267,24 @@ NO_MEDIA_DOMAIN = "no-remote-media.invalid"
 VISION_ENV = {"VLLM_MEDIA_URL_ALLOW_REDIRECTS": "0"}
 
 
-def engine_env(preset: Preset, token: str) -> dict[str, str]:
+def served_capabilities(preset: Preset) -> tuple[str, ...]:
+    """What vLLM serves with this preset: chat, and image input when started with image limits
+    (the guard reports these in /metrics; the image engine reports image generation itself)."""
+    caps = [capabilities.CHAT]
+    if preset.vision:
+        caps.append(capabilities.IMAGE_INPUT)
+    return tuple(caps)
+
+
+def engine_env(preset: Preset, token: str, images_url: str | None = None) -> dict[str, str]:
     """The node token for vLLM's own /v1 check (VLLM_API_KEY, read when --api-key is absent:
-    vllm/entrypoints/serve/middleware/register.py) and for the guard; vision settings."""
+    vllm/entrypoints/serve/middleware/register.py) and for the guard; vision settings; what
+    the guard reports and where it sends /v1/images/* (the image engine, when there is one)."""
     return {
         "VLLM_API_KEY": token,
         GUARD_TOKEN_ENV: token,
+        CAPABILITIES_ENV: ",".join(served_capabilities(preset)),
+        **({IMAGES_URL_ENV: images_url} if images_url else {}),
         **(VISION_ENV if preset.vision else {}),
     }
 

@@ -9,6 +9,7 @@ heady_node.dry_run_tunnel) so CI runs the very code and notebook the operator ru
 """
 
 import contextlib
+import dataclasses
 import shlex
 import socket
 import subprocess
@@ -21,7 +22,17 @@ from pathlib import Path
 
 import httpx
 
-from heady_node import batch_worker, launcher, presets, settings, status, tunnel, wrangler
+from heady_node import (
+    batch_worker,
+    guard,
+    image_presets,
+    launcher,
+    presets,
+    settings,
+    status,
+    tunnel,
+    wrangler,
+)
 from heady_node import gpu as gpu_mod
 from heady_node.colab import get_secret
 from heady_node.roles import role_for_node
@@ -58,6 +69,9 @@ class NodeSession:
     status_interval: float = 60.0
     log_dir: Path = field(default_factory=lambda: Path("/tmp/heady"))
     engine: list[str] | None = None  # command prefix; default `vllm serve`
+    images: bool = True  # vision nodes: run the image engine next to vLLM
+    image_model: str | None = None  # image checkpoint override (heady_node.image_presets)
+    image_timeout: float = 1800.0  # first start downloads the image weights too
     tunnel_command: list[str] | None = None  # replaces the ngrok/cloudflared argv
     gpu_runner: gpu_mod.Runner | None = None
     secret: Callable[[str], str] = get_secret
@@ -69,7 +83,10 @@ class NodeSession:
     preset: presets.Preset | None = field(init=False, default=None)
     served_names: tuple[str, ...] = field(init=False, default=())
     tunnel_settings: settings.TunnelSettings | None = field(init=False, default=None)
+    image_preset: image_presets.ImagePreset | None = field(init=False, default=None)
+    image_port: int | None = field(init=False, default=None)
     engine_proc: subprocess.Popen | None = field(init=False, default=None)
+    image_proc: subprocess.Popen | None = field(init=False, default=None)
     tunnel_proc: subprocess.Popen | None = field(init=False, default=None)
     worker_proc: subprocess.Popen | None = field(init=False, default=None)  # batch worker
     public_url: str | None = field(init=False, default=None)
@@ -148,6 +165,10 @@ class NodeSession:
                 f"Images: at most {preset.vision.images_per_prompt} per prompt, "
                 f"{preset.vision.max_pixels} pixels each; image URLs allowed from: {hosts}"
             )
+        if preset.vision and self.images and not self.dry_run:
+            preset = self._plan_images(preset)
+        elif preset.vision and self.dry_run:
+            self.out("Images: the dry-run stand-in engine (sim.node) answers /v1/images/* itself")
         ts = self.tunnel_settings
         if ts.kind == "none":
             self.out("Tunnel: none (expose the port yourself, behind HTTPS)")
@@ -155,6 +176,35 @@ class NodeSession:
             where = ts.address.value or "the account's dev domain"
             self.out(f"Tunnel: {ts.kind} via {ts.token.source}, address {where}")
         return preset
+
+    def _plan_images(self, preset: presets.Preset) -> presets.Preset:
+        """The image engine's preset on this card, checked against the vision model's memory;
+        vLLM's share of the card is lowered to leave the image engine its room."""
+        assert self.gpu is not None
+        img = image_presets.image_preset(self.gpu.gpu_class, self.image_model)
+        problems = image_presets.joint_problems(preset, img)
+        if problems:
+            raise presets.PresetError(
+                "the image engine does not fit next to the vision model: "
+                + "; ".join(problems)
+                + " (start with --no-images to serve chat only)"
+            )
+        preset = dataclasses.replace(preset, gpu_memory_utilization=img.vllm_utilization)
+        self.preset = preset
+        self.image_preset = img
+        self.image_port = _free_port()
+        m = img.model
+        self.out(
+            f"Images: {m.repo} ({m.native_side}x{m.native_side}, {m.steps} step(s), ~"
+            f"{img.seconds_per_image:g} s/image estimated), up to {img.max_n} per request; "
+            f"vLLM gets {img.vllm_utilization:.2f} of the card, the image engine "
+            f"~{img.image_memory_gib():.1f} GiB"
+        )
+        return preset
+
+    @property
+    def images_url(self) -> str | None:
+        return f"http://127.0.0.1:{self.image_port}" if self.image_port else None
 
     def start_engine(self) -> None:
         if self.preset is None:
@@ -168,7 +218,7 @@ class NodeSession:
             served_names=self.served_names,
             media_domains=self.media_domains,
         )
-        env = presets.engine_env(preset, token)
+        env = presets.engine_env(preset, token, self.images_url)
         log = self.log_dir / f"engine-node{self.node}.log"
         self.out("Starting: " + shlex.join(presets.redact_argv(argv)))
         self.out(f"(engine log: {log})")
@@ -197,7 +247,46 @@ class NodeSession:
                 "the engine answers paths the node guard must hide (is heady_node importable in "
                 "vLLM's environment?); stopped it rather than publish it"
             )
+        if self.image_preset is not None:
+            self.start_images()
         self.start_batch_worker()
+
+    def image_argv(self) -> list[str]:
+        assert self.image_preset is not None and self.gpu is not None
+        names = (self.image_preset.model.repo, *self.served_names[1:])
+        argv = [
+            sys.executable, "-m", "heady_node.image_server",
+            "--gpu", self.gpu.gpu_class.key,
+            "--port", str(self.image_port),
+            "--served-model-name", *dict.fromkeys(names),
+        ]  # fmt: skip
+        if self.image_model:
+            argv += ["--model", self.image_model]
+        return argv
+
+    def start_images(self) -> None:
+        """After vLLM is up (its start-up measures free memory; nothing else may allocate on the
+        card meanwhile). A failure here leaves chat serving: the node then simply does not
+        report image generation, and the gateway sends image requests elsewhere."""
+        argv = self.image_argv()
+        log = self.log_dir / f"images-node{self.node}.log"
+        self.out("Starting the image engine: " + shlex.join(argv))
+        self.out(f"(image engine log: {log})")
+        self.image_proc = launcher.spawn(argv, log_path=log, env={guard.TOKEN_ENV: self._token()})
+        try:
+            waited = launcher.wait_healthy(
+                self.images_url or "",
+                self.image_proc,
+                log_path=log,
+                timeout=self.image_timeout,
+                on_wait=lambda s: self.out(f"... image model still loading ({s:.0f}s)"),
+            )
+        except launcher.EngineError as exc:
+            launcher.stop(self.image_proc, grace=10.0)
+            self.image_proc = None
+            self.out(f"Image engine failed, serving chat only: {exc}")
+            return
+        self.out(f"Image engine healthy after {waited:.1f}s (drew a warm-up image)")
 
     def start_batch_worker(self) -> bool:
         """With HEADY_GATEWAY_URL and the secret HEADY_NODE_CREDENTIAL set, run the batch worker
@@ -270,8 +359,13 @@ class NodeSession:
             line = status.status_line(clock, self.node, self.role, snap)
         except httpx.HTTPError as exc:
             line = status.status_line(clock, self.node, self.role, None, type(exc).__name__)
-        procs = (("engine", self.engine_proc), ("tunnel", self.tunnel_proc))
-        for name, proc in (*procs, ("batch worker", self.worker_proc)):
+        procs = (
+            ("engine", self.engine_proc),
+            ("images", self.image_proc),
+            ("tunnel", self.tunnel_proc),
+            ("batch worker", self.worker_proc),
+        )
+        for name, proc in procs:
             if proc is not None and proc.poll() is not None:
                 line += f" | {name} EXITED ({proc.returncode})"
         if self.tunnel_kind != "none" and self.public_url is None:
@@ -304,10 +398,11 @@ class NodeSession:
 
     def stop(self) -> None:
         """Stop the tunnel and the engine (idempotent: says so only when something ran)."""
-        procs = [p for p in (self.worker_proc, self.tunnel_proc, self.engine_proc) if p]
+        running = (self.worker_proc, self.tunnel_proc, self.image_proc, self.engine_proc)
+        procs = [p for p in running if p is not None]
         for proc in procs:
             launcher.stop(proc, grace=10.0)
-        self.worker_proc = self.tunnel_proc = self.engine_proc = None
+        self.worker_proc = self.tunnel_proc = self.engine_proc = self.image_proc = None
         self.public_url = None
         if procs:
             self.out(f"Node {self.node} stopped.")

@@ -8,6 +8,8 @@ class Snapshot:
     served: int | None  # finished requests since start
     running: int | None
     waiting: int | None  # queue depth
+    images_running: int | None = None  # the image engine beside vLLM (vision nodes)
+    images_waiting: int | None = None
 
 
 def snapshot(metrics: dict[str, float]) -> Snapshot:
@@ -21,6 +23,8 @@ def snapshot(metrics: dict[str, float]) -> Snapshot:
         served=pick("vllm:request_success_total", "vllm:e2e_request_latency_seconds_count"),
         running=pick("vllm:num_requests_running"),
         waiting=pick("vllm:num_requests_waiting"),
+        images_running=pick("heady_images:num_requests_running"),
+        images_waiting=pick("heady_images:num_requests_waiting"),
     )
 
 
@@ -32,7 +36,10 @@ def status_line(clock: str, node: int, role: str, snap: Snapshot | None, error: 
     head = f"[{clock}] node {node} ({role})"
     if snap is None:
         return f"{head} DOWN: {error or 'no answer from the engine'}"
-    return (
+    line = (
         f"{head} up | served {_n(snap.served)} | running {_n(snap.running)} "
         f"| queue {_n(snap.waiting)}"
     )
+    if snap.images_running is not None or snap.images_waiting is not None:
+        line += f" | images running {_n(snap.images_running)} queue {_n(snap.images_waiting)}"
+    return line

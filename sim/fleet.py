@@ -47,11 +47,12 @@ from typing import Any, Self, TypeVar
 
 from heady_node import batch_worker, launcher
 from heady_node.gpu import GPU_CLASSES
-from heady_node.presets import Preset, preset_for, served_model_names
+from heady_node.presets import Preset, preset_for, served_capabilities, served_model_names
 from heady_shared.nodeauth import node_credential
 from heady_shared.routes import DEFAULT_POOLS, NODE_COUNT, role_of
 from sim.node import DEFAULT_MODEL, Capacity, Node, RecordedRequest, parse_mode
 from sim.node.capacity import UNLIMITED, parse_capacity
+from sim.node.images import ImageSim, image_sim_for
 from sim.node.record import HISTORY
 from sim.server import HTTPServer, Request, Response
 
@@ -99,6 +100,20 @@ BATCH_TOKEN_S: dict[str, float] = {"t4": 0.05, "l4": 0.04}
 BATCH_CAPACITY: dict[int, Capacity] = {
     n: Capacity(_preset(n).max_num_seqs, BATCH_TOKEN_S[NODE_GPUS[n]]) for n in BATCH_NODES
 }
+
+
+def default_capabilities(n: int) -> tuple[str, ...]:
+    """What vLLM serves on node ``n`` as the node side starts it (chat; image input on the
+    vision pair): ``heady_node.presets.served_capabilities``."""
+    return served_capabilities(_preset(n)) if n in NODE_GPUS else ("chat",)
+
+
+def default_images(n: int, seconds_per_image: float | None = None) -> ImageSim | None:
+    """The image engine beside vLLM on the vision pair (heady_node.image_presets for the
+    node's GPU); None elsewhere. ``seconds_per_image`` None: the preset's estimate."""
+    if n not in NODE_GPUS or _preset(n).vision is None:
+        return None
+    return image_sim_for(NODE_GPUS[n], seconds_per_image)
 
 
 def default_served_names(n: int, pools: Mapping[str, Any] | None = None) -> tuple[str, ...]:
@@ -160,8 +175,10 @@ class Fleet:
         dev_mode: bool = False,
         capacity: Mapping[int, Capacity] | None = None,
         history: int = HISTORY,
+        image_s: float | None = None,
     ) -> None:
-        """``served_names`` overrides what node n answers to (default:
+        """``image_s``: seconds per image on the vision pair's image engines (None: the image
+        preset's estimate). ``served_names`` overrides what node n answers to (default:
         ``default_served_names(n)``); ``dev_mode`` is vLLM's ``VLLM_SERVER_DEV_MODE=1``;
         ``capacity`` node n's ``--max-num-seqs`` and time per token (default: no limit, no
         delay; see ``sim.node.capacity``); ``history`` how many requests each node records."""
@@ -182,6 +199,8 @@ class Fleet:
                 dev_mode=dev_mode,
                 capacity=limits.get(n, UNLIMITED),
                 history=history,
+                capabilities=default_capabilities(n),
+                images=default_images(n, image_s),
             )
             for n in range(1, count + 1)
         }
@@ -317,6 +336,15 @@ class Fleet:
         node = self.node(n)
         parse_capacity(params)  # validate in the caller's thread for a clean traceback
         self._call(node.set_capacity(**params))
+
+    def set_capabilities(self, n: int, names: Sequence[str]) -> None:
+        """What node ``n`` reports it serves (chat, image_input, image_generation)."""
+        node = self.node(n)
+
+        async def apply() -> None:
+            self._set_capabilities(node, names)
+
+        self._call(apply())
 
     def set_api_key(self, n: int, api_key: str | None) -> None:
         self.node(n).api_key = api_key
@@ -503,12 +531,18 @@ class Fleet:
         mode = body.pop("mode", None)
         names = body.pop("served_names", None)
         capacity = {k: body.pop(k) for k in ("max_num_seqs", "token_s") if k in body}
+        caps = body.pop("capabilities", None)
         if mode is None and body:
             raise ValueError(f"parameters {sorted(body)} given without a 'mode'")
-        if mode is None and load is None and names is None and not capacity:
+        if mode is None and load is None and names is None and not capacity and caps is None:
             raise ValueError(
-                "expected 'mode', 'load', 'served_names', 'max_num_seqs' and/or 'token_s'"
+                "expected 'mode', 'load', 'served_names', 'max_num_seqs', 'token_s' and/or "
+                "'capabilities'"
             )
+        if caps is not None and (
+            not isinstance(caps, list) or not all(isinstance(c, str) for c in caps)
+        ):
+            raise ValueError("'capabilities' must be a list of capability names")
         if mode is not None and not isinstance(mode, str):
             raise ValueError("'mode' must be a string")
         if names is not None and (
@@ -526,9 +560,19 @@ class Fleet:
             await node.set_capacity(**capacity)
         if names is not None:
             node.set_served_names(names)
+        if caps is not None:
+            self._set_capabilities(node, caps)
         if mode is not None:
             parse_mode(mode, body)
             await node.set_mode(mode, **body)
+
+    def _set_capabilities(self, node: Node, names: Sequence[str]) -> None:
+        """What node reports from now on: 'image_generation' keeps (or starts) its image
+        engine, leaving it out stops it; the rest is what vLLM serves."""
+        images: ImageSim | bool = "image_generation" in names
+        if images and node.images is None:
+            images = image_sim_for(NODE_GPUS.get(node.number, "t4"))
+        node.set_capabilities([c for c in names if c != "image_generation"], images)
 
 
 def _json_object(raw: bytes) -> dict[str, Any]:
@@ -585,6 +629,7 @@ class FleetProcess:
         dev_mode: bool = False,
         capacity: Mapping[int, Capacity] | None = None,
         history: int | None = None,
+        image_s: float | None = None,
         args: Sequence[str] = (),
         start_timeout: float = 30.0,
         cwd: str | os.PathLike[str] | None = None,
@@ -599,6 +644,8 @@ class FleetProcess:
             self._argv += ["--served-model-name", f"{n}={','.join(names)}"]
         if dev_mode:
             self._argv.append("--dev-mode")
+        if image_s is not None:
+            self._argv += ["--image-s", str(image_s)]
         for n, cap in (capacity or {}).items():
             seqs = "" if cap.max_num_seqs is None else str(cap.max_num_seqs)
             self._argv += ["--capacity", f"{n}={seqs}:{cap.token_s!r}"]
@@ -711,6 +758,11 @@ class FleetProcess:
         self.url(n)
         return self._call("POST", f"/nodes/{n}", {"served_names": list(names)})
 
+    def set_capabilities(self, n: int, names: Sequence[str]) -> dict[str, Any]:
+        """What node ``n`` reports it serves (chat, image_input, image_generation)."""
+        self.url(n)
+        return self._call("POST", f"/nodes/{n}", {"capabilities": list(names)})
+
     def reset(self) -> dict[str, Any]:
         """Every node healthy, load 0, served names and capacity as started, request logs
         cleared."""
@@ -796,6 +848,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--history", type=int, default=HISTORY, help="requests each node records (%(default)s)"
     )
+    parser.add_argument(
+        "--image-s",
+        type=float,
+        default=None,
+        help="seconds per image on the vision pair (default: the image preset's estimate)",
+    )
     parser.add_argument("--control-port", type=int, default=0)
     parser.add_argument(
         "--exit-on-stdin-eof",
@@ -847,6 +905,7 @@ def main(argv: list[str] | None = None) -> int:
         dev_mode=args.dev_mode,
         capacity=capacity,
         history=args.history,
+        image_s=args.image_s,
     )
     fleet.start()
     try:

@@ -308,3 +308,54 @@ async def expire_due(db: Db, blobs: Blobs, ids: Ids, now: float) -> int:
         moved += after["status"] != b["status"]
     await purge_deleted(db, blobs, now)
     return moved
+
+
+STATUS_MINE = 20  # /api/status lists at most this many of the caller's open batches
+
+
+async def status_view(db: Db, owner: str, now: float) -> dict[str, object]:
+    """/api/status's `batches`: how many batches of all owners are at work, and the caller's
+    own open ones (never another owner's ids), newest first, with shard progress and which
+    node holds which shard. A read only: nothing is settled here."""
+    mine = await jobdb.open_batches(db, owner, STATUS_MINE)
+    ids = [str(b["id"]) for b in mine]
+    shards: dict[str, dict[str, int]] = {
+        i: {"total": 0, "pending": 0, "leased": 0, "done": 0} for i in ids
+    }
+    for r in await jobdb.shard_states(db, ids):
+        counts = shards[str(r["batch_id"])]
+        counts["total"] += num(r["n"])
+        if str(r["state"]) in counts:
+            counts[str(r["state"])] += num(r["n"])
+    holders: dict[str, list[dict[str, object]]] = {i: [] for i in ids}
+    for r in await jobdb.lease_holders(db, ids, now):
+        holders[str(r["batch_id"])].append(
+            {
+                "node": opt_int(r["node"]),
+                "seq": num(r["seq"]),
+                "kind": r["kind"],
+                "lines": num(r["n_lines"]),
+                "expires_at": int(float(r["expires_at"])),  # type: ignore[arg-type]
+            }
+        )
+    return {
+        "running": await jobdb.running_batches(db),
+        "mine": [
+            {
+                "id": b["id"],
+                "status": b["status"],
+                "role": b["role"],
+                "model": b.get("model"),
+                "created_at": num(b["created_at"]),
+                "expires_at": num(b["expires_at"]),
+                "request_counts": {
+                    "total": num(b["total"]),
+                    "completed": num(b["completed"]),
+                    "failed": num(b["failed"]),
+                },
+                "shards": shards[str(b["id"])],
+                "holders": holders[str(b["id"])],
+            }
+            for b in mine
+        ],
+    }

@@ -12,6 +12,7 @@ from typing import Any
 
 from heady_shared.endpoints import EndpointState
 from heady_shared.routes import Pool
+from jobdb import BatchSettings
 from settings import DEFAULTS, SETTINGS, Findings
 
 
@@ -70,6 +71,7 @@ class GatewayConfig:
     api_keys: tuple[str, ...]
     auth_disabled: bool
     node_token: str | None
+    node_secret: str | None  # NODE_SECRET: node credentials derive from it (nodeauth)
     timeouts: Timeouts
     health: HealthPolicy
     max_body_bytes: int
@@ -78,6 +80,7 @@ class GatewayConfig:
     upstream_paths: tuple[str, ...]  # forwarded path prefixes ("/v1/") or exact paths
     problems: tuple[str, ...]  # non-fatal: reported in /api/status
     fatal: tuple[str, ...]  # the gateway cannot route at all: heavy routes answer 503
+    batch: BatchSettings = field(default_factory=BatchSettings)  # Files + Batch API (docs/batch.md)
 
     def node(self, number: int) -> Node:
         return self.nodes[number - 1]
@@ -91,7 +94,13 @@ def load_config(env: Mapping[str, str | None]) -> GatewayConfig:
     """Build the configuration from the Worker's vars and secrets, never raising: each setting
     is read by its own parser into the field its row names (src/settings.py)."""
     found = Findings()
-    parts: dict[str, dict[str, Any]] = {"": {}, "nodes": {}, "timeouts": {}, "health": {}}
+    parts: dict[str, dict[str, Any]] = {
+        "": {},
+        "nodes": {},
+        "timeouts": {},
+        "health": {},
+        "batch": {},
+    }
     for spec in SETTINGS:
         part, _, name = spec.into.rpartition(".")
         parts[part][name] = spec.read(env.get(spec.name), found)
@@ -100,6 +109,12 @@ def load_config(env: Mapping[str, str | None]) -> GatewayConfig:
     if health["cooldown_max_s"] < health["cooldown_base_s"]:
         found.problems.append("COOLDOWN_MAX_S is below COOLDOWN_BASE_S; using the base for both")
         health["cooldown_max_s"] = health["cooldown_base_s"]
+    batch = parts["batch"]
+    if batch["heartbeat_s"] >= batch["lease_s"]:
+        found.problems.append(
+            "BATCH_HEARTBEAT_S is not below BATCH_LEASE_S; heartbeating at a third of the lease"
+        )
+        batch["heartbeat_s"] = batch["lease_s"] / 3
     nodes = tuple(
         Node(int(n), ep.state, ep.base_url, ep.reason) for n, ep in parts["nodes"].items()
     )
@@ -108,6 +123,7 @@ def load_config(env: Mapping[str, str | None]) -> GatewayConfig:
         nodes=nodes,
         timeouts=Timeouts(**parts["timeouts"]),
         health=HealthPolicy(**health),
+        batch=BatchSettings(**batch),
         problems=tuple(found.problems),
         fatal=tuple(found.fatal),
     )

@@ -15,6 +15,7 @@ from typing import Protocol
 import health
 from attempt import Head
 from config import GatewayConfig
+from heady_shared import capabilities
 from heady_shared.failures import match
 from heady_shared.metrics import queue_depth, served_model
 from heady_shared.schedule import cron_period_s
@@ -34,6 +35,8 @@ class ProbeResult:
     ms: float | None = None
     load: int | None = None
     model: str | None = None  # the node's model id from its metrics labels
+    # What the node reports it serves (heady_shared.capabilities); None: it says nothing
+    capabilities: tuple[str, ...] | None = None
 
     def log(self) -> dict[str, object]:
         return {
@@ -43,6 +46,7 @@ class ProbeResult:
             "ms": self.ms,
             "load": self.load,
             "model": self.model,
+            "capabilities": list(self.capabilities) if self.capabilities is not None else None,
         }
 
 
@@ -67,7 +71,8 @@ async def probe(
     config: GatewayConfig, prober: Prober, node: int, clock: Callable[[], float]
 ) -> ProbeResult:
     """GET the health path; a 2xx is up. The load comes from its body when it carries one,
-    else from the metrics path (vLLM's /health has an empty body)."""
+    else from the metrics path (vLLM's /health has an empty body), which also names the model
+    and what the node serves (its capability gauges)."""
     policy = config.health
     started = clock()
     got = await prober.get(node, policy.probe_path, policy.probe_timeout_s)
@@ -78,13 +83,15 @@ async def probe(
     head, text = got  # type: ignore[misc]
     load = queue_depth(text, head.fields.get("content-type"))
     model = None
+    found = None
     if load is None and policy.metrics_path:
         metrics = await prober.get(node, policy.metrics_path, policy.probe_timeout_s)
         if not _failure(metrics):
             mhead, mtext = metrics  # type: ignore[misc]
             load = queue_depth(mtext, mhead.fields.get("content-type"))
             model = served_model(mtext)
-    return ProbeResult(node, True, "ok", ms, load, model)
+            found = capabilities.parse(mtext)
+    return ProbeResult(node, True, "ok", ms, load, model, found)
 
 
 def _failure(got: tuple[Head, str] | str) -> str | None:
@@ -108,11 +115,15 @@ def record_probes(
             if r.ok
             else health.on_failure(old, now, r.reason, config.health)
         )
-        new = health.with_probe(new, now, r.load, r.ms, r.model)
-        news = (r.load is not None and r.load != old.load) or (r.model not in (None, old.model))
+        new = health.with_probe(new, now, r.load, r.ms, r.model, r.capabilities)
+        news = (
+            (r.load is not None and r.load != old.load)
+            or (r.model not in (None, old.model))
+            or (r.capabilities is not None and r.capabilities != old.capabilities)
+        )
         if not view.apply(r.node, new) and news:
-            # A changed load steers balancing elsewhere, a new model id is shown to clients:
-            # both are worth sharing.
+            # A changed load steers balancing elsewhere, a new model id is shown to clients,
+            # changed capabilities decide which requests may go there: all worth sharing.
             view.dirty = True
             view.changes += 1
 

@@ -124,12 +124,30 @@ def resolve(table: tuple[Row, ...], method: str, path: str) -> Match | MethodNot
 #   - a path the gateway serves itself under a role, before "forward":
 #       Row("files", "/api/heavy/{role}/v1/files/**", frozenset({"GET", "POST", "DELETE"}))
 #   - a node-facing route, authenticated by a node credential instead of a client key:
-#       Row("lease", "/api/nodes/v1/lease", frozenset({"POST"}), auth="node")
+#       Row("node_lease", "/api/nodes/v1/leases", frozenset({"POST"}), auth="node")
 ROUTES: tuple[Row, ...] = (
     # CORS preflight, for any path.
     Row("preflight", "/**", frozenset({"OPTIONS"}), auth="none", other_methods="next"),
     Row("healthz", "/healthz", GET_HEAD, auth="none", other_methods="next"),
     Row("status", "/api/status", GET_HEAD),
+    # Files + Batch API, answered by the gateway itself (src/jobs_shell.py; docs/batch.md).
+    Row("files", "/api/heavy/{role}/v1/files", frozenset({"GET", "POST"})),
+    Row("file", "/api/heavy/{role}/v1/files/{id}", frozenset({"GET", "DELETE"})),
+    Row("file_content", "/api/heavy/{role}/v1/files/{id}/content", frozenset({"GET"})),
+    Row("batches", "/api/heavy/{role}/v1/batches", frozenset({"GET", "POST"})),
+    Row("batch", "/api/heavy/{role}/v1/batches/{id}", frozenset({"GET"})),
+    Row("batch_cancel", "/api/heavy/{role}/v1/batches/{id}/cancel", frozenset({"POST"})),
+    Row("jobs_unknown", "/api/heavy/{role}/v1/files/**"),  # never forwarded to a node
+    Row("jobs_unknown", "/api/heavy/{role}/v1/batches/**"),
     Row("forward", "/api/heavy/**", auth="client", needs_fleet=True),
+    # The node API: batch workers lease work with their node credential (nodeauth).
+    Row("node_lease", "/api/nodes/v1/leases", frozenset({"POST"}), auth="node"),
+    Row("node_input", "/api/nodes/v1/leases/{id}/input", frozenset({"GET"}), auth="node"),
+    Row("node_heartbeat", "/api/nodes/v1/leases/{id}/heartbeat", frozenset({"POST"}), auth="node"),
+    Row(
+        "node_results", "/api/nodes/v1/leases/{id}/results/{part}", frozenset({"PUT"}), auth="node"
+    ),
+    Row("node_commit", "/api/nodes/v1/leases/{id}/commit", frozenset({"POST"}), auth="node"),
+    Row("jobs_unknown", "/api/nodes/**", auth="node"),
     Row("page", "/", GET_HEAD, auth="none", other_methods="next"),  # status_page.PATH
 )

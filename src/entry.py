@@ -18,7 +18,9 @@ import js
 from pyodide.ffi import create_proxy
 from workers import Response, WorkerEntrypoint
 
+import capability
 import cron
+import jobs_shell
 import jsio
 import status_page
 from body import BodyError
@@ -26,16 +28,14 @@ from config import GatewayConfig, load_config
 from dispatch import ROUTES, Match, Row, resolve
 from errors import error_body
 from exchange import Exchange
-from forward import Budget, ForwardResult, cut, forward
+from forward import Budget, ForwardResult, cut, forward, retry_after
 from headers import (
     MAX_HEADER_BYTES,
     auth_problem,
     cors_headers,
     header_bytes,
     is_sse,
-    key_matches,
     preflight_headers,
-    presented_key,
     relay_headers,
     request_headers_for_node,
     request_id,
@@ -171,11 +171,9 @@ class Default(WorkerEntrypoint):
     def _denied(self, row: Row, config: GatewayConfig, headers, ex: Exchange):
         if row.auth == "none":
             return None
-        if row.auth == "node":  # a node's own calls carry the node token, not a client key
-            ok = bool(config.node_token) and key_matches(
-                presented_key(headers), (config.node_token or "",)
-            )
-            problem = None if ok else (401, "unauthorized", "missing or invalid node token")
+        if row.auth == "node":  # a node's own calls carry its node credential, not a client key
+            ok = jobs_shell.node_of(config, headers) is not None
+            problem = None if ok else (401, "unauthorized", "missing or invalid node credential")
         else:
             problem = auth_problem(headers, config.api_keys, config.auth_disabled)
         if problem is None:
@@ -220,7 +218,8 @@ class Default(WorkerEntrypoint):
     async def _status(self, call: _Call, config: GatewayConfig, _params):
         ex, sync = call.ex, _ISO.sync
         await sync.refresh(self._io())
-        body = status_body(config, sync.view, _clock(), ex.rid, VERSION)
+        jobs = await jobs_shell.status_batches(self, call, config)
+        body = status_body(config, sync.view, _clock(), ex.rid, VERSION, jobs)
         cors = cors_headers(ex.origin, config.cors_origins)
         return self._json(ex, json.dumps(body), 200, {"x-request-id": ex.rid, **cors})
 
@@ -241,10 +240,17 @@ class Default(WorkerEntrypoint):
             if isinstance(body, BodyError):
                 return self._error(ex, body.status, body.message, body.type)
 
+        need = capability.needs(
+            call.method, route.rest, lambda: jsio.body_contains(body, capability.IMAGE_PART)
+        )
         io, sync = self._io(), _ISO.sync
         await sync.refresh(io)
-        plan = make_plan(config.pools[route.role], config, sync.view, _clock(), _ISO.turn)
+        now = _clock()
+        plan = make_plan(config.pools[route.role], config, sync.view, now, _ISO.turn, need)
         _ISO.turn += 1
+        if not plan.nodes and need is not None:
+            wait = retry_after(sync.view, plan.capable, now, config.health)
+            return self._no_capable(ex, plan, f"none of them is up (retry in {wait} s)", wait)
         if not plan.nodes:
             message = f"no configured node serves role {route.role!r}"
             return self._error(ex, 503, message, "no_nodes", headers={"retry-after": "60"})
@@ -257,6 +263,11 @@ class Default(WorkerEntrypoint):
         result = await forward(plan, upstream, sync, budget)
         ex.attempts = result.attempts
         sync.maybe_flush(io)
+        if result.node is None and need is not None:
+            tried = ", ".join(str(a.node) for a in ex.attempts)
+            return self._no_capable(
+                ex, plan, f"none of those tried ({tried}) answered", result.retry_after_s or 1
+            )
         if result.node is None:
             return self._error(
                 ex,
@@ -267,6 +278,25 @@ class Default(WorkerEntrypoint):
                 attempts=[a.public() for a in ex.attempts],
             )
         return self._relay(result, plan, ex, config)
+
+    def _no_capable(self, ex: Exchange, plan: Plan, why: str, retry_after_s: int):
+        """503 for a request no node that has its capability can serve now."""
+        need = plan.need or ""
+        have = ", ".join(map(str, plan.capable)) or "none reports it yet"
+        message = (
+            f"no node that serves {capability.label(need)} can take this {plan.role!r} "
+            f"request: {why}; nodes with {capability.label(need)}: {have}"
+        )
+        return self._error(
+            ex,
+            503,
+            message,
+            "no_capable_node",
+            headers={"retry-after": str(retry_after_s)},
+            capability=need,
+            nodes=list(plan.capable),
+            attempts=[a.public() for a in ex.attempts],
+        )
 
     def _relay(self, result: ForwardResult, plan: Plan, ex: Exchange, config: GatewayConfig):
         """The node's answer for the client, as a JS Response: the SDK's `Response` wrapper
@@ -356,11 +386,13 @@ class Default(WorkerEntrypoint):
             _clock,
         )
         wrote = await sync.flush(io) if sync.flush_due(_clock()) else False
+        jobs = await jobs_shell.cron(self)
         _log(
             {
                 "msg": "probe",
                 "probed": [r.log() for r in results],
                 "wrote_kv": wrote,
+                **jobs,
                 "ms": round(max(0.0, _clock() - started) * 1000, 1),
             }
         )
@@ -373,6 +405,19 @@ _HANDLERS = {
     "status": Default._status,
     "forward": Default._forward,
     "page": Default._page,
+    # Files + Batch API and the node API (jobs_shell.py)
+    "files": jobs_shell.files_root,
+    "file": jobs_shell.file_one,
+    "file_content": jobs_shell.file_content,
+    "batches": jobs_shell.batches_root,
+    "batch": jobs_shell.batch_one,
+    "batch_cancel": jobs_shell.batch_cancel,
+    "jobs_unknown": jobs_shell.unknown,
+    "node_lease": jobs_shell.node_lease,
+    "node_input": jobs_shell.node_input,
+    "node_heartbeat": jobs_shell.node_heartbeat,
+    "node_results": jobs_shell.node_results,
+    "node_commit": jobs_shell.node_commit,
 }
 
 

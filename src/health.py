@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 from config import HealthPolicy
+from heady_shared import capabilities as caps
 from heady_shared.metrics import MAX_LOAD
 from heady_shared.routes import NODE_NUMBERS
 from settings import BY_NAME
@@ -49,6 +50,9 @@ class HealthState:
     load_at: float | None = None
     model: str | None = None  # the node's served model id, from its metrics (cron)
     checked_at: float | None = None  # last active probe
+    # What the node reports it serves (heady_shared.capabilities, from its metrics via the
+    # cron); None: not known yet (never probed, or a node that does not report them).
+    capabilities: tuple[str, ...] | None = None
 
 
 def cooldown_s(failures: int, policy: HealthPolicy) -> float:
@@ -110,6 +114,7 @@ def with_probe(
     load: int | None,
     latency_ms: float | None,
     model: str | None = None,
+    capabilities: tuple[str, ...] | None = None,
 ) -> HealthState:
     return replace(
         h,
@@ -119,6 +124,7 @@ def with_probe(
         load=load if load is not None else h.load,
         load_at=now if load is not None else h.load_at,
         model=model if model is not None else h.model,
+        capabilities=capabilities if capabilities is not None else h.capabilities,
     )
 
 
@@ -142,6 +148,8 @@ def covers(theirs: HealthState | None, mine: HealthState, policy: HealthPolicy) 
     if theirs.state != mine.state:
         return False
     if mine.load is not None and mine.load != theirs.load:
+        return False
+    if mine.capabilities is not None and mine.capabilities != theirs.capabilities:
         return False
     if mine.state != "down":
         return True
@@ -177,6 +185,11 @@ class HealthView:
         if h is None or h.load is None or h.load_at is None or now - h.load_at > LOAD_TTL_S:
             return None
         return h.load
+
+    def capabilities(self, n: int) -> tuple[str, ...] | None:
+        """What node n reported it serves; None while unknown."""
+        h = self.nodes.get(n)
+        return None if h is None else h.capabilities
 
     def apply(self, n: int, new: HealthState) -> bool:
         """Store a node's new state; returns True when it is a transition worth sharing."""
@@ -232,6 +245,8 @@ def encode(view: HealthView, now: float) -> tuple[str, int]:
             "chk": h.checked_at,
             "m": h.model,
         }
+        if h.capabilities is not None:
+            nodes[str(n)]["c"] = list(h.capabilities)
     body = json.dumps(
         {"v": RECORD_VERSION, "written_at": now, "nodes": nodes},
         separators=(",", ":"),
@@ -263,6 +278,7 @@ def bounded(h: HealthState, latest: float) -> HealthState:
         load=h.load if h.load is not None and 0 <= h.load <= MAX_LOAD else None,
         load_at=_time(h.load_at, at),
         checked_at=_time(h.checked_at, at),
+        capabilities=_capabilities(h.capabilities),
     )
 
 
@@ -308,6 +324,7 @@ def decode(raw: str | None, now: float) -> tuple[dict[int, HealthState], float]:
                 load_at=_opt_float(rec.get("load_at")),
                 checked_at=_opt_float(rec.get("chk")),
                 model=_model(rec.get("m")),
+                capabilities=_capabilities(rec.get("c")),
             )
         except (KeyError, TypeError, ValueError, AttributeError, OverflowError):
             continue
@@ -325,6 +342,15 @@ def _model(value: object) -> str | None:
     """A model id as the cron stores it: 1..128 printable ASCII characters, else nothing."""
     ok = isinstance(value, str) and 0 < len(value) <= 128
     return value if ok and all(0x20 < ord(c) < 0x7F for c in value) else None  # type: ignore[union-attr]
+
+
+def _capabilities(value: object) -> tuple[str, ...] | None:
+    """Known capability names only, each once, in heady_shared's order; anything that is not
+    a short list says nothing (None). Bounded: at most len(KNOWN) names ever come back."""
+    if not isinstance(value, list | tuple) or len(value) > 16:
+        return None
+    have = {v for v in value if isinstance(v, str)}
+    return tuple(c for c in caps.KNOWN if c in have)
 
 
 def _opt_float(value: object) -> float | None:

@@ -112,6 +112,8 @@ async def _one(db: Db, sql: str, params: Sequence[object]) -> Row | None:
 # ---------------------------------------------------------------------------- files
 
 LIVE_FILE = "deleted_at IS NULL AND (expires_at IS NULL OR expires_at > ?)"
+# A fine-tuning job (migrations/0002) still reading its files: their blobs are kept.
+FT_OPEN = "status IN ('validating_files', 'queued', 'running')"
 FILE_COLUMNS = (
     "id, owner, purpose, filename, bytes, created_at, expires_at, status, blob, data_offset, parts"
 )
@@ -182,8 +184,10 @@ async def file_in_use(db: Db, file_id: str) -> bool:
     """Whether a batch still reading this file as input is unfinished."""
     row = await _one(
         db,
-        "SELECT 1 AS x FROM batches WHERE input_file_id = ? AND status IN (?, ?, ?) LIMIT 1",
-        (file_id, *ACTIVE_BATCH, "cancelling"),
+        "SELECT 1 AS x FROM batches WHERE input_file_id = ? AND status IN (?, ?, ?)"
+        f" UNION ALL SELECT 1 FROM ft_jobs WHERE training_file = ? AND {FT_OPEN}"
+        f" UNION ALL SELECT 1 FROM ft_jobs WHERE validation_file = ? AND {FT_OPEN} LIMIT 1",
+        (file_id, *ACTIVE_BATCH, "cancelling", file_id, file_id),
     )
     return row is not None
 
@@ -194,6 +198,8 @@ async def purgeable_files(db: Db, now: float, limit: int = 20) -> list[Row]:
         " AND (blob IS NOT NULL OR parts IS NOT NULL)"
         " AND NOT EXISTS (SELECT 1 FROM batches b WHERE b.input_file_id = f.id"
         " AND b.status IN (?, ?, ?))"
+        f" AND NOT EXISTS (SELECT 1 FROM ft_jobs j WHERE j.training_file = f.id AND {FT_OPEN})"
+        f" AND NOT EXISTS (SELECT 1 FROM ft_jobs j WHERE j.validation_file = f.id AND {FT_OPEN})"
     )
     busy = (*ACTIVE_BATCH, "cancelling")
     return await db.all(
@@ -554,3 +560,49 @@ async def commit_invalid(
 
 async def work_row(db: Db, lease_id: str) -> Row | None:
     return await _one(db, "SELECT * FROM work WHERE lease_id = ?", (lease_id,))
+
+
+# ---------------------------------------------------------------------------- status
+
+
+async def running_batches(db: Db) -> int:
+    """Batches of every owner still at work (validating, in progress, cancelling)."""
+    row = await _one(
+        db,
+        "SELECT COUNT(*) AS n FROM batches WHERE status IN (?, ?, ?)",
+        (*ACTIVE_BATCH, "cancelling"),
+    )
+    return num(row["n"]) if row else 0
+
+
+async def open_batches(db: Db, owner: str, limit: int) -> list[Row]:
+    """This owner's batches still at work, newest first."""
+    return await db.all(
+        "SELECT * FROM batches WHERE owner = ? AND status IN (?, ?, ?)"
+        " ORDER BY created_at DESC, id DESC LIMIT ?",
+        (owner, *ACTIVE_BATCH, "cancelling", limit),
+    )
+
+
+async def shard_states(db: Db, batch_ids: Sequence[str]) -> list[Row]:
+    """(batch_id, state, n) of the lines work of these batches."""
+    if not batch_ids:
+        return []
+    return await db.all(
+        "SELECT batch_id, state, COUNT(*) AS n FROM work"
+        f" WHERE batch_id IN ({_marks(len(batch_ids))}) AND kind = 'lines'"
+        " GROUP BY batch_id, state",
+        list(batch_ids),
+    )
+
+
+async def lease_holders(db: Db, batch_ids: Sequence[str], now: float) -> list[Row]:
+    """Current (unlapsed) leases of these batches' work: who holds which shard."""
+    if not batch_ids:
+        return []
+    return await db.all(
+        "SELECT batch_id, node, seq, kind, n_lines, expires_at FROM work"
+        f" WHERE batch_id IN ({_marks(len(batch_ids))}) AND state = 'leased'"
+        " AND expires_at >= ? ORDER BY batch_id, seq",
+        [*batch_ids, now],
+    )

@@ -11,6 +11,7 @@ import time
 import js
 from pyodide.ffi import create_proxy, to_js
 
+import capability
 from attempt import Head
 from body import (
     TOO_LARGE,
@@ -157,6 +158,16 @@ def end_abruptly(writer) -> None:
     than close it. The offline workerd still ends it with a final chunk (kj's chunked writer
     does when a body is torn down: bench/README.md), so the client gets the short body."""
     writer.abort(js.Error.new("upstream disconnected")).catch(IGNORE)
+
+
+def body_contains(body, needle: bytes) -> bool:
+    """Whether the request body (the JS buffer read_body returned) contains `needle`, copied
+    into Python one bounded window at a time (capability.contains): never the whole body at
+    once, never parsed."""
+    if body is None:
+        return False
+    total = int(body.byteLength)
+    return capability.contains(lambda a, b: body.subarray(a, b).to_bytes(), total, needle)
 
 
 async def read_body(js_req, headers, config: GatewayConfig):

@@ -38,6 +38,13 @@ def _u8(data) -> object:
     return out
 
 
+def _raw(binding):
+    """The JS binding itself: `WorkerEntrypoint.env` hands R2 and D1 bindings out wrapped
+    (the `workers` SDK's _BindingWrapper converts every result to Python, e.g. an
+    ArrayBuffer to a memoryview), and this module speaks raw FFI."""
+    return getattr(binding, "_binding", binding) if binding is not None else None
+
+
 class MissingBinding(RuntimeError):
     """The Worker has no such binding (wrangler.toml declares it; a local run may not)."""
 
@@ -51,7 +58,7 @@ class R2Blobs:
 
     @property
     def bucket(self):
-        bucket = getattr(self._env, self._binding, None)
+        bucket = _raw(getattr(self._env, self._binding, None))
         if bucket is None:
             raise MissingBinding(f"no R2 binding {self._binding}")
         return bucket
@@ -163,7 +170,7 @@ class D1Db:
 
     @property
     def db(self):
-        db = getattr(self._env, self._binding, None)
+        db = _raw(getattr(self._env, self._binding, None))
         if db is None:
             raise MissingBinding(f"no D1 binding {self._binding}")
         return db

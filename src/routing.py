@@ -154,9 +154,27 @@ class Plan:
     role: str
     nodes: tuple[int, ...]  # in the order to try; bounded by max_attempts
     pair: tuple[int, ...]  # the role's own nodes: anything else tried is a fallback
+    need: str | None = None  # the capability the request needs (capability.needs)
+    capable: tuple[int, ...] = ()  # with `need`: configured nodes known to have it
 
     def is_fallback(self, node: int) -> bool:
         return node not in self.pair
+
+
+def may_serve(view: HealthView, node: int, need: str | None) -> bool:
+    """A node may get a request unless it reported what it serves and that lacks `need`
+    (unknown capabilities: tried as before capabilities existed)."""
+    if need is None:
+        return True
+    have = view.capabilities(node)
+    return have is None or need in have
+
+
+def capable_nodes(config: GatewayConfig, view: HealthView, need: str) -> tuple[int, ...]:
+    """Every usable node known to have `need`, in node order (for the error message)."""
+    return tuple(
+        n.number for n in config.nodes if n.usable and need in (view.capabilities(n.number) or ())
+    )
 
 
 def make_plan(
@@ -165,6 +183,7 @@ def make_plan(
     view: HealthView,
     now: float,
     turn: int,
+    need: str | None = None,
 ) -> Plan:
     """Order the nodes for one request.
 
@@ -172,6 +191,10 @@ def make_plan(
     round-robin on `turn`), then the fallback chain; no node twice; unconfigured or invalid
     nodes never. Nodes marked down move behind every available one; if all are down they are
     still tried in that order (last resort) instead of failing fast.
+
+    With a `need` (a capability the request requires) only nodes that may serve it stay
+    (`may_serve`); if none of those is up the plan is empty, and the caller answers
+    `no_capable_node` instead of sending the request where it cannot be served.
     """
     pair = [n for n in pool.pair if config.node(n).usable]
     if len(pair) > 1:
@@ -180,10 +203,14 @@ def make_plan(
     for n in pool.fallback:
         if n not in order and config.node(n).usable:
             order.append(n)
+    order = [n for n in order if may_serve(view, n, need)]
     available = [n for n in order if not view.is_down(n, now)]
     down = [n for n in order if view.is_down(n, now)]
+    if need is not None and not available:
+        down = []  # every node that could serve it is down: say so rather than retry them
     nodes = tuple((available + down)[: config.max_attempts])
-    return Plan(pool.role, nodes, tuple(pool.pair))
+    capable = capable_nodes(config, view, need) if need is not None else ()
+    return Plan(pool.role, nodes, tuple(pool.pair), need, capable)
 
 
 def _balance(pair: list[int], view: HealthView, now: float, turn: int) -> list[int]:

@@ -52,7 +52,7 @@ class Setting:
     name: str
     kind: Kind
     # The config field it fills: a GatewayConfig field, "timeouts.<field>", "health.<field>",
-    # or "nodes.<n>" (node n's slot).
+    # "batch.<field>" (jobdb.BatchSettings), or "nodes.<n>" (node n's slot).
     into: str
     doc: str
     default: str | None = None  # as the Worker would receive it in env; None: unset
@@ -274,6 +274,60 @@ SETTINGS: tuple[Setting, ...] = (
         default="1800",
         lo=60,
         hi=86400,
+    ),
+    Setting(
+        name="NODE_SECRET",
+        kind="token",
+        into="node_secret",
+        doc="Nodes' batch credentials derive from it (`heady_shared.nodeauth`); unset: no node API",
+    ),
+    Setting(
+        name="MAX_FILE_BYTES",
+        kind="integer",
+        into="batch.max_file_bytes",
+        doc="Largest upload (`/v1/files`) and batch result part (413 above, before reading)",
+        default="100000000",
+        lo=1024,
+        hi=5_000_000_000,
+        in_wrangler=True,
+    ),
+    Setting(
+        name="SHARD_LINES",
+        kind="integer",
+        into="batch.shard_lines",
+        doc="Lines per batch shard (the unit a node leases)",
+        default="100",
+        lo=1,
+        hi=50_000,
+        in_wrangler=True,
+    ),
+    Setting(
+        name="BATCH_LEASE_S",
+        kind="number",
+        into="batch.lease_s",
+        doc="A shard's lease lapses this long after its node's last heartbeat",
+        default="120",
+        lo=1,
+        hi=3600,
+        in_wrangler=True,
+    ),
+    Setting(
+        name="BATCH_HEARTBEAT_S",
+        kind="number",
+        into="batch.heartbeat_s",
+        doc="How often a node heartbeats its lease (below BATCH_LEASE_S)",
+        default="30",
+        lo=0.2,
+        hi=1800,
+        in_wrangler=True,
+    ),
+    Setting(
+        name="BATCH_HELPERS",
+        kind="flag",
+        into="batch.helpers",
+        doc="`true`: idle nodes of other roles may lease shards of models they serve",
+        default="false",
+        in_wrangler=True,
     ),
 )
 BY_NAME = {s.name: s for s in SETTINGS}

@@ -11,8 +11,15 @@ from routing import route_table
 
 
 def status_body(
-    config: GatewayConfig, view: health.HealthView, now: float, request_id: str, version: str
+    config: GatewayConfig,
+    view: health.HealthView,
+    now: float,
+    request_id: str,
+    version: str,
+    batches: dict[str, object] | None = None,
 ) -> dict[str, object]:
+    """`batches`: batches.status_view for the calling key (None: the batch storage could not
+    be read)."""
     nodes = []
     for node in config.nodes:
         h = view.get(node.number)
@@ -30,6 +37,9 @@ def status_body(
                 "latency_ms": h.latency_ms,
                 "load": view.load(node.number, now),
                 "model": h.model,
+                # What the node reports it serves (null: not known yet); routing keeps
+                # requests that need a capability off nodes without it.
+                "capabilities": list(h.capabilities) if h.capabilities is not None else None,
                 "checked_at": iso(h.checked_at),
             }
         )
@@ -43,6 +53,7 @@ def status_body(
         "nodes": nodes,
         "routes": route_table(config.pools),
         "problems": list(config.problems) + list(config.fatal),
+        "batches": batches,
     }
 
 

@@ -27,11 +27,13 @@ Run alone as a stand-in for ``vllm serve``::
 
     python -m sim.node [serve] [MODEL] --port P [--host H] [--node N] [--api-key K]
                        [--served-model-name A [B ...]] [--model M] [--max-num-seqs S]
-                       [--sim-token-s T] [...ignored vLLM flags]
+                       [--sim-token-s T] [--sim-images GPU [--sim-image-s S]]
+                       [...ignored vLLM flags]
 
 The package, one job per module: ``modes`` (what a node can be switched to), ``vllm`` (the
 healthy vLLM API), ``faults`` (what a failing node sends), ``record`` (what reached it),
-``capacity`` (``--max-num-seqs`` and time per token), ``lifecycle`` (``Node``: port, mode,
+``capacity`` (``--max-num-seqs`` and time per token), ``images`` (the image engine a vision
+node runs beside vLLM, and its capabilities), ``lifecycle`` (``Node``: port, mode,
 start/stop), ``cli`` (``python -m sim.node``).
 """
 

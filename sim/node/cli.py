@@ -9,6 +9,7 @@ import signal
 import sys
 
 from sim.node.capacity import parse_capacity
+from sim.node.images import image_sim_for
 from sim.node.lifecycle import DEFAULT_MODEL, Node
 
 __all__ = ["main"]
@@ -37,6 +38,18 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=float,
         default=0.0,
         help="simulator only: seconds per generated token of one sequence (default 0)",
+    )
+    parser.add_argument(
+        "--sim-images",
+        default=None,
+        metavar="GPU",
+        help="simulator only: run the image engine of this GPU class's preset (t4, l4, ...)",
+    )
+    parser.add_argument(
+        "--sim-image-s",
+        type=float,
+        default=None,
+        help="simulator only: seconds per image (default: the image preset's estimate)",
     )
     args, _unknown = parser.parse_known_args(argv)
     return args
@@ -68,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             served_names=args.served_model_name,
             dev_mode=dev_mode,
             capacity=capacity,
+            images=image_sim_for(args.sim_images, args.sim_image_s) if args.sim_images else None,
         )
         await node.start()
         stop = asyncio.Event()

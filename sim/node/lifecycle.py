@@ -13,8 +13,10 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
+from heady_shared import capabilities as caps
 from sim.node import faults
 from sim.node.capacity import UNLIMITED, Capacity, Scheduler, parse_capacity
+from sim.node.images import ImageSim
 from sim.node.modes import HEALTHY, number, parse_mode
 from sim.node.record import HISTORY, RecordedRequest
 from sim.node.vllm import VllmApi
@@ -47,6 +49,8 @@ class Node(VllmApi):
         dev_mode: bool = False,
         history: int = HISTORY,
         capacity: Capacity = UNLIMITED,
+        capabilities: Sequence[str] = (caps.CHAT,),
+        images: ImageSim | None = None,
     ) -> None:
         self.number = number
         self.model = model
@@ -71,6 +75,10 @@ class Node(VllmApi):
         self._hung: set[HTTPConnection] = set()
         self._node_header = ("x-sim-node", str(number))
         self._started = False
+        # What vLLM serves (the guard reports it) and the image engine beside it, if any.
+        self.capabilities = _capabilities(capabilities)
+        self.images = images
+        self._start_caps = (self.capabilities, images)  # what reset() restores
 
     # -- properties ---------------------------------------------------------------------------
     @property
@@ -139,6 +147,22 @@ class Node(VllmApi):
         """Answer to these model names from now on (None: the checkpoint path only)."""
         self.served_names = _names(names or (self.model,))
 
+    def set_capabilities(
+        self, capabilities: Sequence[str], images: ImageSim | bool | None = True
+    ) -> None:
+        """What vLLM serves from now on; `images` False drops the image engine (as if it had
+        stopped), True keeps the current one, an ImageSim replaces it."""
+        self.capabilities = _capabilities(capabilities)
+        if images is False:
+            self.images = None
+        elif isinstance(images, ImageSim):
+            self.images = images
+
+    def reported_capabilities(self) -> tuple[str, ...]:
+        """What this node's /metrics says it serves."""
+        have = set(self.capabilities) | ({caps.IMAGE_GENERATION} if self.images else set())
+        return tuple(c for c in caps.KNOWN if c in have)
+
     def requests(self) -> list[RecordedRequest]:
         with self._log_lock:
             return list(self._log)
@@ -158,6 +182,7 @@ class Node(VllmApi):
 
     async def reset(self) -> None:
         self._scheduler.set_capacity(self._capacity)
+        self.capabilities, self.images = self._start_caps
         await self.set_mode("healthy")
         self.load = 0
         self._set_paused(False)
@@ -180,6 +205,16 @@ class Node(VllmApi):
             **self._scheduler.capacity.to_dict(),
             "running": self._scheduler.running,
             "waiting": self._scheduler.waiting,
+            "capabilities": list(self.reported_capabilities()),
+            **(
+                {
+                    "image_model": self.images.model,
+                    "images_running": self.images.queue.running,
+                    "images_waiting": self.images.queue.waiting,
+                }
+                if self.images
+                else {}
+            ),
         }
 
     def _set_paused(self, paused: bool) -> None:
@@ -242,6 +277,13 @@ class Node(VllmApi):
             )
         else:  # "refuse": a request raced the listener closing; behave like a dead origin
             resp.connection.abort()
+
+
+def _capabilities(names: Sequence[str]) -> tuple[str, ...]:
+    unknown = set(names) - set(caps.KNOWN)
+    if unknown:
+        raise ValueError(f"unknown capabilities {sorted(unknown)}; known: {', '.join(caps.KNOWN)}")
+    return tuple(c for c in caps.KNOWN if c in set(names))
 
 
 def _names(names: Sequence[str]) -> tuple[str, ...]:

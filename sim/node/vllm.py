@@ -13,8 +13,10 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from heady_shared import capabilities as caps
 from sim.node import faults
 from sim.node.capacity import Scheduler
+from sim.node.images import ImageSim
 from sim.node.modes import ModeConfig
 from sim.node.wire import JSON, SSE_TYPE, dumps, error_body
 from sim.server import Request, Response
@@ -43,6 +45,12 @@ ROUTES: dict[str, tuple[str, ...]] = {
     "/v1/chat/completions": ("POST",),
     "/v1/completions": ("POST",),
 }
+# Served through the node guard when the node runs the image engine (sim.node.images); without
+# one the guard hands them to vLLM, which has no such route (404).
+IMAGE_ROUTES: dict[str, tuple[str, ...]] = {
+    "/v1/images/generations": ("POST",),
+    "/v1/images/edits": ("POST",),
+}
 # Only with VLLM_SERVER_DEV_MODE=1 (vllm/entrypoints/serve/sleep/api_router.py and siblings
 # attach their routers only then).
 _DEVROUTES: dict[str, tuple[str, ...]] = {
@@ -68,6 +76,19 @@ def _bearer_ok(header: str | None, key: str) -> bool:
     return scheme.lower() == "bearer" and param == key
 
 
+def _has_image_part(messages: object) -> bool:
+    """An OpenAI `image_url` content part in any message (ChatCompletionContentPartImageParam)."""
+    if not isinstance(messages, list):
+        return False
+    for m in messages:
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, list) and any(
+            isinstance(p, dict) and p.get("type") == "image_url" for p in content
+        ):
+            return True
+    return False
+
+
 class VllmApi:
     """vLLM's HTTP behaviour for a healthy node; ``sim.node.Node`` supplies the state."""
 
@@ -85,6 +106,8 @@ class VllmApi:
     _scheduler: Scheduler
     _seq: int
     _node_header: tuple[str, str]
+    capabilities: tuple[str, ...]  # what vLLM serves (chat, image_input); the guard reports it
+    images: ImageSim | None  # the image engine next to vLLM, if any
 
     def _set_paused(self, paused: bool) -> None:
         raise NotImplementedError  # Node's: it owns the event that holds paused requests
@@ -142,7 +165,11 @@ class VllmApi:
                 self._metrics().encode(),
             )
             return
-        methods = ROUTES.get(path) or (_DEVROUTES.get(path) if self.dev_mode else None)
+        methods = (
+            ROUTES.get(path)
+            or (_DEVROUTES.get(path) if self.dev_mode else None)
+            or (IMAGE_ROUTES.get(path) if self.images is not None else None)
+        )
         if methods is None:
             self._detail(resp, 404, "Not Found")
             return
@@ -162,6 +189,8 @@ class VllmApi:
             self._json(resp, 200, {"server_load": sched.running + sched.waiting})
         elif path == "/v1/models":
             self._json(resp, 200, self._models())
+        elif path in IMAGE_ROUTES:
+            await self._image(req, resp, edit=path == "/v1/images/edits")
         elif path in ("/v1/chat/completions", "/v1/completions"):
             payload = self._payload(req, resp, json_only=True)
             if payload is not None:
@@ -199,6 +228,19 @@ class VllmApi:
                 resp, 200, {"vllm_config": f"model={self.model!r}, served={self.served_names}"}
             )
 
+    async def _image(self, req: Request, resp: Response, *, edit: bool) -> None:
+        assert self.images is not None
+        job = self.images.job(req.header("content-type"), req.body, self.served_names, edit)
+        if not hasattr(job, "prompt"):  # an ApiError
+            self._json(resp, job.status, job.body())  # type: ignore[union-attr]
+            return
+        status, out = await self.images.run(job)  # type: ignore[arg-type]
+        if status == 429:
+            headers = [JSON, ("retry-after", str(out["retry_after"])), self._node_header]
+            resp.send(429, headers, dumps(out["body"]).encode())
+            return
+        self._json(resp, status, out["body"])
+
     def _metrics(self) -> str:
         m = f'model_name="{self.served_names[0]}"'
         # `load` stands for requests queued by clients the simulator does not see (set by tests).
@@ -216,6 +258,10 @@ class VllmApi:
             "# HELP sim_node_requests_total Requests received by this simulated node.\n"
             "# TYPE sim_node_requests_total counter\n"
             f'sim_node_requests_total{{node="{self.number}"}} {float(self._total)}\n'
+            # What the node guard appends on a Heady node (heady_node.guard): its capabilities,
+            # then the image engine's queue gauges and its own capability line.
+            + caps.exposition(self.capabilities)
+            + (self.images.metrics() if self.images is not None else "")
         )
 
     def _models(self) -> dict[str, Any]:
@@ -377,6 +423,11 @@ class VllmApi:
                 return
         model = self._model_error(payload, resp)
         if model is None:
+            return
+        if chat and caps.IMAGE_INPUT not in self.capabilities and _has_image_part(messages):
+            # A text-only model given an image: vLLM refuses the request (users quote
+            # "<model> is not a multimodal model", 400).
+            self._error(resp, 400, f"{self.model} is not a multimodal model", "BadRequestError")
             return
         if self._resumed is not None and not self._resumed.is_set():
             await self._resumed.wait()  # a paused engine holds new requests until /resume

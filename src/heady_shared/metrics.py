@@ -15,6 +15,9 @@ import re
 _SAMPLE = re.compile(r"^([A-Za-z_:][A-Za-z0-9_:]*)(?:\{.*\})?\s+(\S+)(?:\s+\S+)?$")
 WAITING = "vllm:num_requests_waiting"
 RUNNING = "vllm:num_requests_running"
+# A vision node's image engine queues beside vLLM and reports it the same way
+# (heady_node.image_queue): its waiting jobs count in the node's queue depth too.
+IMAGES_WAITING = "heady_images:num_requests_waiting"
 # Keys a non-vLLM JSON health answer may carry its queue depth under.
 QUEUE_KEYS = ("queue_depth", "queue", "num_requests_waiting", "waiting", "pending")
 # The largest queue depth believed, from a node or from the shared KV record (src/health.py):
@@ -64,7 +67,12 @@ def queue_depth(body: str, content_type: str | None) -> int | None:
                 if isinstance(value, int | float) and not isinstance(value, bool):
                     return int(value) if 0 <= value <= MAX_LOAD else None
         return None
-    return gauge(parse_metrics(body), WAITING)
+    metrics = parse_metrics(body)
+    waiting = gauge(metrics, WAITING)
+    images = gauge(metrics, IMAGES_WAITING)
+    if waiting is None or images is None:
+        return waiting
+    return min(waiting + images, MAX_LOAD)
 
 
 def served_model(text: str) -> str | None:

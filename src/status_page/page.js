@@ -89,6 +89,9 @@ function tile(n) {
     add(st === "up" ? "latency" : "last latency", n.latency_ms === null ||
       n.latency_ms === undefined ? null : Math.round(n.latency_ms) + " ms", "latency");
     add("queue", n.load === null || n.load === undefined ? null : n.load + " waiting", "load");
+    // What the node reports it serves (its capability gauges); absent until the cron reads it.
+    add("serves", Array.isArray(n.capabilities) ? (n.capabilities.map((c) =>
+      c.replace("_", " ")).join(", ") || "nothing reported") : null, "capabilities");
     if (n.failures) add("failures", String(n.failures), "failures");
     add("probed", n.checked_at && when(n.checked_at), "checked");
   }

@@ -256,6 +256,24 @@ def test_secrets_from_dev_vars(tmp_path: Path, capsys) -> None:
     assert json.loads(capsys.readouterr().out)["NODE_TOKEN"] == TOKEN
 
 
+def test_secrets_node_credential_and_node_secret(tmp_path: Path, capsys, monkeypatch) -> None:
+    from heady_shared.nodeauth import node_of
+
+    monkeypatch.delenv("NODE_SECRET", raising=False)
+    path = tmp_path / ".dev.vars"
+    path.write_text(f"COLAB_ENDPOINT_7={HOSTS[7]}\nNODE_SECRET=s3cret-value\n")
+    assert main(["secrets", "--dev-vars", str(path), "--node-credential", "7"]) == 0
+    cred = json.loads(capsys.readouterr().out)["HEADY_NODE_CREDENTIAL"]
+    assert node_of("s3cret-value", cred) == 7 and "s3cret-value" not in cred
+    assert main(["secrets", "--dev-vars", str(path), "--with-node-secret"]) == 0
+    assert json.loads(capsys.readouterr().out)["NODE_SECRET"] == "s3cret-value"
+    assert main(["secrets", "--dev-vars", str(path), "--node-credential", "9"]) == 2
+    assert "out of range" in capsys.readouterr().err
+    path.write_text(f"COLAB_ENDPOINT_7={HOSTS[7]}\n")
+    assert main(["secrets", "--dev-vars", str(path), "--node-credential", "7"]) == 2
+    assert "NODE_SECRET is not set" in capsys.readouterr().err
+
+
 def test_secrets_from_args_and_file_to_output(tmp_path: Path, capsys) -> None:
     listing = tmp_path / "urls.txt"
     listing.write_text(f"COLAB_ENDPOINT_4={HOSTS[4]}\n")

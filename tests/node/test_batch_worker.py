@@ -49,6 +49,7 @@ class Work:
     cancel_from_beat: int | None = None  # heartbeats from this one on answer cancel: true
     lose_from_beat: int | None = None  # heartbeats from this one on answer 409
     refuse_commit: bool = False  # the lease was taken over: the commit gets 409
+    shard_lines: int | None = None  # a validate lease: the gateway's SHARD_LINES
     id: str = ""
     token: str = ""
     beats: int = 0
@@ -123,7 +124,8 @@ class Gateway:
             return 405, {"error": {"message": "method", "code": "method"}}
 
     def _lease(self, w: Work) -> dict[str, Any]:
-        return {
+        extra = {"shard_lines": w.shard_lines, "max_lines": 50_000} if w.shard_lines else {}
+        return extra | {
             "id": w.id, "token": w.token, "kind": w.kind, "batch_id": "batch_" + "0" * 24,
             "endpoint": self.endpoint, "seq": 0, "first_line": w.first_line,
             "n_lines": w.n_lines, "lease_s": 120, "heartbeat_s": w.heartbeat_s,
@@ -279,6 +281,15 @@ def test_validate_commits_the_shard_plan_of_a_good_file(gateway, fleet) -> None:
         assert ids == [f"r{i}" for i in range(s["first_line"], s["first_line"] + s["n_lines"])]
         pos += s["length"]
     assert pos == len(gateway.data)
+
+
+def test_validate_cuts_shards_of_the_gateways_shard_lines(gateway, fleet) -> None:
+    m = model(fleet)
+    gateway.data = b"".join(line(f"r{i}", m) for i in range(45))
+    work = gateway.offer(Work("validate", shard_lines=20))
+    run_leases(config(gateway, fleet), 1)
+    shards = gateway.commits[work.id]["shards"]
+    assert [(s["first_line"], s["n_lines"]) for s in shards] == [(0, 20), (20, 20), (40, 5)]
 
 
 # -- lines ------------------------------------------------------------------------------------

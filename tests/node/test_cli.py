@@ -147,7 +147,7 @@ def test_install_prints_driver_and_cuda_first_then_the_pinned_commands(tmp_path:
     lines = r.stdout.splitlines()
     assert lines[0].startswith("GPU: Tesla T4")
     assert lines[1].startswith("NVIDIA driver 550.54.15, supports CUDA up to 12.4")
-    assert any(ln.endswith("vllm==0.33.0 --torch-backend=auto") for ln in lines)
+    assert any(ln.endswith("vllm==0.33.0 diffusers==0.42.1 --torch-backend=auto") for ln in lines)
     assert "$ vllm download-kernels" in lines
     assert any("ngrok-v3-stable-linux-amd64.tgz" in ln for ln in lines)
 

@@ -44,7 +44,8 @@ def test_notebook_dry_run_prints_wrangler_lines(monkeypatch, tmp_path: Path) -> 
     out = _outputs(nb)
     # install: driver and CUDA first, then the pinned vLLM the documented way (not run here)
     assert "NVIDIA driver 550.54.15, supports CUDA up to 12.4" in out
-    assert "uv pip install --python" in out and "vllm==0.33.0 --torch-backend=auto" in out
+    assert "uv pip install --python" in out
+    assert "vllm==0.33.0 diffusers==0.42.1 --torch-backend=auto" in out
     assert "cloudflared-linux-amd64" in out
     assert "Node 4: role code, model Qwen/Qwen2.5-Coder-7B-Instruct-AWQ" in out
     assert "Answers to model names: Qwen/Qwen2.5-Coder-7B-Instruct-AWQ, code" in out

@@ -123,6 +123,26 @@ def test_node_routes_carry_their_own_auth():
         ("HEAD", "/", "page"),
         ("POST", "/", None),
         ("GET", "/index.html", None),
+        # Files + Batch API: the gateway's own, never forwarded
+        ("POST", "/api/heavy/batch/v1/files", "files"),
+        ("GET", "/api/heavy/batch/v1/files", "files"),
+        ("GET", "/api/heavy/batch/v1/files/file-1", "file"),
+        ("DELETE", "/api/heavy/batch/v1/files/file-1", "file"),
+        ("GET", "/api/heavy/batch/v1/files/file-1/content", "file_content"),
+        ("GET", "/api/heavy/batch/v1/files/file-1/x/y", "jobs_unknown"),
+        ("POST", "/api/heavy/code/v1/batches", "batches"),
+        ("GET", "/api/heavy/code/v1/batches", "batches"),
+        ("GET", "/api/heavy/code/v1/batches/batch_1", "batch"),
+        ("POST", "/api/heavy/code/v1/batches/batch_1/cancel", "batch_cancel"),
+        ("PUT", "/api/heavy/code/v1/batches/batch_1/x", "jobs_unknown"),
+        ("POST", "/api/heavy/code/v1/filesystem", "forward"),
+        # the node API
+        ("POST", "/api/nodes/v1/leases", "node_lease"),
+        ("GET", "/api/nodes/v1/leases/lease_1/input", "node_input"),
+        ("POST", "/api/nodes/v1/leases/lease_1/heartbeat", "node_heartbeat"),
+        ("PUT", "/api/nodes/v1/leases/lease_1/results/output", "node_results"),
+        ("POST", "/api/nodes/v1/leases/lease_1/commit", "node_commit"),
+        ("GET", "/api/nodes/v1/other", "jobs_unknown"),
     ],
 )
 def test_gateway_routes(method, path, handler):
@@ -140,6 +160,12 @@ def test_gateway_rows_auth_and_fleet_checks():
     assert {h for h, r in rows.items() if r.auth == "none"} == {"preflight", "healthz", "page"}
     assert rows["status"].auth == rows["forward"].auth == "client"
     assert [h for h, r in rows.items() if r.needs_fleet] == ["forward"]
+    node_rows = [r for r in ROUTES if r.pattern.startswith("/api/nodes/")]
+    assert node_rows and all(r.auth == "node" for r in node_rows)
+    assert [r for r in ROUTES if r.auth == "node"] == node_rows
+    for r in ROUTES:  # the gateway's own rows under a role come before the forward row
+        if r.pattern.startswith("/api/heavy/{role}/"):
+            assert ROUTES.index(r) < ROUTES.index(rows["forward"])
 
 
 def test_every_handler_the_table_names_exists_in_the_shell():

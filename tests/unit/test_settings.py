@@ -13,6 +13,7 @@ import pytest
 import settings
 from config import GatewayConfig, HealthPolicy, Timeouts, load_config
 from heady_shared.routes import NODE_NUMBERS
+from jobdb import BatchSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 BEGIN, END = "<!-- settings:begin -->", "<!-- settings:end -->"
@@ -43,17 +44,20 @@ def test_every_kind_has_one_parser():
 
 
 def test_every_config_field_is_filled_by_exactly_one_setting():
-    own = {"nodes", "timeouts", "health", "problems", "fatal"}  # built by load_config itself
+    # built by load_config itself
+    own = {"nodes", "timeouts", "health", "batch", "problems", "fatal"}
     fields = [f"nodes.{n}" for n in NODE_NUMBERS]
     fields += [f.name for f in dataclasses.fields(GatewayConfig) if f.name not in own]
     fields += [f"timeouts.{f.name}" for f in dataclasses.fields(Timeouts)]
     fields += [f"health.{f.name}" for f in dataclasses.fields(HealthPolicy)]
+    fields += [f"batch.{f.name}" for f in dataclasses.fields(BatchSettings)]
     assert sorted(s.into for s in settings.SETTINGS) == sorted(fields)
 
 
 def test_an_unset_setting_is_its_declared_default_and_so_is_each_dataclass_default():
     cfg = load_config({})
     assert cfg.timeouts == Timeouts() and cfg.health == HealthPolicy()
+    assert cfg.batch == BatchSettings()
     for s in settings.SETTINGS:
         if not s.into.startswith("nodes."):
             assert operator.attrgetter(s.into)(cfg) == settings.DEFAULTS[s.name], s.name
@@ -70,7 +74,9 @@ def test_every_number_honours_its_declared_bounds(spec):
     naming the setting. Blank: the default, silently."""
     value_of = operator.attrgetter(spec.into)
     default = settings.DEFAULTS[spec.name]
-    room = {"COOLDOWN_BASE_S": "1", "COOLDOWN_MAX_S": "86400"}  # the cap may not sit below the base
+    # the cap may not sit below the base, nor the heartbeat above the lease
+    room = {"COOLDOWN_BASE_S": "1", "COOLDOWN_MAX_S": "86400"}
+    room |= {"BATCH_HEARTBEAT_S": "0.2", "BATCH_LEASE_S": "3600"}
     for good in (spec.lo, spec.hi):
         cfg = load_config({**room, spec.name: f" {good} "})
         assert value_of(cfg) == good and cfg.problems == (), good
@@ -87,3 +93,9 @@ def test_every_number_honours_its_declared_bounds(spec):
         assert problem.startswith(f"{spec.name}:") and f"{raw!r} is not a number" in problem
     cfg = load_config({**room, spec.name: "  "})
     assert value_of(cfg) == default and cfg.problems == ()
+
+
+def test_a_heartbeat_not_below_the_lease_is_a_third_of_it():
+    cfg = load_config({"BATCH_LEASE_S": "30", "BATCH_HEARTBEAT_S": "30"})
+    assert cfg.batch.lease_s == 30 and cfg.batch.heartbeat_s == 10
+    assert len(cfg.problems) == 1 and "BATCH_HEARTBEAT_S" in cfg.problems[0]

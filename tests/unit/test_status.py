@@ -29,6 +29,7 @@ NODE_KEYS = {
     "failures",
     "latency_ms",
     "load",
+    "capabilities",
     "checked_at",
 }
 SECRETS = ("secret-tunnel", "tok-SECRET", "client-KEY")
@@ -68,6 +69,13 @@ def test_gateway_block_and_shape():
     assert all(set(e) == NODE_KEYS for e in b["nodes"])
     assert b["problems"] == []
     assert body(AUTH_DISABLED="true")["gateway"]["auth"] == "disabled"
+    assert b["batches"] is None  # the shell passes batches.status_view (test_batch_status.py)
+
+
+def test_batches_are_passed_through():
+    view = {"running": 2, "mine": []}
+    out = status_body(load_config(env()), HealthView(), NOW, "rid-1", "1.2.3", view)
+    assert out["batches"] == view
 
 
 def test_a_node_nobody_has_seen():
@@ -84,6 +92,7 @@ def test_a_node_nobody_has_seen():
         "latency_ms": None,
         "load": None,
         "model": None,
+        "capabilities": None,
         "checked_at": None,
     }
 
