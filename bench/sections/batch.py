@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import json
 import re
+import shutil
 import tempfile
 import threading
 import time
@@ -126,6 +127,7 @@ class Stack:
             self.gw.stop()
         finally:
             self.fleet.stop()
+            shutil.rmtree(self.logs, ignore_errors=True)
 
     def engine_runs(self) -> Counter[str]:
         """Engine requests per custom_id, from what reached nodes 7-8 (their records)."""
