@@ -124,11 +124,12 @@ test: install browser-install lint
 bench: install
 	$(PY) -m bench.run --out bench/results.md
 
-# Load on the gateway while simulated nodes flap; CHAOS_S seconds of chaos.
+# Load on the gateway while simulated nodes flap; CHAOS_S seconds of chaos. Then a 2,000-line
+# batch while batch nodes die with their workers (bench/sections/batch.py).
 .PHONY: chaos
 CHAOS_S ?= 60
 chaos: install
-	$(PY) -m bench.run --sections chaos --chaos-seconds $(CHAOS_S)
+	$(PY) -m bench.run --sections chaos,batch-chaos --chaos-seconds $(CHAOS_S)
 
 # The torch venv (.venv-torch, Python 3.11) for the CPU tests that need torch (tests/torch:
 # fine-tuning, image engine): exactly requirements-torch.txt. The main venv never collects them.

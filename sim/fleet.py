@@ -14,6 +14,13 @@ Stand-alone (``make dev``, subprocess tests)::
                         [--capacity N=[MAX_NUM_SEQS]:TOKEN_S]...
 
 prints one JSON line ``{"nodes": {"1": url, ...}, "control": url}`` once everything listens.
+
+Batch workers: ``start_workers(gateway_url, node_secret)`` (control API ``POST /workers``) runs
+the real ``heady_node.batch_worker`` beside nodes 7-8, each with its node credential, against
+its simulated engine. The fleet owns them: ``kill(n)`` (``POST /nodes/{n}/kill``) takes node n
+and its worker down together (the worker's process group SIGKILLed, the node refusing
+connections: a Colab VM that died), ``revive(n)`` (``POST /nodes/{n}/revive``) brings both
+back, ``reset()`` revives every dead worker too, ``stop()`` stops them.
 """
 
 from __future__ import annotations
@@ -28,27 +35,35 @@ import selectors
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import urllib.error
 import urllib.request
 from collections.abc import Coroutine, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
+from heady_node import batch_worker, launcher
 from heady_node.gpu import GPU_CLASSES
 from heady_node.presets import Preset, preset_for, served_capabilities, served_model_names
+from heady_shared.nodeauth import node_credential
 from heady_shared.routes import DEFAULT_POOLS, NODE_COUNT, role_of
 from sim.node import DEFAULT_MODEL, Capacity, Node, RecordedRequest, parse_mode
 from sim.node.capacity import UNLIMITED, parse_capacity
 from sim.node.images import ImageSim, image_sim_for
+from sim.node.record import HISTORY
 from sim.server import HTTPServer, Request, Response
 
 __all__ = [
+    "BATCH_CAPACITY",
+    "BATCH_NODES",
     "NODE_MODELS",
     "Fleet",
     "FleetProcess",
     "FleetProcessError",
+    "WorkerSpec",
     "default_served_names",
     "main",
 ]
@@ -57,6 +72,8 @@ __all__ = [
 # The GPU each node of the default fleet stands in for: a T4 on odd nodes, an L4 on even ones,
 # so the two nodes of a pair serve different models, as they do whenever Colab hands them
 # different GPUs.
+# The nodes whose workers always take batch work: the batch pair of the default route table.
+BATCH_NODES: tuple[int, ...] = DEFAULT_POOLS["batch"].pair
 NODE_GPUS: dict[int, str] = {n: "t4" if n % 2 else "l4" for n in range(1, NODE_COUNT + 1)}
 
 
@@ -70,6 +87,19 @@ def _preset(n: int) -> Preset:
 # The checkpoint each node of the default fleet serves, read from the presets so the two
 # cannot drift apart.
 NODE_MODELS: dict[int, str] = {n: _preset(n).model.repo for n in NODE_GPUS}
+
+
+# The batch pair's engines in `make dev` and the batch bench: the preset's --max-num-seqs (T4:
+# 64 sequences of Qwen2.5-3B; L4: 128 of Qwen2.5-7B-AWQ) and a decode step time estimated from
+# memory bandwidth (not measured on a GPU): a step reads the weights once plus the running
+# sequences' KV cache. T4 (320 GB/s): 6.2 GB of fp16 weights + 64 x ~1k tokens x 36 KiB of KV
+# = ~8.5 GB -> ~27 ms, about 50 ms with Turing's attention kernels and scheduling overhead.
+# L4 (300 GB/s): ~5.5 GB of AWQ weights + 128 x ~1k tokens x 56 KiB = ~13 GB -> ~42 ms.
+# So ~1,300 and ~3,200 generated tokens/s at a full batch: what such cards sustain.
+BATCH_TOKEN_S: dict[str, float] = {"t4": 0.05, "l4": 0.04}
+BATCH_CAPACITY: dict[int, Capacity] = {
+    n: Capacity(_preset(n).max_num_seqs, BATCH_TOKEN_S[NODE_GPUS[n]]) for n in BATCH_NODES
+}
 
 
 def default_capabilities(n: int) -> tuple[str, ...]:
@@ -95,9 +125,36 @@ def default_served_names(n: int, pools: Mapping[str, Any] | None = None) -> tupl
     return served_model_names(NODE_MODELS.get(n, DEFAULT_MODEL), n, pools)
 
 
+@dataclass(frozen=True, slots=True)
+class WorkerSpec:
+    """Where the fleet's batch workers pull work from, and as whom: node n authenticates with
+    ``node_credential(node_secret, n)`` (what the gateway's NODE_SECRET derives)."""
+
+    gateway_url: str
+    node_secret: str
+    nodes: tuple[int, ...] = BATCH_NODES
+    log_dir: Path | None = None  # worker-<n>.log each; None: a fresh temporary directory
+
+    @classmethod
+    def parse(cls, body: Mapping[str, Any]) -> WorkerSpec:
+        """From the control API's JSON; raises ValueError with a readable message."""
+        url, secret = body.get("gateway_url"), body.get("node_secret")
+        nodes, log_dir = body.get("nodes", list(BATCH_NODES)), body.get("log_dir")
+        if not isinstance(url, str) or not isinstance(secret, str) or not secret:
+            raise ValueError("'gateway_url' and 'node_secret' must be non-empty strings")
+        batch_worker.check_gateway_url(url)
+        if not isinstance(nodes, list) or not all(
+            isinstance(n, int) and not isinstance(n, bool) for n in nodes
+        ):
+            raise ValueError("'nodes' must be a list of node numbers")
+        if log_dir is not None and not isinstance(log_dir, str):
+            raise ValueError("'log_dir' must be a string")
+        return cls(url, secret, tuple(nodes), Path(log_dir) if log_dir else None)
+
+
 T = TypeVar("T")
 _JSON = ("content-type", "application/json")
-_NODE_PATH = re.compile(r"^/nodes/(\d+)(/requests)?$")
+_NODE_PATH = re.compile(r"^/nodes/(\d+)(/requests|/kill|/revive)?$")
 
 
 class Fleet:
@@ -117,13 +174,14 @@ class Fleet:
         served_names: Mapping[int, Sequence[str]] | None = None,
         dev_mode: bool = False,
         capacity: Mapping[int, Capacity] | None = None,
+        history: int = HISTORY,
         image_s: float | None = None,
     ) -> None:
         """``image_s``: seconds per image on the vision pair's image engines (None: the image
         preset's estimate). ``served_names`` overrides what node n answers to (default:
         ``default_served_names(n)``); ``dev_mode`` is vLLM's ``VLLM_SERVER_DEV_MODE=1``;
         ``capacity`` node n's ``--max-num-seqs`` and time per token (default: no limit, no
-        delay; see ``sim.node.capacity``)."""
+        delay; see ``sim.node.capacity``); ``history`` how many requests each node records."""
         if count < 1:
             raise ValueError("count must be >= 1")
         self.count = count
@@ -140,12 +198,17 @@ class Fleet:
                 served_names=names.get(n) or default_served_names(n),
                 dev_mode=dev_mode,
                 capacity=limits.get(n, UNLIMITED),
+                history=history,
                 capabilities=default_capabilities(n),
                 images=default_images(n, image_s),
             )
             for n in range(1, count + 1)
         }
+        self._api_key = api_key
         self._served = names  # what reset() restores
+        self._spec: WorkerSpec | None = None
+        self._workers: dict[int, subprocess.Popen[bytes]] = {}
+        self._workers_lock = threading.Lock()
         self._control_port = control_port
         self._control: HTTPServer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -187,7 +250,8 @@ class Fleet:
             await self._control.start()
 
     def stop(self) -> None:
-        """Close every socket and join the loop thread (idempotent)."""
+        """Stop the batch workers, close every socket and join the loop thread (idempotent)."""
+        self.stop_workers()
         loop, thread = self._loop, self._thread
         if loop is None or thread is None:
             return
@@ -305,13 +369,109 @@ class Fleet:
 
     def reset(self) -> None:
         """All nodes healthy, load 0, served names and capacity as started, request logs
-        cleared."""
+        cleared, dead batch workers started again."""
         self._call(self._reset())
 
     async def _reset(self) -> None:
         for n, node in self.nodes.items():
             await node.reset()
             node.set_served_names(self._served.get(n) or default_served_names(n))
+        for n in self._spec.nodes if self._spec else ():
+            self._start_worker(n, replace=False)
+
+    # -- batch workers (subprocesses, one per node of the spec) -------------------------------
+    def start_workers(
+        self,
+        gateway_url: str,
+        node_secret: str,
+        nodes: Sequence[int] = BATCH_NODES,
+        log_dir: str | os.PathLike[str] | None = None,
+    ) -> dict[str, Any]:
+        """Run ``heady_node.batch_worker`` beside each of ``nodes`` (replacing any running);
+        returns ``workers()``."""
+        logs = Path(log_dir) if log_dir else None
+        return self._use_workers(WorkerSpec(gateway_url, node_secret, tuple(nodes), logs))
+
+    def _use_workers(self, spec: WorkerSpec) -> dict[str, Any]:
+        batch_worker.check_gateway_url(spec.gateway_url)
+        for n in spec.nodes:
+            self.node(n)
+        self.stop_workers()
+        if spec.log_dir is None:
+            spec = WorkerSpec(
+                spec.gateway_url,
+                spec.node_secret,
+                spec.nodes,
+                Path(tempfile.mkdtemp(prefix="heady-sim-workers-")),
+            )
+        self._spec = spec
+        for n in spec.nodes:
+            self._start_worker(n)
+        return self.workers()
+
+    def _start_worker(self, n: int, *, replace: bool = True) -> None:
+        spec = self._spec
+        if spec is None or n not in spec.nodes:
+            return
+        with self._workers_lock:
+            old = self._workers.get(n)
+            if old is not None and old.poll() is None:
+                if not replace:
+                    return
+                _kill_group(old)
+            assert spec.log_dir is not None
+            self._workers[n] = batch_worker.start_process(
+                spec.gateway_url,
+                node_credential(spec.node_secret, n),
+                self.url(n),
+                n,
+                # The sim's engine takes any token when it has no --api-key; the worker wants one.
+                engine_token=self._api_key or "sim-no-key",
+                log_path=spec.log_dir / f"worker-{n}.log",
+            )
+
+    def workers(self) -> dict[str, Any]:
+        """Per node with a worker: its pid, whether it runs, its log file."""
+        spec = self._spec
+        with self._workers_lock:
+            return {
+                str(n): {
+                    "pid": proc.pid,
+                    "alive": proc.poll() is None,
+                    "log": str(spec.log_dir / f"worker-{n}.log") if spec and spec.log_dir else None,
+                }
+                for n, proc in sorted(self._workers.items())
+            }
+
+    def stop_workers(self) -> None:
+        """SIGTERM every worker (a worker then abandons its shards: their leases expire)."""
+        with self._workers_lock:
+            procs, self._workers = list(self._workers.values()), {}
+        for proc in procs:
+            launcher.stop(proc, grace=5.0)
+
+    def kill(self, n: int) -> dict[str, Any]:
+        """Node ``n`` and its worker die together: the worker's process group gets SIGKILL (no
+        commit, no goodbye: its leases simply stop beating) and the node refuses connections.
+        Returns the node's state."""
+        return self._call(self._kill(self.node(n)))
+
+    def revive(self, n: int) -> dict[str, Any]:
+        """Node ``n`` healthy again and its worker started afresh (same credential)."""
+        return self._call(self._revive(self.node(n)))
+
+    async def _kill(self, node: Node) -> dict[str, Any]:
+        with self._workers_lock:
+            proc = self._workers.get(node.number)
+        if proc is not None:
+            _kill_group(proc)
+        await node.set_mode("refuse")
+        return {**node.state(), "worker": self.workers().get(str(node.number))}
+
+    async def _revive(self, node: Node) -> dict[str, Any]:
+        await node.set_mode("healthy")
+        self._start_worker(node.number)
+        return {**node.state(), "worker": self.workers().get(str(node.number))}
 
     def state(self) -> dict[str, Any]:
         return {str(n): node.state() for n, node in self.nodes.items()}
@@ -336,6 +496,10 @@ class Fleet:
         if path == "/requests" and method == "DELETE":
             self.clear_requests()
             return 200, {"ok": True}
+        if path == "/workers" and method == "GET":
+            return 200, self.workers()
+        if path == "/workers" and method == "POST":
+            return 200, self._use_workers(WorkerSpec.parse(_json_object(req.body)))
         match = _NODE_PATH.match(path)
         if match is None:
             return 404, {"error": f"no route {method} {path}"}
@@ -343,6 +507,11 @@ class Fleet:
         if n not in self.nodes:
             return 404, {"error": f"no node {n}; nodes are 1..{self.count}"}
         node = self.nodes[n]
+        if match.group(2) in ("/kill", "/revive"):
+            if method != "POST":
+                return 405, {"error": f"method {method} not allowed on {path}"}
+            act = self._kill if match.group(2) == "/kill" else self._revive
+            return 200, await act(node)
         if match.group(2):  # /nodes/{n}/requests
             if method == "GET":
                 return 200, [r.to_dict() for r in node.requests()]
@@ -357,12 +526,7 @@ class Fleet:
         return 405, {"error": f"method {method} not allowed on {path}"}
 
     async def _control_set(self, node: Node, raw: bytes) -> None:
-        try:
-            body = json.loads(raw or b"{}")
-        except (ValueError, UnicodeDecodeError):
-            raise ValueError("body must be a JSON object") from None
-        if not isinstance(body, dict):
-            raise ValueError("body must be a JSON object")
+        body = _json_object(raw)
         load = body.pop("load", None)
         mode = body.pop("mode", None)
         names = body.pop("served_names", None)
@@ -411,6 +575,24 @@ class Fleet:
         node.set_capabilities([c for c in names if c != "image_generation"], images)
 
 
+def _json_object(raw: bytes) -> dict[str, Any]:
+    try:
+        body = json.loads(raw or b"{}")
+    except (ValueError, UnicodeDecodeError):
+        raise ValueError("body must be a JSON object") from None
+    if not isinstance(body, dict):
+        raise ValueError("body must be a JSON object")
+    return body
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL a worker's process group (launcher.spawn made it a group leader) and reap it."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=5.0)
+
+
 def _cancel_all(loop: asyncio.AbstractEventLoop) -> None:
     tasks = [t for t in asyncio.all_tasks(loop) if not t.done()]
     for task in tasks:
@@ -446,6 +628,7 @@ class FleetProcess:
         served_names: Mapping[int, Sequence[str]] | None = None,
         dev_mode: bool = False,
         capacity: Mapping[int, Capacity] | None = None,
+        history: int | None = None,
         image_s: float | None = None,
         args: Sequence[str] = (),
         start_timeout: float = 30.0,
@@ -466,6 +649,8 @@ class FleetProcess:
         for n, cap in (capacity or {}).items():
             seqs = "" if cap.max_num_seqs is None else str(cap.max_num_seqs)
             self._argv += ["--capacity", f"{n}={seqs}:{cap.token_s!r}"]
+        if history is not None:
+            self._argv += ["--history", str(history)]
         self._argv += list(args)
         self._start_timeout = start_timeout
         self._cwd = Path(cwd) if cwd is not None else Path(__file__).resolve().parents[1]
@@ -586,6 +771,33 @@ class FleetProcess:
     def state(self) -> dict[str, Any]:
         return self._call("GET", "/nodes")
 
+    def start_workers(
+        self,
+        gateway_url: str,
+        node_secret: str,
+        nodes: Sequence[int] = BATCH_NODES,
+        log_dir: str | os.PathLike[str] | None = None,
+    ) -> dict[str, Any]:
+        """The fleet process runs ``heady_node.batch_worker`` beside each of ``nodes``
+        (``Fleet.start_workers``); returns ``workers()``."""
+        body = {"gateway_url": gateway_url, "node_secret": node_secret, "nodes": list(nodes)}
+        if log_dir is not None:
+            body["log_dir"] = str(log_dir)
+        return self._call("POST", "/workers", body)
+
+    def workers(self) -> dict[str, Any]:
+        return self._call("GET", "/workers")
+
+    def kill(self, n: int) -> dict[str, Any]:
+        """Node ``n`` and its batch worker die together (``Fleet.kill``); the node's state."""
+        self.url(n)
+        return self._call("POST", f"/nodes/{n}/kill", {})
+
+    def revive(self, n: int) -> dict[str, Any]:
+        """Node ``n`` healthy and its worker started again (``Fleet.revive``)."""
+        self.url(n)
+        return self._call("POST", f"/nodes/{n}/revive", {})
+
     def requests(self, n: int) -> list[dict[str, Any]]:
         """What reached node ``n`` (``RecordedRequest.to_dict()`` each), oldest first."""
         self.url(n)
@@ -632,6 +844,9 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         metavar="N=[MAX_NUM_SEQS]:TOKEN_S",
         help="node N's running-sequence limit (empty: none) and seconds per token (repeatable)",
+    )
+    parser.add_argument(
+        "--history", type=int, default=HISTORY, help="requests each node records (%(default)s)"
     )
     parser.add_argument(
         "--image-s",
@@ -689,6 +904,7 @@ def main(argv: list[str] | None = None) -> int:
         served_names=served,
         dev_mode=args.dev_mode,
         capacity=capacity,
+        history=args.history,
         image_s=args.image_s,
     )
     fleet.start()

@@ -30,7 +30,7 @@ class Section:
 
 
 def all_sections() -> list[Section]:
-    from bench.sections import chaos, cold, failover, kv, load, memory, size, streaming
+    from bench.sections import batch, chaos, cold, failover, kv, load, memory, size, streaming
 
     return [
         load.LATENCY,
@@ -42,6 +42,8 @@ def all_sections() -> list[Section]:
         size.SECTION,
         memory.SECTION,
         chaos.SECTION,
+        batch.SECTION,
+        batch.CHAOS,
     ]
 
 

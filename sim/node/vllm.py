@@ -454,6 +454,12 @@ class VllmApi:
         finish = "stop"
         if isinstance(max_tokens, int) and 0 < max_tokens < len(words):
             words, finish = words[:max_tokens], "length"
+        elif payload.get("ignore_eos") is True and isinstance(max_tokens, int) and max_tokens > 0:
+            # vLLM's SamplingParams.ignore_eos (an extra body field its OpenAI server accepts):
+            # generation runs on past the end of the answer to max_tokens, as benchmarks use it
+            # (vllm bench serve) to fix the output length. The sim pads with filler words.
+            words += [f"t{i}" for i in range(max_tokens - len(words))]
+            finish = "length"
         self._seq += 1
         rid = f"{'chatcmpl' if chat else 'cmpl'}-sim{self.number}-{self._seq}"
         usage = {

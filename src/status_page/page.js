@@ -8,7 +8,7 @@ const $ = (id) => document.getElementById(id);
 const form = $("key-form"), input = $("key"), keyMsg = $("key-message");
 const summary = $("summary"), version = $("version"), updated = $("updated");
 const stale = $("stale"), staleText = $("stale-text"), problems = $("problems");
-const roles = $("roles"), change = $("change-key");
+const roles = $("roles"), change = $("change-key"), batches = $("batches");
 const STATES = {
   up: "\u2713", down: "\u2715", unknown: "?", unconfigured: "\u2013", invalid: "!"
 };
@@ -53,8 +53,10 @@ function clock(ms) {
   return d.toLocaleString([], o);
 }
 function when(iso) {
-  const t = Date.parse(iso);
-  if (isNaN(t)) return null;
+  return at(Date.parse(iso));
+}
+function at(t) {
+  if (typeof t !== "number" || isNaN(t)) return null;
   const d = t - (Date.now() + skew);
   if (Math.abs(d) < 1500) return clock(t) + " (now)";
   return clock(t) + (d > 0 ? " (in " + span(d) + ")" : " (" + span(d) + " ago)");
@@ -121,6 +123,56 @@ function roleSection(name, route, byNum) {
     chain.length ? el("p", {class: "fallback"}, "Fallback: ", el("ol", {}, ...chain)) : null);
 }
 
+// Batches: /api/status's `batches` (the caller's open ones; `running` counts every key's).
+const num = (v) => (typeof v === "number" && isFinite(v) && v > 0 ? v : 0);
+const fmt = (v) => num(v).toLocaleString("en-US");
+function bar(kind, part, total) {
+  const e = el("span", {class: kind});
+  e.style.width = (total ? Math.min(100, 100 * part / total) : 0) + "%";  // CSSOM: CSP-safe
+  return e;
+}
+function batchCard(b) {
+  const rc = b.request_counts || {}, total = num(rc.total);
+  const ok = num(rc.completed), bad = num(rc.failed), done = ok + bad;
+  const pct = total ? Math.floor(100 * done / total) : 0;
+  const status = String(b.status || "?"), sh = b.shards || {};
+  const progress = status === "validating" && !total ? "validating the input file"
+    : fmt(done) + " of " + fmt(total) + " lines (" + pct + "%)" +
+      (bad ? ", " + fmt(bad) + " failed" : "");
+  const holders = (Array.isArray(b.holders) ? b.holders : []).map((h) => {
+    const what = h.kind === "validate" ? "validating" :
+      "shard " + h.seq + " (" + fmt(h.lines) + " lines)";
+    const until = num(h.expires_at) ? at(h.expires_at * 1000) : null;
+    return el("li", {"data-node": h.node, "data-seq": h.seq},
+      el("span", {class: "chip"}, "node " + (h.node === null ? "?" : h.node)), " " + what +
+      (until ? ", lease until " + until : ""));
+  });
+  const shards = num(sh.total) ? "shards: " + fmt(sh.done) + " done, " + fmt(sh.leased) +
+    " running, " + fmt(sh.pending) + " waiting, of " + fmt(sh.total) : null;
+  const meta = [b.model ? "model " + b.model : null, b.role ? "role " + b.role : null,
+    b.created_at ? "created " + at(b.created_at * 1000) : null].filter(Boolean).join(" \u00b7 ");
+  return el("li", {class: "batch", "data-batch": b.id, "data-status": status},
+    el("h3", {}, el("code", {text: String(b.id)}), el("span", {class: "status", text: status})),
+    el("div", {class: "bar", role: "progressbar", "aria-valuemin": 0,
+      "aria-valuemax": total, "aria-valuenow": done,
+      "aria-label": "batch " + b.id + ": " + progress},
+      bar("ok", ok, total), bar("fail", bad, total)),
+    el("p", {class: "progress", "data-field": "progress", text: progress}),
+    meta ? el("p", {class: "bmeta", text: meta}) : null,
+    shards ? el("p", {class: "shards", "data-field": "shards", text: shards}) : null,
+    holders.length ? el("ul", {class: "holders", "aria-label": "who holds which shard"},
+      ...holders) : null);
+}
+function renderBatches(info) {
+  const mine = info && Array.isArray(info.mine) ? info.mine : [];
+  const running = info ? num(info.running) : 0;
+  batches.hidden = !mine.length && !running;
+  // `mine` is at most 20 (newest first); `running` counts every key's batches at work.
+  $("batches-count").textContent = (mine.length ? mine.length + " open for this key, " : "") +
+    running + " at work in all";
+  $("batch-list").replaceChildren(...mine.map(batchCard));
+}
+
 function render(data) {
   const nodes = data.nodes, byNum = new Map(nodes.map((n) => [n.node, n]));
   const routes = data.routes || {}, inPair = new Set();
@@ -137,6 +189,7 @@ function render(data) {
       el("h2", {}, "in no role's pair"), el("ul", {class: "tiles"}, ...rest.map(tile))));
   }
   roles.replaceChildren(...sections);
+  renderBatches(data.batches);
   if (keep) {
     const again = roles.querySelector(
       '.role[data-role="' + CSS.escape(keep[0]) + '"] .tile[data-node="' + keep[1] + '"]');
@@ -179,7 +232,8 @@ function askKey(message) {
   last = null;
   lastOk = 0;
   roles.replaceChildren();
-  problems.hidden = stale.hidden = true;
+  $("batch-list").replaceChildren();
+  problems.hidden = stale.hidden = batches.hidden = true;
   document.body.dataset.stale = "false";
   updated.textContent = "not updated yet";
   document.body.dataset.view = "key";

@@ -161,3 +161,19 @@ def test_capacity_over_the_control_api_and_command_line() -> None:
             fleet.set_capacity(1, max_num_seqs=0, load=3)
         assert fleet.state()["1"]["load"] == 0  # a bad change does not half-apply
         assert fleet.reset()["1"]["max_num_seqs"] is None
+
+
+def test_ignore_eos_generates_max_tokens_at_token_s_each(fleet: Fleet, node1: str) -> None:
+    """vLLM's ``ignore_eos`` (SamplingParams) runs generation on to ``max_tokens``: the bench
+    fixes the output length with it, so a line costs what a real answer of that length would."""
+    fleet.set_capacity(1, token_s=0.01)
+    body = {**CHAT, "max_tokens": 40, "ignore_eos": True}
+    start = time.monotonic()
+    answer = httpx.post(node1 + "/v1/chat/completions", json=body, timeout=10).json()
+    elapsed = time.monotonic() - start
+    assert answer["usage"]["completion_tokens"] == 40
+    assert answer["choices"][0]["finish_reason"] == "length"
+    assert len(answer["choices"][0]["message"]["content"].split(" ")) == 40
+    assert elapsed >= 40 * 0.01
+    plain = httpx.post(node1 + "/v1/chat/completions", json={**CHAT, "max_tokens": 40}).json()
+    assert plain["usage"]["completion_tokens"] == TOKENS  # without it the answer ends as before

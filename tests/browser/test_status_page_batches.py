@@ -1,0 +1,163 @@
+"""The status page's Batches section in Debian's headless Chromium, fed a synthetic
+`/api/status` (the shape `batches.status_view` answers: docs/batch.md) by a small local server
+that serves the page exactly as the gateway does (`status_page.serve`: same bytes, same CSP).
+Checks what an operator reads: a progress bar per open batch (completed and failed shares),
+its status, and which node holds which shard; the section hides when nothing runs."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+from page_stack import SCREENSHOTS
+from selenium.webdriver.common.keys import Keys
+from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver.support.ui import WebDriverWait
+
+import status_page as sp
+
+KEY = "batches-page-key"
+NOW = int(time.time())
+NODES = [
+    {"node": n, "config": "configured", "state": "up", "latency_ms": 12.0} for n in range(1, 9)
+]
+ROUTES = {"batch": {"pair": [7, 8], "fallback": [1, 2]}}
+RUNNING = {
+    "id": "batch_0123456789abcdef01234567",
+    "status": "in_progress",
+    "role": "batch",
+    "model": "Qwen/Qwen2.5-7B-Instruct-AWQ",
+    "created_at": NOW - 90,
+    "expires_at": NOW + 86_310,
+    "request_counts": {"total": 2000, "completed": 900, "failed": 100},
+    "shards": {"total": 20, "pending": 8, "leased": 2, "done": 10},
+    "holders": [
+        {"node": 7, "seq": 11, "kind": "lines", "lines": 100, "expires_at": NOW + 100},
+        {"node": 8, "seq": 12, "kind": "lines", "lines": 100, "expires_at": NOW + 110},
+    ],
+}
+VALIDATING = {
+    "id": "batch_fedcba9876543210fedcba98",
+    "status": "validating",
+    "role": "batch",
+    "model": None,
+    "created_at": NOW - 2,
+    "expires_at": NOW + 86_398,
+    "request_counts": {"total": 0, "completed": 0, "failed": 0},
+    "shards": {"total": 0, "pending": 0, "leased": 0, "done": 0},
+    "holders": [{"node": 8, "seq": 0, "kind": "validate", "lines": 0, "expires_at": NOW + 120}],
+}
+
+BATCHES_JS = """
+return [...document.querySelectorAll('#batch-list .batch')].map(b => ({
+  id: b.dataset.batch, status: b.querySelector('.status').textContent,
+  progress: b.querySelector('[data-field=progress]').textContent,
+  shards: (b.querySelector('[data-field=shards]') || {}).textContent || null,
+  ok: b.querySelector('.bar .ok').getBoundingClientRect().width,
+  fail: b.querySelector('.bar .fail').getBoundingClientRect().width,
+  bar: b.querySelector('.bar').clientWidth,
+  now: b.querySelector('.bar').getAttribute('aria-valuenow'),
+  max: b.querySelector('.bar').getAttribute('aria-valuemax'),
+  holders: [...b.querySelectorAll('.holders li')].map(h => [Number(h.dataset.node), h.textContent]),
+}));
+"""
+
+
+class _Status(ThreadingHTTPServer):
+    body: dict[str, Any]
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Status
+
+    def do_GET(self) -> None:
+        if self.path == "/api/status":
+            if self.headers.get("authorization") != f"Bearer {KEY}":
+                self._send(401, {"content-type": "application/json"}, b"{}")
+            else:
+                raw = json.dumps(self.server.body).encode()
+                self._send(200, {"content-type": "application/json"}, raw)
+            return
+        page = sp.serve("GET", self.path, None)
+        if page is None or page.body is None:
+            self._send(404, {}, b"")
+        else:
+            self._send(page.status, page.headers, page.body.encode())
+
+    def _send(self, status: int, headers: dict[str, str], body: bytes) -> None:
+        self.send_response(status)
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def server() -> Iterator[_Status]:
+    srv = _Status(("127.0.0.1", 0), _Handler)
+    srv.body = {"nodes": NODES, "routes": ROUTES, "gateway": {"version": "test"}}
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def _wait(d: WebDriver, what: str, cond: Any, timeout: float = sp.POLL_MS / 1000 + 5) -> Any:
+    return WebDriverWait(d, timeout, poll_frequency=0.1).until(lambda _d: cond(), message=what)
+
+
+def _shown(d: WebDriver) -> bool:
+    return d.execute_script("return !document.getElementById('batches').hidden")
+
+
+@pytest.mark.timeout(120)
+def test_batches_section_shows_progress_status_and_shard_holders(
+    browser: WebDriver, server: _Status
+) -> None:
+    d = browser
+    d.get(f"http://127.0.0.1:{server.server_address[1]}/")
+    d.switch_to.active_element.send_keys(KEY + Keys.ENTER)
+    _wait(d, "eight tiles", lambda: len(d.find_elements("css selector", "#roles .tile")) == 8)
+    assert not _shown(d)  # no `batches` field (a gateway before issue 16): no section
+
+    server.body = {**server.body, "batches": {"running": 3, "mine": [VALIDATING, RUNNING]}}
+    _wait(d, "the batches section", lambda: _shown(d))
+    count = d.find_element("id", "batches-count").text
+    assert count == "2 open for this key, 3 at work in all"
+    fresh, running = d.execute_script(BATCHES_JS)
+    assert (running["id"], running["status"]) == (RUNNING["id"], "in_progress")
+    assert running["progress"] == "1,000 of 2,000 lines (50%), 100 failed"
+    assert running["shards"] == "shards: 10 done, 2 running, 8 waiting, of 20"
+    assert (running["now"], running["max"]) == ("1000", "2000")
+    # The bar: completed 45 % green, failed 5 % red (of the inner width; sub-pixel rounding).
+    assert abs(running["ok"] - 0.45 * running["bar"]) <= 1.5
+    assert abs(running["fail"] - 0.05 * running["bar"]) <= 1.5
+    assert [n for n, _ in running["holders"]] == [7, 8]
+    assert running["holders"][0][1].startswith("node 7 shard 11 (100 lines), lease until ")
+    assert re.search(r"\(in (1 min|\d+ s)\)$", running["holders"][0][1])
+    assert (fresh["status"], fresh["progress"]) == ("validating", "validating the input file")
+    assert fresh["shards"] is None and fresh["ok"] == 0 and fresh["fail"] == 0
+    assert fresh["holders"][0][0] == 8 and "validating" in fresh["holders"][0][1]
+    # CSP: nothing refused (an inline style attribute would be; CSSOM widths are not).
+    errors = [e for e in d.get_log("browser") if e["level"] == "SEVERE"]
+    assert errors == []
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    d.find_element("id", "batches").screenshot(str(SCREENSHOTS / "status-page-batches.png"))
+
+    # The batches finish: gone from the list; other keys' running ones are still counted.
+    server.body = {**server.body, "batches": {"running": 1, "mine": []}}
+    _wait(d, "an empty list", lambda: not d.execute_script(BATCHES_JS))
+    assert d.find_element("id", "batches-count").text == "1 at work in all"
+    server.body = {**server.body, "batches": {"running": 0, "mine": []}}
+    _wait(d, "the section hidden", lambda: not _shown(d))
