@@ -89,7 +89,9 @@ class WorkerConfig:
     request_timeout_s: float = 600.0  # one line's answer (the gateway's ROLE_TIMEOUTS_S)
     tune_interval_s: float = 1.0
     gateway_attempts: int = 3  # PUT/commit tries on a network error before giving the shard up
-    max_shards: int = 2  # shards held at once: the next one starts while the last one drains
+    # Shards held at once, at least: the next one starts while the last one drains. More are
+    # held when the line limit exceeds what these shards' lines can fill (BatchWorker.run).
+    max_shards: int = 2
 
 
 def check_gateway_url(url: str) -> str:
@@ -206,6 +208,9 @@ class _Shard:
     results: list[_Outcome | None]
     in_flight: int = 0
     draining: bool = False  # every line has started (or none will): room for the next shard
+    # Set when a line of ANY shard finishes: room under the shared limit may have opened for
+    # this shard's waiting lines (without it they waited for one of their own to finish).
+    freed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def finished(self) -> list[_Outcome]:
         return [r for r in self.results if r is not None]
@@ -222,6 +227,7 @@ class BatchWorker:
     leases: int = field(init=False, default=0)
     _shards: set[_Shard] = field(init=False, default_factory=set)  # lines shards running now
     _wake: asyncio.Event = field(init=False, default_factory=asyncio.Event)
+    _shard_lines: int = field(init=False, default=1)  # lines of the last shard leased
     _tuner: asyncio.Task[None] | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
@@ -263,7 +269,10 @@ class BatchWorker:
                     return
                 self._wake.clear()
                 delay = None
-                room = len(active) < self.cfg.max_shards
+                # Enough shards to fill the line limit: with 25-line shards and 64 lines in
+                # flight, two shards would leave the engine's batch a third empty.
+                fill = -(-self.limit // max(1, self._shard_lines)) + 1
+                room = len(active) < max(self.cfg.max_shards, fill)
                 if more and room and all(shard.draining for shard in self._shards):
                     lease = await self._ask_logged()
                     if lease is not None:
@@ -414,6 +423,7 @@ class BatchWorker:
                     raws.append(raw)
         requests = [bl.parse_request(raw, lease.endpoint) for raw in raws]
         shard.results = [None] * len(requests)
+        self._shard_lines = max(1, len(requests))
         await self._run_all(requests, shard, beat)
         if beat.lost.is_set():
             raise LeaseLost
@@ -454,6 +464,7 @@ class BatchWorker:
         committed)."""
         running: dict[asyncio.Task[_Outcome], int] = {}
         stopper = asyncio.create_task(beat.stop_starting.wait())
+        freed: asyncio.Task[bool] | None = None
         if self.cfg.adaptive and (self._tuner is None or self._tuner.done()):
             self._tuner = asyncio.create_task(self._tune())
         nxt = 0
@@ -473,17 +484,27 @@ class BatchWorker:
                     self._wake.set()  # the loop may lease the next shard now
                 if not running or beat.stop_starting.is_set():
                     break
+                if freed is None or freed.done():
+                    shard.freed.clear()
+                    freed = asyncio.create_task(shard.freed.wait())
                 done, _ = await asyncio.wait(
-                    (*running, stopper), return_when=asyncio.FIRST_COMPLETED
+                    (*running, stopper, freed), return_when=asyncio.FIRST_COMPLETED
                 )
+                finished = False
                 for task in done:
-                    if task is not stopper:
+                    if task is not stopper and task is not freed:
                         shard.results[running.pop(task)] = task.result()  # EngineDown rises
+                        finished = True
+                if finished:
+                    for other in self._shards:
+                        if other is not shard:
+                            other.freed.set()
         finally:
             shard.in_flight = 0
-            for task in (*running, stopper):
+            extra = (stopper,) if freed is None else (stopper, freed)
+            for task in (*running, *extra):
                 task.cancel()
-            await asyncio.gather(*running, stopper, return_exceptions=True)
+            await asyncio.gather(*running, *extra, return_exceptions=True)
 
     async def _tune(self) -> None:
         """Adjust `self.limit` from the engine's queue (batch_lines.next_concurrency)."""
