@@ -20,6 +20,8 @@ from workers import Response, WorkerEntrypoint
 
 import capability
 import cron
+import ft_shell
+import ftroute
 import jobs_shell
 import jsio
 import status_page
@@ -40,6 +42,8 @@ from headers import (
     request_headers_for_node,
     request_id,
 )
+from heady_shared.capabilities import LORA
+from jobdb import ApiResult
 from routing import Plan, RouteError, make_plan, parse_route, split_url
 from services import Services
 from settings import CONFIG_KEYS
@@ -240,13 +244,23 @@ class Default(WorkerEntrypoint):
             if isinstance(body, BodyError):
                 return self._error(ex, body.status, body.message, body.type)
 
-        need = capability.needs(
-            call.method, route.rest, lambda: jsio.body_contains(body, capability.IMAGE_PART)
-        )
+        base = None  # a fine-tuned model's base: the model, not the role, picks the nodes
+        if jsio.body_contains(body, ftroute.NEEDLE):  # a byte search: no I/O for other models
+            ft = await ft_shell.ft_request(self, call, bytes(body.to_bytes()))
+            if isinstance(ft, ApiResult):  # not the caller's model: never forwarded
+                return jobs_shell.answer(self, call, config, ft)
+            if ft is not None:
+                base, body = ft[0].base, ft[1]
+        if base is not None:
+            need = LORA
+        else:
+            need = capability.needs(
+                call.method, route.rest, lambda: jsio.body_contains(body, capability.IMAGE_PART)
+            )
         io, sync = self._io(), _ISO.sync
         await sync.refresh(io)
         now = _clock()
-        plan = make_plan(config.pools[route.role], config, sync.view, now, _ISO.turn, need)
+        plan = make_plan(config.pools[route.role], config, sync.view, now, _ISO.turn, need, base)
         _ISO.turn += 1
         if not plan.nodes and need is not None:
             wait = retry_after(sync.view, plan.capable, now, config.health)
@@ -278,6 +292,22 @@ class Default(WorkerEntrypoint):
                 attempts=[a.public() for a in ex.attempts],
             )
         return self._relay(result, plan, ex, config)
+
+    async def _models(self, call: _Call, config: GatewayConfig, params):
+        """`GET /v1/models`: the node's list (forwarded as any request) with the caller's
+        fine-tuned models appended (ft_shell.models_merged); any other answer as it is."""
+        response = await self._forward(call, config, params)
+        resp = getattr(response, "js_object", response)
+        if int(resp.status) != 200:
+            return response
+        text = await resp.text()
+        merged = await ft_shell.models_merged(self, call, str(text))
+        headers = js.Object.fromEntries(resp.headers).to_py()
+        for drop in ("content-length", "content-encoding", "transfer-encoding", "etag"):
+            headers.pop(drop, None)
+        return js.Response.new(
+            text if merged is None else merged, status=200, headers=jsio.js_obj(headers)
+        )
 
     def _no_capable(self, ex: Exchange, plan: Plan, why: str, retry_after_s: int):
         """503 for a request no node that has its capability can serve now."""
@@ -404,6 +434,7 @@ _HANDLERS = {
     "healthz": Default._healthz,
     "status": Default._status,
     "forward": Default._forward,
+    "models": Default._models,
     "page": Default._page,
     # Files + Batch API and the node API (jobs_shell.py)
     "files": jobs_shell.files_root,
@@ -418,6 +449,18 @@ _HANDLERS = {
     "node_heartbeat": jobs_shell.node_heartbeat,
     "node_results": jobs_shell.node_results,
     "node_commit": jobs_shell.node_commit,
+    # Fine-tuning jobs and the training nodes' calls (ft_shell.py)
+    "ft_jobs": ft_shell.jobs_root,
+    "ft_job": ft_shell.job_one,
+    "ft_cancel": ft_shell.job_cancel,
+    "ft_events": ft_shell.job_events,
+    "ft_checkpoints": ft_shell.job_checkpoints,
+    "node_validation": ft_shell.node_file,
+    "node_checkpoint": ft_shell.node_checkpoint,
+    "node_events": ft_shell.node_events,
+    "node_checkpoint_put": ft_shell.node_checkpoint_put,
+    "node_adapter_put": ft_shell.node_adapter_put,
+    "node_adapter": ft_shell.node_adapter_get,
 }
 
 

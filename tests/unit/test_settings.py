@@ -12,8 +12,8 @@ import pytest
 
 import settings
 from config import GatewayConfig, HealthPolicy, Timeouts, load_config
-from heady_shared.routes import NODE_NUMBERS
 from finetune import FtSettings
+from heady_shared.routes import NODE_NUMBERS
 from jobdb import BatchSettings
 
 ROOT = Path(__file__).resolve().parents[2]
