@@ -416,7 +416,7 @@ class Default(WorkerEntrypoint):
             _clock,
         )
         wrote = await sync.flush(io) if sync.flush_due(_clock()) else False
-        jobs = await jobs_shell.cron(self)
+        jobs = {**await jobs_shell.cron(self), **await ft_shell.cron(self)}
         _log(
             {
                 "msg": "probe",
