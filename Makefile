@@ -6,6 +6,8 @@ PORT ?= 8787
 # The Worker's Python is 3.12 (Pyodide 0.26.0a2); production's next runtime is 3.13.
 PY312 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12.*/bin/python3.12) $(shell command -v python3.12))
 PY313 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.13.*/bin/python3.13) $(shell command -v python3.13))
+# torch's CPU wheel on this machine's disk is for Python 3.11 only (tests/torch).
+PY311 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.11.*/bin/python3.11) $(shell command -v python3.11))
 VENV := .venv
 PY := $(VENV)/bin/python
 NODE22_BIN := $(CURDIR)/tools/node22/node_modules/.bin
@@ -127,6 +129,20 @@ bench: install
 CHAOS_S ?= 60
 chaos: install
 	$(PY) -m bench.run --sections chaos --chaos-seconds $(CHAOS_S)
+
+# The torch venv (.venv-torch, Python 3.11) for the CPU tests that need torch (tests/torch:
+# fine-tuning, image engine): exactly requirements-torch.txt. The main venv never collects them.
+TORCH_VENV := .venv-torch
+.PHONY: torch-install test-torch
+torch-install: $(TORCH_VENV)/.installed
+$(TORCH_VENV)/.installed: requirements-torch.txt
+	@test -n "$(PY311)" || { echo "Python 3.11 not found (pyenv install 3.11.7)"; exit 1; }
+	test -x $(TORCH_VENV)/bin/python || $(PY311) -m venv $(TORCH_VENV)
+	$(TORCH_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-torch.txt
+	touch $@
+
+test-torch: torch-install
+	HF_HUB_OFFLINE=1 $(TORCH_VENV)/bin/python -m pytest -q -p no:cacheprovider -o addopts=-ra tests/torch
 
 clean:
 	rm -rf .harness .venv .venv313 .venv-torch node_modules tools/node22/node_modules dist

@@ -44,6 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--sections", default="all", help=f"numbers or keys: {keys}")
     ap.add_argument("--reps", type=int, default=None, help="override the load repetitions")
+    ap.add_argument("--sse-events", type=int, default=None, help="streaming: events a stream")
     ap.add_argument("--seconds", type=int, default=None, help="override seconds per load run")
     ap.add_argument("--memory-requests", type=int, default=None, help="requests per target")
     ap.add_argument(
@@ -96,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         prof = dataclasses.replace(
             prof, reps=args.reps or prof.reps, load_s=args.seconds or prof.load_s
         )
+    if args.sse_events:
+        prof = dataclasses.replace(prof, sse_events=args.sse_events)
     options = Options(
         chaos_s=args.chaos_seconds,
         chaos_conns=args.chaos_conns,

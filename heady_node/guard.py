@@ -52,6 +52,9 @@ MARK_HEADER = "x-heady-guard"
 PUBLIC_PATHS = frozenset({"/health"})
 TOKEN_PATHS = frozenset({"/metrics"})
 TOKEN_PREFIXES = ("/v1/",)
+# Mounted under /v1 when VLLM_ALLOW_RUNTIME_LORA_UPDATING is on (LoRA nodes: the resolver plugin
+# needs it); they load any local path or hub id, so never from outside (docs/fine-tuning.md).
+HIDDEN_PATHS = frozenset({"/v1/load_lora_adapter", "/v1/unload_lora_adapter"})
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -79,6 +82,8 @@ def _exposed(path: str) -> bool:
     # Dot segments never reach a route, but a proxy in front might resolve them: refuse outright.
     segments = path.split("/")
     if "." in segments or ".." in segments or "\\" in path or "\x00" in path:
+        return False
+    if path.rstrip("/") in HIDDEN_PATHS:
         return False
     return path in PUBLIC_PATHS or path in TOKEN_PATHS or path.startswith(TOKEN_PREFIXES)
 

@@ -30,6 +30,9 @@ class Head:
     # The shell's own response object (a JS Response), opaque to the core: it travels with
     # the head so that whoever holds the head can relay or discard it.
     response: object = field(default=None, compare=False, repr=False)
+    # The shell's handle on that fetch (a JS AbortController), armed past the head: aborting
+    # it errors the response's body, which is how a stalled stream is ended.
+    abort: object = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -44,6 +44,8 @@ class Timeouts:
     )
     # the client's whole upload; the node's clock starts after it
     upload_s: float = DEFAULTS["UPLOAD_TIMEOUT_S"]
+    # a streamed answer's longest silence after its head (0: none)
+    stream_idle_s: float = DEFAULTS["STREAM_IDLE_S"]
 
     def attempt_for(self, role: str) -> float:
         return self.per_role_attempt_s.get(role, self.attempt_s)
@@ -79,6 +81,7 @@ class GatewayConfig:
     max_attempts: int
     cors_origins: tuple[str, ...]  # ("*",) allows any origin
     upstream_paths: tuple[str, ...]  # forwarded path prefixes ("/v1/") or exact paths
+    stream_relay: str  # "native" | "guarded" (jsio.Relay)
     problems: tuple[str, ...]  # non-fatal: reported in /api/status
     fatal: tuple[str, ...]  # the gateway cannot route at all: heavy routes answer 503
     batch: BatchSettings = field(default_factory=BatchSettings)  # Files + Batch API (docs/batch.md)

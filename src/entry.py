@@ -270,7 +270,8 @@ class Default(WorkerEntrypoint):
             return self._error(ex, 503, message, "no_nodes", headers={"retry-after": "60"})
 
         fwd = jsio.js_obj(request_headers_for_node(call.headers, config.node_token))
-        upstream = jsio.Upstream(config, route, call.method, fwd, body, call.js.signal)
+        client = call.js.signal  # the client's AbortSignal (docs/client-faults.md)
+        upstream = jsio.Upstream(config, route, call.method, fwd, body, client)
         budget = Budget(
             _clock, ex.started + config.timeouts.deadline_s, config.timeouts.attempt_for(route.role)
         )
@@ -291,7 +292,7 @@ class Default(WorkerEntrypoint):
                 headers={"retry-after": str(result.retry_after_s)},
                 attempts=[a.public() for a in ex.attempts],
             )
-        return self._relay(result, plan, ex, config)
+        return self._relay(result, plan, ex, config, client)
 
     async def _models(self, call: _Call, config: GatewayConfig, params):
         """`GET /v1/models`: the node's list (forwarded as any request) with the caller's
@@ -328,7 +329,14 @@ class Default(WorkerEntrypoint):
             attempts=[a.public() for a in ex.attempts],
         )
 
-    def _relay(self, result: ForwardResult, plan: Plan, ex: Exchange, config: GatewayConfig):
+    def _relay(
+        self,
+        result: ForwardResult,
+        plan: Plan,
+        ex: Exchange,
+        config: GatewayConfig,
+        client,
+    ):
         """The node's answer for the client, as a JS Response: the SDK's `Response` wrapper
         adds only type checks and crossings on the hot path, and the runtime hands a fetch
         handler's result to `python_to_rpc`, which passes a JS object through as it is
@@ -362,38 +370,52 @@ class Default(WorkerEntrypoint):
             return js.Response.new(stream, **init)
         # An event stream, or a chunked body: the runtime would end either cleanly when the
         # node's breaks (a silent truncation), so it goes through a relay the gateway ends.
-        relay = jsio.Relay(stream)
+        # Event streams also get the idle limit (a token stream is never silent for long).
+        idle_s = config.timeouts.stream_idle_s if sse else 0.0
+        abort = result.head.abort  # the node fetch's AbortController (jsio.Upstream.head)
+        relay = jsio.Relay(stream, config.stream_relay, idle_s, abort.abort.bind(abort))
         # Not in waitUntil: the response's own pump keeps the request alive while the body
         # flows, and when the client leaves the runtime tears the request down at once —
         # which cancels the node's fetch. waitUntil would keep both alive for nobody.
         # No reference is kept here: the pipe's promise holds the task while the body flows,
         # and a task kept in a module-level set would pin the frame of every request whose
         # client left (the task then never resumes: bench/README.md).
-        asyncio.ensure_future(self._finish(relay, n, ex, sse))  # noqa: RUF006
+        asyncio.ensure_future(self._finish(relay, n, ex, sse, client))  # noqa: RUF006
         return js.Response.new(relay.readable, **init)
 
-    async def _finish(self, relay, n: int, ex: Exchange, sse: bool) -> None:
-        """Close the client's stream when the node's ended; if the node's broke, mark the node,
-        log the cut and end the client's stream loudly: a final error event for an event
-        stream, an aborted body otherwise (which the wire shows as a short body)."""
+    async def _finish(self, relay, n: int, ex: Exchange, sse: bool, client) -> None:
+        """Close the client's stream when the node's ended; if the node's broke (or went
+        silent for STREAM_IDLE_S), mark the node, log the cut and end the client's stream
+        loudly: a final error event for an event stream, an aborted body otherwise (which the
+        wire shows as a short body). A native relay on a runtime older than workerd
+        v1.20260619 has no writable side left by then (jsio.Relay): the node is still marked
+        and the cut logged, and the client sees the runtime's clean end."""
         started = _clock()
         try:
             await relay.piped
         except Exception as exc:
+            relay.stop()
             writer = relay.writable.getWriter()
-            if writer.desiredSize is None:  # the client's side errored: it went away
+            writable = writer.desiredSize is not None
+            # The client went away: its signal (production) or, for a guarded relay, its
+            # side of the stream errored. (A native one's is errored by the node's break too.)
+            if client.aborted or (not writable and not relay.native):
                 return
             io, sync = self._io(), _ISO.sync
             ms = (_clock() - started) * 1000
-            ex.attempts = [*ex.attempts, cut(n, sync, _clock(), ms)]
+            reason = "upstream_idle" if relay.idle else "upstream_disconnected"
+            ex.attempts = [*ex.attempts, cut(n, sync, _clock(), ms, reason)]
             ex.error = str(exc)[:200]
             _log(ex.log_line())  # the request's second line: how its body ended
             sync.maybe_flush(io)
+            if not writable:
+                return
             if sse:
-                jsio.end_loudly(writer, ex.rid)
+                jsio.end_loudly(writer, ex.rid, reason)
             else:
                 jsio.end_abruptly(writer)
             return
+        relay.stop()
         # Not awaited: the close settles only once the client has read everything, by when
         # the request may be over and this task would never resume (bench/README.md).
         relay.writable.getWriter().close().catch(jsio.IGNORE)

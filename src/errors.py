@@ -32,14 +32,22 @@ def error_body(
     return json.dumps({"error": err}, separators=(",", ":"))
 
 
-def sse_error_event(request_id: str) -> str:
-    """The final event of a stream whose node broke off, in the OpenAI error shape: the
-    official `openai` SDK raises APIError on an event whose data has an "error" key
-    (openai/_streaming.py). The leading blank lines end any event the node left half-written.
+# The final event's type and message by why the stream ended (forward.cut's reason).
+STREAM_ENDS = {
+    "upstream_disconnected": "the node's stream broke off; the answer is incomplete",
+    "upstream_idle": "the node sent nothing for too long (STREAM_IDLE_S); the answer is incomplete",
+}
+
+
+def sse_error_event(request_id: str, kind: str = "upstream_disconnected") -> str:
+    """The final event of a stream whose node broke off (or went silent: `upstream_idle`), in
+    the OpenAI error shape: the official `openai` SDK raises APIError on an event whose data
+    has an "error" key (openai/_streaming.py). The leading blank lines end any event the node
+    left half-written.
     """
     error = {
-        "message": "the node's stream broke off; the answer is incomplete",
-        "type": "upstream_disconnected",
+        "message": STREAM_ENDS[kind],
+        "type": kind,
         "code": 502,
         "request_id": request_id,
     }

@@ -112,8 +112,11 @@ def retry_after(
     return max(1, math.ceil(round(min(e for e in ends if e is not None) - now, 3)))
 
 
-def cut(node: int, sync: HealthSync, now: float, ms: float) -> Attempt:
-    """The node's body broke after its head was relayed: a node failure like any other."""
+def cut(
+    node: int, sync: HealthSync, now: float, ms: float, reason: str = "upstream_disconnected"
+) -> Attempt:
+    """The node's body broke (or, `upstream_idle`, went silent for STREAM_IDLE_S) after its
+    head was relayed: a node failure like any other."""
     view = sync.view
     view.apply(node, health.on_failure(view.get(node), now, "cut", sync.policy))
-    return Attempt(node, "cut", "upstream_disconnected", None, round(max(0.0, ms), 1))
+    return Attempt(node, "cut", reason, None, round(max(0.0, ms), 1))

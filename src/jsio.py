@@ -18,6 +18,7 @@ from body import (
     BodyError,
     body_error,
     content_length,
+    next_read_size,
     read_fault,
     short_body_fault,
 )
@@ -28,9 +29,12 @@ from health import KV_KEY
 from routing import upstream_url
 
 _PROBE_FIELDS = (*HEAD_FIELDS, "content-type")
-# Bodies up to this declared size are read in one call into a buffer allocated up front
-# (chat prompts mostly are); larger ones chunk by chunk (read_body).
-EXACT_READ_MAX_BYTES = 16 * 1024
+# An IdleWatch ticks this many times per STREAM_IDLE_S (at most every 100 ms): a stall is
+# ended within 1.2 x STREAM_IDLE_S, at ~0.45 ms CPU a tick.
+IDLE_TICKS = 10
+IDLE_TICK_MIN_MS = 100
+# What one watch read takes at most: more than a token stream sends in a tick.
+_IDLE_READ_BYTES = 256 * 1024
 IGNORE = create_proxy(lambda *_: None)
 # The pipe leaves the client's stream open whatever happens: the shell decides its end.
 _PIPE_OPTIONS = to_js(
@@ -39,23 +43,97 @@ _PIPE_OPTIONS = to_js(
 
 
 class Relay:
-    """A node's event stream (or chunked body) piped JS-side into a stream the gateway owns,
-    so that if the node's body breaks the client's stream can be ended loudly (a final error
-    event, or an abort) instead of the runtime's silent clean end. Python only awaits `piped`
-    (how the pipe ended).
+    """A node's event stream (or chunked body) piped into a stream the gateway owns, so that
+    if the node's body breaks the client's stream can be ended loudly (a final error event,
+    or an abort) instead of the runtime's silent clean end. Python only awaits `piped` (how
+    the pipe ended); `stop()` once it has.
 
-    A standard `TransformStream`, though each chunk then costs JS promise work (~0.1 ms CPU
-    an event, docs/benchmarks.md): the runtime's native `IdentityTransformStream` would pump
-    for free, but when its source errors, workerd's pipeTo marks the destination errored even
-    with preventAbort (`WritableStreamInternalController::doError` in
-    src/workerd/api/streams/internal.c++, v1.20241106), so nothing can be written after."""
+    `mode` (STREAM_RELAY) picks the stream (docs/stream-relay-research.md):
+    - "native": an `IdentityTransformStream`, which the runtime pumps with no JS per chunk.
+      Since workerd v1.20260619 (what production runs) the destination of a failed pipe with
+      `preventAbort` stays writable, so the final event can be written; the offline pin
+      (v1.20241106) errors it (`WritableStreamInternalController::writeLoopAfterFrontOutputLock`
+      calls `doError` on that path), and the client then sees a clean end.
+    - "guarded": a standard `TransformStream`, whose writable side survives in every runtime,
+      at the cost of JS promise work per chunk (~0.2 ms CPU an event offline).
 
-    def __init__(self, node_body) -> None:
-        stream = js.TransformStream.new()
+    With `idle_s` > 0 (event streams only), an IdleWatch on a tee of the node's body ends the
+    relay when the node has sent nothing that long: it calls `abort` (the node fetch's own
+    controller), which errors the node's body, and `idle` tells `_finish` why."""
+
+    def __init__(self, node_body, mode: str, idle_s: float = 0.0, abort=None) -> None:
+        native = mode == "native"
+        stream = js.IdentityTransformStream.new() if native else js.TransformStream.new()
+        self.native = native
         self.writable = stream.writable
+        self.readable = stream.readable
+        self.idle = False
+        self._watch: IdleWatch | None = None
+        if idle_s > 0 and abort is not None:
+            node_body, branch = node_body.tee()
+            self._abort = abort
+            self._watch = IdleWatch(branch, idle_s, self._stalled)
         self.piped = node_body.pipeTo(stream.writable, _PIPE_OPTIONS)
         self.piped.catch(IGNORE)  # awaited by the shell; a torn-down request must not log it
-        self.readable = stream.readable
+
+    def _stalled(self) -> None:
+        self.idle = True
+        self._abort()
+
+    def stop(self) -> None:
+        if self._watch is not None:
+            self._watch.stop()
+            self._watch = None
+
+
+class IdleWatch:
+    """Calls `on_idle` once the node has sent nothing for `idle_s`, without a Python call per
+    chunk. A JS interval ticks every `idle_s / IDLE_TICKS`; at a tick with no read outstanding
+    it starts one BYOB read of `branch` (a tee of the node's body), which takes whatever came
+    since in one go. The read settles into a JS array through a bound builtin (`push`), so a
+    tick is the only Python call. A read still pending at a tick means nothing came since the
+    read before it settled, which was no later than the tick that started this one: the node
+    has been silent for at least `now - issued`. A stall is therefore seen between `idle_s`
+    and `idle_s` plus two ticks after the node's last byte; a node that sends anything within
+    `idle_s` is never cut. Each tick costs ~0.45 ms of CPU offline (docs/benchmarks.md).
+
+    If the request is torn down first (the client left), the runtime drops the interval with
+    it; the tick's proxy is then never destroyed (no FinalizationRegistry offline)."""
+
+    def __init__(self, branch, idle_s: float, on_idle) -> None:
+        self._reader = branch.getReader(mode="byob")
+        self._idle_s = idle_s
+        self._on_idle = on_idle
+        self._settled = js.Array.new()
+        self._push = self._settled.push.bind(self._settled)
+        self._issued: float | None = None
+        self._tick = create_proxy(self._on_tick)
+        tick_ms = max(IDLE_TICK_MIN_MS, int(idle_s * 1000 / IDLE_TICKS))
+        self._timer = js.setInterval(self._tick, tick_ms)
+
+    def _on_tick(self, *_) -> None:
+        now = time.monotonic()
+        if self._issued is not None and not self._settled.length:
+            if now - self._issued >= self._idle_s:
+                self.stop()
+                self._on_idle()
+            return
+        if self._settled.length:
+            got = self._settled.pop()
+            if js.Reflect.get(got, "done") is not False:  # the end, or the read failed
+                self.stop()
+                return
+        self._issued = now
+        read = self._reader.read(js.Uint8Array.new(_IDLE_READ_BYTES))
+        read.then(self._push, self._push)
+
+    def stop(self) -> None:
+        if self._timer is None:
+            return
+        js.clearInterval(self._timer)
+        self._timer = None
+        self._reader.cancel().catch(IGNORE)
+        self._tick.destroy()
 
 
 def js_obj(d: dict):
@@ -105,10 +183,14 @@ class Upstream:
             return "client_gone"
         self._tried += 1
         url = upstream_url(self._config.node(node).base_url, self._route)
+        # Each node fetch's own AbortController travels with its head (Head.abort): aborting
+        # it after the head errors the node's body (how a stalled stream is ended: Relay).
+        controller = js.AbortController.new()
         resp, error = await fetch_head(
             url,
             timeout_s,
             self._client,
+            controller,
             method=self._method,
             headers=self._headers,
             body=self._body,
@@ -116,7 +198,7 @@ class Upstream:
         if error:
             return "client_gone" if self._client.aborted else error
         h = resp.headers
-        return Head(int(resp.status), {f: h.get(f) for f in HEAD_FIELDS}, resp)
+        return Head(int(resp.status), {f: h.get(f) for f in HEAD_FIELDS}, resp, controller)
 
     def discard(self, head: Head) -> None:
         discard(head.response)
@@ -145,11 +227,12 @@ class Prober:
         return head, str(await resp.text())
 
 
-def end_loudly(writer, rid: str) -> None:
-    """After a node's event stream broke: one final error event, then a clean end. Queued in
-    JS and not awaited: the writes settle as the client reads them, possibly after the request
-    is over, and a task waiting on them would then never resume (bench/README.md)."""
-    writer.write(js.TextEncoder.new().encode(sse_error_event(rid))).catch(IGNORE)
+def end_loudly(writer, rid: str, kind: str = "upstream_disconnected") -> None:
+    """After a node's event stream broke (or went silent): one final error event, then a
+    clean end. Queued in JS and not awaited: the writes settle as the client reads them,
+    possibly after the request is over, and a task waiting on them would then never resume
+    (bench/README.md)."""
+    writer.write(js.TextEncoder.new().encode(sse_error_event(rid, kind))).catch(IGNORE)
     writer.close().catch(IGNORE)
 
 
@@ -182,20 +265,12 @@ async def read_body(js_req, headers, config: GatewayConfig):
     stream = js_req.body
     if stream is None:
         return None
-    # A small declared length is read by one readAtLeast (one await: the cheapest read a
-    # deadline can cut off, bench/README.md). Its buffer is allocated before a byte arrives,
-    # so a larger body, a chunked upload, or one whose framing is not its Content-Length is
-    # read by chunks with a running total: memory grows only with what was actually sent.
-    exact = (
-        declared is not None
-        and 0 < declared <= EXACT_READ_MAX_BYTES
-        and "transfer-encoding" not in headers
-    )
+    # A body framed by its Content-Length is read up to it; a chunked one (or one that also
+    # declares a length it is not framed by) up to the limit: by BYOB reads in growing steps,
+    # a few runtime calls per body instead of a Python crossing per network chunk.
+    framed = declared if "transfer-encoding" not in headers else None
     try:
-        if exact:
-            body = await read_exact(stream, declared, config.timeouts.upload_s)
-        else:
-            body = await read_limited(stream, limit, config.timeouts.upload_s)
+        body = await read_whole(stream, framed, limit, config.timeouts.upload_s)
     except TimeoutError:
         secs = config.timeouts.upload_s
         return BodyError(408, "upload_timeout", f"request body not sent within {secs:g} s")
@@ -231,39 +306,34 @@ class _UploadDeadline:
         return time.monotonic() - self._started >= self._upload_s - 0.05  # coarse clocks
 
 
-async def read_exact(stream, declared: int, upload_s: float):
-    """Read a body framed by its Content-Length: workerd's BYOB `readAtLeast` fills one
-    buffer of the declared size in a single await (the HTTP layer delivers no byte past the
-    declared length). It returns fewer bytes, done, if the client stopped short.
-    TimeoutError when the upload deadline cut it short."""
-    reader = stream.getReader(mode="byob")
-    with _UploadDeadline(reader, upload_s) as deadline:
-        chunk = await reader.readAtLeast(declared, js.Uint8Array.new(declared))
-    got = chunk.value
-    size = 0 if got is None else int(got.byteLength)
-    if size < declared and deadline.passed:
-        raise TimeoutError
-    return got if got is not None else js.Uint8Array.new(0)
-
-
-async def read_limited(stream, limit: int, upload_s: float):
-    """Read a body with a running total, so an endless upload is cut off at the limit instead
-    of exhausting the isolate's memory (None when over it), and within `upload_s`.
+async def read_whole(stream, declared: int | None, limit: int, upload_s: float):
+    """Read a body whole with BYOB `readAtLeast` calls sized by `next_read_size`: each fills
+    its buffer inside the runtime in one await (1 MiB and 10 MiB bodies at ~1x bare Python's
+    latency, bench/README.md), with the upload deadline's timer cancelling the reader.
+    Returns the bytes, or None when an undeclared length went over `limit`.
     TimeoutError when the upload deadline cut the upload short."""
-    reader = stream.getReader()
+    reader = stream.getReader(mode="byob")
     chunks = []
     total = 0
     with _UploadDeadline(reader, upload_s) as deadline:
-        while True:
-            chunk = await reader.read()
-            if chunk.done:
-                break
-            total += chunk.value.byteLength
-            if total > limit:
-                reader.cancel()
-                return None
-            chunks.append(chunk.value)
-    if deadline.passed:
+        try:
+            while (size := next_read_size(total, declared, limit)) > 0:
+                got = await reader.readAtLeast(size, js.Uint8Array.new(size))
+                value = got.value
+                n = 0 if value is None else int(value.byteLength)
+                if n:
+                    chunks.append(value)
+                    total += n
+                if got.done or n < size:
+                    break
+        except Exception:
+            if deadline.passed:  # the timer's cancel can fail a read in flight
+                raise TimeoutError from None
+            raise
+    if total > limit:
+        reader.cancel()
+        return None
+    if deadline.passed and (declared is None or total < declared):
         raise TimeoutError  # the timer ended the read: whatever came is not the whole body
     if len(chunks) == 1:
         return chunks[0]
@@ -275,13 +345,16 @@ async def read_limited(stream, limit: int, upload_s: float):
     return joined
 
 
-async def fetch_head(url: str, timeout_s: float, client=None, **init):
+async def fetch_head(url: str, timeout_s: float, client=None, controller=None, **init):
     """fetch() until the response head arrives: (response, None), or (None, "timeout" |
     "refused" | "error"). The time-out covers the head only: a JS timer aborts the fetch and
     is cleared once the head is in, so a body that then streams for longer is not cut. (A
     Python timer — asyncio.wait_for — would outlive a request that ends first and leak what it
-    holds: bench/README.md.) With the client's signal, the fetch also stops when it leaves."""
-    controller = js.AbortController.new()
+    holds: bench/README.md.) With the client's signal, the fetch also stops when it leaves.
+    `controller` (made here if not given) stays armed after the head: aborting it then
+    errors the response's body."""
+    if controller is None:
+        controller = js.AbortController.new()
     signal = controller.signal
     if client is not None:
         signal = js.AbortSignal.any(to_js([signal, client]))

@@ -44,6 +44,7 @@ Kind = Literal[
     "path",  # an absolute path
     "path or empty",  # an absolute path; empty: none
     "node numbers",  # comma-separated node numbers 1..8; empty: none named
+    "choice",  # one of the row's `choices`
 ]
 SECRET_KINDS: frozenset[Kind] = frozenset({"endpoint", "keys", "token"})
 
@@ -61,6 +62,7 @@ class Setting:
     lo: float | None = None
     hi: float | None = None
     in_wrangler: bool = False  # listed in wrangler.toml [vars] with its default
+    choices: tuple[str, ...] = ()  # kind "choice": the values allowed
 
     @property
     def secret(self) -> bool:
@@ -143,8 +145,11 @@ SETTINGS: tuple[Setting, ...] = (
         name="ROLE_TIMEOUTS_S",
         kind="seconds by role",
         into="timeouts.per_role_attempt_s",
-        doc='Per-role attempt time-outs, JSON seconds: `{"batch": 600}`',
-        default='{"batch": 600}',
+        doc=(
+            'Per-role attempt time-outs, JSON seconds: `{"batch": 100}` (a node behind a '
+            "Cloudflare tunnel that sends no head within ~100 s is cut off by the edge anyway)"
+        ),
+        default='{"batch": 100}',
         lo=1,
         hi=3600,
         in_wrangler=True,
@@ -167,6 +172,33 @@ SETTINGS: tuple[Setting, ...] = (
         default="900",
         lo=1,
         hi=7200,
+        in_wrangler=True,
+    ),
+    Setting(
+        name="STREAM_RELAY",
+        kind="choice",
+        into="stream_relay",
+        doc=(
+            "How event streams and chunked bodies are relayed: `native` (pumped by the runtime, "
+            "no Worker CPU per event; the final error event needs workerd v1.20260619 or later, "
+            "as production runs) or `guarded` (a JS TransformStream: the error event on any "
+            "runtime, ~0.2 ms CPU per event)"
+        ),
+        default="native",
+        choices=("native", "guarded"),
+        in_wrangler=True,
+    ),
+    Setting(
+        name="STREAM_IDLE_S",
+        kind="number",
+        into="timeouts.stream_idle_s",
+        doc=(
+            "A streamed answer whose node sends nothing this long ends with an `upstream_idle` "
+            "error event and counts against the node; 0: no limit"
+        ),
+        default="60",
+        lo=0,
+        hi=3600,
         in_wrangler=True,
     ),
     Setting(
@@ -525,6 +557,17 @@ def _node_numbers(spec: Setting, raw: str | None, found: Findings) -> tuple[int,
     return tuple(out)
 
 
+def _choice(spec: Setting, raw: str | None, found: Findings) -> str:
+    value = (raw or "").strip().lower()
+    if not value:
+        return str(spec.default)
+    if value not in spec.choices:
+        allowed = " or ".join(spec.choices)
+        found.problems.append(f"{spec.name}: {raw[:40]!r} is not {allowed}; using {spec.default}")
+        return str(spec.default)
+    return value
+
+
 PARSERS: dict[Kind, Parser] = {
     "endpoint": _endpoint,
     "keys": _keys,
@@ -539,6 +582,7 @@ PARSERS: dict[Kind, Parser] = {
     "path": _path,
     "path or empty": _path_or_empty,
     "node numbers": _node_numbers,
+    "choice": _choice,
 }
 
 
@@ -573,7 +617,7 @@ def docs_table() -> str:
     """The Markdown table of docs/configuration.md."""
     rows = ["| name | kind | default | range | what it does |", "|---|---|---|---|---|"]
     for s in SETTINGS:
-        rng = f"{_text(s.lo)}..{_text(s.hi)}" if s.lo is not None else ""
+        rng = f"{_text(s.lo)}..{_text(s.hi)}" if s.lo is not None else " \\| ".join(s.choices)
         default = f"`{_text(s.default)}`" if s.default is not None else ""
         kind = "secret" if s.secret else s.kind
         rows.append(f"| `{s.name}` | {kind} | {default} | {rng} | {s.doc} |")

@@ -49,6 +49,9 @@ def status_body(
             "request_id": request_id,
             "auth": "disabled" if config.auth_disabled else "on",
             "time": iso(now),
+            # How streams are relayed and when a silent one ends (docs/configuration.md).
+            "stream_relay": config.stream_relay,
+            "stream_idle_s": config.timeouts.stream_idle_s,
         },
         "nodes": nodes,
         "routes": route_table(config.pools),

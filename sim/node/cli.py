@@ -7,10 +7,12 @@ import asyncio
 import os
 import signal
 import sys
+import tempfile
 
 from sim.node.capacity import parse_capacity
 from sim.node.images import image_sim_for
 from sim.node.lifecycle import DEFAULT_MODEL, Node
+from sim.node.lora import LoraRegistry, gateway_resolver, static_resolver
 
 __all__ = ["main"]
 
@@ -51,6 +53,22 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="simulator only: seconds per image (default: the image preset's estimate)",
     )
+    # LoRA (vLLM's --enable-lora; resolvers run only with VLLM_ALLOW_RUNTIME_LORA_UPDATING).
+    parser.add_argument("--enable-lora", action="store_true")
+    parser.add_argument(
+        "--sim-lora-resolve",
+        nargs="+",
+        default=(),
+        metavar="NAME",
+        help="simulator only: adapter names a resolver finds (loaded on first use)",
+    )
+    parser.add_argument(
+        "--sim-lora-gateway",
+        default=None,
+        metavar="URL",
+        help="simulator only: resolve ft: names through the gateway as heady_node's LoRA "
+        "resolver does (credential from HEADY_NODE_CREDENTIAL, cache dir HEADY_LORA_CACHE_DIR)",
+    )
     args, _unknown = parser.parse_known_args(argv)
     return args
 
@@ -71,6 +89,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"python -m sim.node: {e}", file=sys.stderr)
         return 2
 
+    loras = None
+    if args.enable_lora:
+        loras = LoraRegistry(
+            model,
+            runtime_updating=os.environ.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "").lower()
+            in ("1", "true"),
+        )
+        if args.sim_lora_resolve:
+            loras.resolvers.append(static_resolver(args.sim_lora_resolve))
+        if args.sim_lora_gateway:
+            cache = os.environ.get("HEADY_LORA_CACHE_DIR") or tempfile.mkdtemp(prefix="sim-lora-")
+            credential = os.environ.get("HEADY_NODE_CREDENTIAL", "")
+            loras.resolvers.append(gateway_resolver(args.sim_lora_gateway, credential, cache))
+
     async def run() -> None:
         node = Node(
             args.node,
@@ -82,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             dev_mode=dev_mode,
             capacity=capacity,
             images=image_sim_for(args.sim_images, args.sim_image_s) if args.sim_images else None,
+            loras=loras,
         )
         await node.start()
         stop = asyncio.Event()

@@ -17,6 +17,7 @@ from heady_shared import capabilities as caps
 from sim.node import faults
 from sim.node.capacity import UNLIMITED, Capacity, Scheduler, parse_capacity
 from sim.node.images import ImageSim
+from sim.node.lora import LoraRegistry
 from sim.node.modes import HEALTHY, number, parse_mode
 from sim.node.record import HISTORY, RecordedRequest
 from sim.node.vllm import VllmApi
@@ -51,8 +52,10 @@ class Node(VllmApi):
         capacity: Capacity = UNLIMITED,
         capabilities: Sequence[str] = (caps.CHAT,),
         images: ImageSim | None = None,
+        loras: LoraRegistry | None = None,
     ) -> None:
         self.number = number
+        self.loras = loras  # vLLM with --enable-lora (sim.node.lora); None: without
         self.model = model
         self.served_names = _names(served_names or (model,))
         self.api_key = api_key
@@ -187,6 +190,8 @@ class Node(VllmApi):
         self.load = 0
         self._set_paused(False)
         self.sleeping = False
+        if self.loras is not None:
+            self.loras.reset()
         self.clear_requests()
 
     def state(self) -> dict[str, Any]:
@@ -200,6 +205,7 @@ class Node(VllmApi):
             "api_key": self.api_key is not None,
             "model": self.model,
             "served_names": list(self.served_names),
+            "loras": list(self.loras.loaded) if self.loras is not None else None,
             "dev_mode": self.dev_mode,
             "paused": self.paused,
             **self._scheduler.capacity.to_dict(),

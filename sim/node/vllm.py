@@ -17,6 +17,7 @@ from heady_shared import capabilities as caps
 from sim.node import faults
 from sim.node.capacity import Scheduler
 from sim.node.images import ImageSim
+from sim.node.lora import LoraRegistry
 from sim.node.modes import ModeConfig
 from sim.node.wire import JSON, SSE_TYPE, dumps, error_body
 from sim.server import Request, Response
@@ -95,6 +96,7 @@ class VllmApi:
     number: int
     model: str
     served_names: tuple[str, ...]
+    loras: LoraRegistry | None  # None: vLLM without --enable-lora
     api_key: str | None
     dev_mode: bool
     load: int
@@ -200,9 +202,9 @@ class VllmApi:
             if payload is not None:
                 await self._invocations(payload, resp)
         elif path == "/tokenize":
-            self._tokenize(req, resp)
+            await self._tokenize(req, resp)
         elif path == "/detokenize":
-            self._detokenize(req, resp)
+            await self._detokenize(req, resp)
         elif path == "/pause":
             self._set_paused(True)
             self._json(resp, 200, {"status": "paused"})
@@ -296,6 +298,11 @@ class VllmApi:
             }
             for name in self.served_names
         ]
+        # Loaded adapters after the bases, parent = the first served name; vLLM's ModelCard
+        # defaults: no max_model_len (show_available_models).
+        for name, root, parent in self.loras.cards(self.served_names[0]) if self.loras else ():
+            card = {**cards[0], "id": name, "root": root, "parent": parent, "max_model_len": None}
+            cards.append(card)
         return {"object": "list", "data": cards}
 
     def _invalid(self, resp: Response, error: object, param: str | None = None) -> None:
@@ -336,17 +343,24 @@ class VllmApi:
             return None
         return payload
 
-    def _model_error(self, payload: Mapping[str, Any], resp: Response) -> str | None:
-        """The name the answer reports, or None after answering vLLM's 404 for an unknown one."""
+    async def _model_error(self, payload: Mapping[str, Any], resp: Response) -> str | None:
+        """The name the answer reports, or None after answering vLLM's refusal: a base name,
+        a loaded LoRA adapter or one a resolver finds (sim.node.lora), else 404."""
         model = payload.get("model")
         if not model:  # absent/empty/null: served by the first name (_is_model_supported)
             return self.served_names[0]
-        if not isinstance(model, str) or model not in self.served_names:
-            self._error(resp, 404, f"The model `{model}` does not exist.", "NotFoundError", "model")
+        if isinstance(model, str) and model in self.served_names:
+            return model
+        if isinstance(model, str) and self.loras is not None:
+            refusal = await self.loras.check(model)
+            if refusal is None:
+                return model  # vLLM echoes the adapter's name
+            self._error(resp, refusal.status, refusal.message, refusal.kind, refusal.param)
             return None
-        return model
+        self._error(resp, 404, f"The model `{model}` does not exist.", "NotFoundError", "model")
+        return None
 
-    def _tokenize(self, req: Request, resp: Response) -> None:
+    async def _tokenize(self, req: Request, resp: Response) -> None:
         payload = self._payload(req, resp, json_only=True)
         if payload is None:
             return
@@ -357,7 +371,7 @@ class VllmApi:
                 self._missing(resp, "prompt")
                 return
             prompt = "".join(str(m.get("content", "")) for m in messages if isinstance(m, dict))
-        if self._model_error(payload, resp) is None:
+        if await self._model_error(payload, resp) is None:
             return
         tokens = list(prompt.encode("utf-8"))  # one token per byte: invertible, like a tokenizer
         self._json(
@@ -371,7 +385,7 @@ class VllmApi:
             },
         )
 
-    def _detokenize(self, req: Request, resp: Response) -> None:
+    async def _detokenize(self, req: Request, resp: Response) -> None:
         payload = self._payload(req, resp, json_only=True)
         if payload is None:
             return
@@ -381,7 +395,7 @@ class VllmApi:
         ):
             self._missing(resp, "tokens")
             return
-        if self._model_error(payload, resp) is None:
+        if await self._model_error(payload, resp) is None:
             return
         self._json(resp, 200, {"prompt": bytes(tokens).decode("utf-8", "replace")})
 
@@ -421,7 +435,7 @@ class VllmApi:
             else:
                 self._missing(resp, "prompt")
                 return
-        model = self._model_error(payload, resp)
+        model = await self._model_error(payload, resp)
         if model is None:
             return
         if chat and caps.IMAGE_INPUT not in self.capabilities and _has_image_part(messages):

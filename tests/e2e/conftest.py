@@ -39,6 +39,10 @@ def fleet_bindings(fleet: Fleet, **extra: str) -> dict[str, str]:
         "KV_MIN_WRITE_INTERVAL_S": "1",
         "MAX_BODY_BYTES": str(64 * 1024),
         "CORS_ORIGINS": "https://app.example",
+        # The offline runtime cannot write after a native pipe's source errors (docs/
+        # stream-relay-research.md): the loud end is tested through the guarded relay here,
+        # the native one in test_stream_relay.py.
+        "STREAM_RELAY": "guarded",
     }
     return fleet_env(
         fleet, node_token=NODE_TOKEN, api_keys=f"other-key,{API_KEY}", **settings | extra

@@ -83,8 +83,9 @@ def test_chunked_body_over_limit_is_413(client, fleet):
     assert not fleet.requests(3) and not fleet.requests(4)
 
 
-# Bodies up to 16 KiB declared (src/jsio.py EXACT_READ_MAX_BYTES) are read in one call, larger
-# ones chunk by chunk: both sides of the line, and the limit (64 KiB here), arrive byte-exact.
+# Bodies up to 64 KiB declared (body.FIRST_READ_BYTES) are read in one call, larger ones in
+# growing steps (body.next_read_size): every size up to the limit (64 KiB here) arrives
+# byte-exact. (tests/e2e/test_client_faults.py sends bigger ones to a 1 MiB limit.)
 @pytest.mark.parametrize("size", [1, 1024, 16 * 1024, 16 * 1024 + 1, 40_000, 64 * 1024])
 def test_declared_body_of_any_size_is_forwarded_byte_exact(client, fleet, size):
     skeleton = json.dumps({"model": "code", "prompt": ""}).encode()

@@ -10,10 +10,12 @@ from hypothesis import strategies as st
 
 from body import (
     BAD_BODY,
+    FIRST_READ_BYTES,
     TOO_LARGE,
     BodyError,
     body_error,
     content_length,
+    next_read_size,
     read_fault,
     short_body_fault,
 )
@@ -145,3 +147,47 @@ def test_body_error_is_400_bad_request_body(fault):
     err = body_error(fault)
     assert (err.status, err.type) == (400, BAD_BODY)
     assert err.message and "internal" not in err.message
+
+
+# ---- how a body is read: next_read_size ---------------------------------------------------
+
+
+def _reads(size: int, declared: int | None, limit: int) -> list[int]:
+    """The read sizes asked for while a body of `size` bytes arrives (each read filled)."""
+    out, total = [], 0
+    while (n := next_read_size(total, declared, limit)) > 0:
+        out.append(n)
+        got = min(n, size - total)
+        total += got
+        if got < n:
+            break
+    return out
+
+
+def test_a_small_declared_body_is_one_read_of_its_length():
+    assert _reads(300, 300, 10 << 20) == [300]
+    assert _reads(0, 0, 10 << 20) == []
+
+
+def test_a_big_declared_body_takes_a_few_growing_reads_ending_at_its_length():
+    reads = _reads(10 << 20, 10 << 20, 10 << 20)
+    assert sum(reads) == 10 << 20 and len(reads) <= 10
+    assert reads[0] == FIRST_READ_BYTES
+
+
+def test_an_undeclared_body_is_read_to_one_byte_past_the_limit():
+    limit = 1 << 20
+    reads = _reads(5 << 20, None, limit)  # an endless upload
+    assert sum(reads) == limit + 1  # enough to know it is over the limit, no more
+    assert _reads(1000, None, limit) == [FIRST_READ_BYTES]  # a short one: one read, EOF
+
+
+@given(st.integers(0, 1 << 24), st.integers(0, 1 << 24), st.booleans())
+@settings(max_examples=300, deadline=None)
+def test_a_read_never_asks_for_more_than_has_come_or_past_the_end(total, limit, declare):
+    declared = min(limit, total + 12345) if declare else None
+    n = next_read_size(total, declared, limit)
+    end = declared if declared is not None else limit + 1
+    assert 0 <= n <= max(0, end - total)
+    assert n <= max(FIRST_READ_BYTES, total)  # memory ahead of the bytes: bounded by them
+    assert (n == 0) == (total >= end)

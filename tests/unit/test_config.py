@@ -28,7 +28,7 @@ def test_defaults(fleet):
     assert cfg.max_body_bytes == 10 * 1024 * 1024
     assert cfg.timeouts.attempt_s == 120.0
     assert cfg.timeouts.deadline_s == 900.0
-    assert cfg.timeouts.attempt_for("batch") == 600.0
+    assert cfg.timeouts.attempt_for("batch") == 100.0
     assert cfg.timeouts.attempt_for("code") == 120.0
     assert cfg.health.cooldown_base_s == 30.0
     assert cfg.health.cooldown_max_s == 600.0
@@ -229,7 +229,7 @@ def test_role_timeouts(fleet_env):
 )
 def test_role_timeouts_bad_shape_uses_defaults(raw, fragment, fleet_env):
     cfg = load_config(fleet_env(ROLE_TIMEOUTS_S=raw))
-    assert cfg.timeouts.per_role_attempt_s == {"batch": 600.0}
+    assert cfg.timeouts.per_role_attempt_s == {"batch": 100.0}
     assert any(fragment in p for p in cfg.problems)
 
 
@@ -358,7 +358,7 @@ def test_load_config_never_raises_and_values_stay_in_range(env):
 
 def test_role_timeouts_pathological_json_is_a_problem_not_an_exception(fleet_env):
     cfg = load_config(fleet_env(ROLE_TIMEOUTS_S="[" * 100_000))
-    assert cfg.timeouts.per_role_attempt_s == {"batch": 600.0}
+    assert cfg.timeouts.per_role_attempt_s == {"batch": 100.0}
     assert any("ROLE_TIMEOUTS_S: not valid JSON" in p for p in cfg.problems)
 
 
@@ -373,3 +373,18 @@ def test_each_slot_reads_its_own_secret(n, fleet_env):
     bad = load_config(fleet_env(**{f"COLAB_ENDPOINT_{n}": "https://x.example?q=1"}))
     assert [m.number for m in bad.nodes if not m.usable] == [n]
     assert bad.problems == (f"COLAB_ENDPOINT_{n}: URL must not carry a query or fragment",)
+
+
+def test_stream_settings_defaults_and_bad_values(fleet_env):
+    cfg = load_config(fleet_env())
+    assert cfg.stream_relay == "native"
+    assert cfg.timeouts.stream_idle_s == 60.0
+    cfg = load_config(fleet_env(STREAM_RELAY=" Guarded ", STREAM_IDLE_S="0"))
+    assert cfg.stream_relay == "guarded" and cfg.timeouts.stream_idle_s == 0.0
+    assert cfg.problems == ()
+    cfg = load_config(fleet_env(STREAM_RELAY="fast", STREAM_IDLE_S="-1"))
+    assert cfg.stream_relay == "native" and cfg.timeouts.stream_idle_s == 60.0
+    assert cfg.problems == (
+        "STREAM_RELAY: 'fast' is not native or guarded; using native",
+        "STREAM_IDLE_S: -1 is outside 0..3600; using 60",
+    )

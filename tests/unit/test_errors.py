@@ -74,6 +74,13 @@ def test_sse_error_event_is_one_event_in_the_openai_error_shape():
     }
 
 
+def test_a_stalled_stream_ends_with_its_own_error_type():
+    (event,) = sse_events(sse_error_event("rid-8", "upstream_idle"))
+    err = json.loads(event["data"])["error"]
+    assert (err["type"], err["code"], err["request_id"]) == ("upstream_idle", 502, "rid-8")
+    assert "STREAM_IDLE_S" in err["message"]
+
+
 @pytest.mark.parametrize(
     "half_written",
     [

@@ -340,6 +340,13 @@ def test_cut_marks_the_node_down_and_records_it():
     assert view.dirty
 
 
+def test_a_stall_is_a_cut_with_its_own_reason():
+    view = HealthView()
+    a = cut(5, health_sync(view), T0, 61000.0, "upstream_idle")
+    assert a == Attempt(5, "cut", "upstream_idle", None, 61000.0)
+    assert a.node_failed and view.get(5).state == "down"
+
+
 def test_cut_ms_never_negative():
     assert cut(3, HealthSync(POLICY), T0, -7.0).ms == 0.0
 

@@ -64,12 +64,16 @@ def test_gateway_block_and_shape():
         "request_id": "rid-1",
         "auth": "on",
         "time": "2023-11-14T22:13:20Z",
+        "stream_relay": "native",
+        "stream_idle_s": 60.0,
     }
     assert [e["node"] for e in b["nodes"]] == list(NODE_NUMBERS)
     assert all(set(e) == NODE_KEYS for e in b["nodes"])
     assert b["problems"] == []
     assert body(AUTH_DISABLED="true")["gateway"]["auth"] == "disabled"
     assert b["batches"] is None  # the shell passes batches.status_view (test_batch_status.py)
+    guarded = body(STREAM_RELAY="guarded", STREAM_IDLE_S="0")["gateway"]
+    assert (guarded["stream_relay"], guarded["stream_idle_s"]) == ("guarded", 0.0)
 
 
 def test_batches_are_passed_through():
