@@ -18,6 +18,7 @@ import struct
 import tarfile
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import openai
@@ -28,7 +29,7 @@ from heady_shared import capabilities as caps
 from heady_shared.ftnames import slug
 from heady_shared.nodeauth import node_credential
 from sim.fleet import NODE_MODELS, Fleet
-from sim.node.lora import LoraRegistry, static_resolver
+from sim.node.lora import LoraRegistry, gateway_resolver
 from tests.e2e.conftest import API_KEY, fleet_bindings
 
 NODE_SECRET = "e2e-node-secret-ft-7a1b2c"
@@ -102,8 +103,10 @@ def adapter_tar(base: str, rank: int = 8, hidden: int = 16) -> bytes:
     size = rank * hidden * 4
     prefix = "base_model.model.model.layers.0.self_attn.q_proj"
     header = {
-        f"{prefix}.lora_A.weight": {"dtype": "F32", "shape": [rank, hidden], "data_offsets": [0, size]},
-        f"{prefix}.lora_B.weight": {"dtype": "F32", "shape": [hidden, rank], "data_offsets": [size, 2 * size]},
+        f"{prefix}.lora_A.weight": {"dtype": "F32", "shape": [rank, hidden],
+                                    "data_offsets": [0, size]},
+        f"{prefix}.lora_B.weight": {"dtype": "F32", "shape": [hidden, rank],
+                                    "data_offsets": [size, 2 * size]},
     }  # fmt: skip
     raw = json.dumps(header).encode()
     weights = struct.pack("<Q", len(raw)) + raw + bytes(2 * size)
@@ -128,7 +131,7 @@ def upload(client: openai.OpenAI, data: bytes) -> str:
 
 
 def test_a_job_trains_is_listed_and_its_model_is_served_to_its_key_only(
-    gw: Gateway, fleet: Fleet
+    gw: Gateway, fleet: Fleet, tmp_path: Path
 ) -> None:
     c = sdk(gw)
     data = training_file()
@@ -186,8 +189,8 @@ def test_a_job_trains_is_listed_and_its_model_is_served_to_its_key_only(
     adapter = adapter_tar(BASE)
     r = nc.put(f"{LEASES}/{lid}/adapter", content=adapter, headers=hdr)
     assert r.status_code == 200 and r.json() == {"bytes": len(adapter)}
-    done = {"token": tok, "ok": True, "trained_tokens": 480,
-            "hyperparameters": {"batch_size": 4, "learning_rate_multiplier": 1.0, "n_epochs": 2}}  # fmt: skip
+    used = {"batch_size": 4, "learning_rate_multiplier": 1.0, "n_epochs": 2}
+    done = {"token": tok, "ok": True, "trained_tokens": 480, "hyperparameters": used}
     r = nc.post(f"{LEASES}/{lid}/commit", json=done)
     assert r.status_code == 200 and r.json()["state"] == "done", r.text
     model = r.json()["fine_tuned_model"]
@@ -243,11 +246,14 @@ def test_a_job_trains_is_listed_and_its_model_is_served_to_its_key_only(
     assert none_yet.value.status_code == 503 and none_yet.value.code == "no_capable_node"
     assert all(not fleet.requests(n) for n in range(1, 9))
 
-    # vLLM with --enable-lora on the batch pair (the sim's LoRA registry; the resolver "has"
-    # this adapter under its slug), reported as the `lora` capability; the cron learns it.
+    # vLLM with --enable-lora on the batch pair (the sim's LoRA registry, whose resolver is
+    # heady_node's: it fetches the adapter from the gateway by the slug vLLM is asked for and
+    # checks it against the served base), reported as the `lora` capability; the cron learns it.
     try:
         for n in (7, 8):
-            fleet.node(n).loras = LoraRegistry(BASE, [static_resolver([name])])
+            cred = node_credential(NODE_SECRET, n)
+            resolver = gateway_resolver(gw.url, cred, tmp_path / f"lora-{n}")
+            fleet.node(n).loras = LoraRegistry(BASE, [resolver])
             fleet.set_capabilities(n, [caps.CHAT, caps.LORA])
         gw.scheduled()
         answer = mine.chat.completions.with_raw_response.create(**ask)
@@ -256,7 +262,9 @@ def test_a_job_trains_is_listed_and_its_model_is_served_to_its_key_only(
         assert answer.parse().model == name  # vLLM echoes the LoRA it served
         sent = [r for r in fleet.requests(served_by) if r.path == "/v1/chat/completions"]
         assert json.loads(sent[-1].body)["model"] == name  # the slug, never the ft: name
-        assert name in fleet.node(served_by).loras.loaded
+        loaded = fleet.node(served_by).loras.loaded
+        assert loaded == {name: str(tmp_path / f"lora-{served_by}" / name)}
+        assert (tmp_path / f"lora-{served_by}" / name / "adapter_config.json").is_file()
         # Still the caller's only.
         with pytest.raises(openai.NotFoundError):
             other.chat.completions.create(**ask)
