@@ -264,7 +264,10 @@ class Default(WorkerEntrypoint):
         _ISO.turn += 1
         if not plan.nodes and need is not None:
             wait = retry_after(sync.view, plan.capable, now, config.health)
-            return self._no_capable(ex, plan, f"none of them is up (retry in {wait} s)", wait)
+            why = f"none of them is up (retry in {wait} s)"
+            if base is not None:
+                why = f"none that is up serves its base model {base[:120]!r} (retry in {wait} s)"
+            return self._no_capable(ex, plan, why, wait)
         if not plan.nodes:
             message = f"no configured node serves role {route.role!r}"
             return self._error(ex, 503, message, "no_nodes", headers={"retry-after": "60"})

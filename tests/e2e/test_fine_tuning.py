@@ -126,6 +126,18 @@ def lease_train(nc: httpx.Client, models: list[str], timeout: float = 20) -> dic
         time.sleep(0.3)
 
 
+def learn(gw: Gateway) -> None:
+    """A cron tick that probes every node (health forgotten first: a healthy node is
+    otherwise probed only once per PROBE_UP_EVERY_S), so it learns what each serves now."""
+    gw.reset()
+    gw.scheduled()
+
+
+def chats(fleet: Fleet) -> list[int]:
+    """The nodes that got a chat request (probes and model lists aside)."""
+    return [n for n in range(1, 9) for r in fleet.requests(n) if r.path == "/v1/chat/completions"]
+
+
 def upload(client: openai.OpenAI, data: bytes) -> str:
     return client.files.create(file=("heady.jsonl", data), purpose="fine-tune").id
 
@@ -229,7 +241,7 @@ def test_a_job_trains_is_listed_and_its_model_is_served_to_its_key_only(
     with pytest.raises(openai.NotFoundError) as refused:
         other.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}])
     assert refused.value.code == "model_not_found"
-    assert all(not fleet.requests(n) for n in range(1, 9))
+    assert not chats(fleet)
     assert model not in {m.id for m in other.models.list()}
 
     # The caller's models list shows it (beside the node's own).
@@ -240,11 +252,12 @@ def test_a_job_trains_is_listed_and_its_model_is_served_to_its_key_only(
 
     # Served: no node is known to serve LoRA yet -> 503 no_capable_node, nothing forwarded.
     ask = {"model": model, "messages": [{"role": "user", "content": "pattern 3?"}], "max_tokens": 4}
-    gw.scheduled()
+    learn(gw)
     with pytest.raises(openai.APIStatusError) as none_yet:
         mine.chat.completions.create(**ask)
-    assert none_yet.value.status_code == 503 and none_yet.value.code == "no_capable_node"
-    assert all(not fleet.requests(n) for n in range(1, 9))
+    assert none_yet.value.status_code == 503 and none_yet.value.type == "no_capable_node"
+    assert BASE in none_yet.value.message
+    assert not chats(fleet)
 
     # vLLM with --enable-lora on the batch pair (the sim's LoRA registry, whose resolver is
     # heady_node's: it fetches the adapter from the gateway by the slug vLLM is asked for and
@@ -255,7 +268,7 @@ def test_a_job_trains_is_listed_and_its_model_is_served_to_its_key_only(
             resolver = gateway_resolver(gw.url, cred, tmp_path / f"lora-{n}")
             fleet.node(n).loras = LoraRegistry(BASE, [resolver])
             fleet.set_capabilities(n, [caps.CHAT, caps.LORA])
-        gw.scheduled()
+        learn(gw)
         answer = mine.chat.completions.with_raw_response.create(**ask)
         served_by = int(answer.headers["x-heady-node"])
         assert served_by in (7, 8)  # by the model's base, though the role is `reasoning`
@@ -272,7 +285,7 @@ def test_a_job_trains_is_listed_and_its_model_is_served_to_its_key_only(
         for n in (7, 8):
             fleet.node(n).loras = None
         fleet.reset()
-        gw.scheduled()
+        learn(gw)
 
 
 def test_jobs_list_pages_filters_and_cancel(gw: Gateway) -> None:
@@ -285,16 +298,22 @@ def test_jobs_list_pages_filters_and_cancel(gw: Gateway) -> None:
         ).id
         for i in range(5)
     ]
+    # Newest first (created_at, then id: jobs of the same instant in a fixed order).
+    full = [j.id for j in c.fine_tuning.jobs.list(limit=100).data]
+    assert sorted(full) == sorted(ids)
+    made = {j.id: j.created_at for j in c.fine_tuning.jobs.list(limit=100).data}
+    assert [made[j] for j in full] == sorted(made.values(), reverse=True)
     first = c.fine_tuning.jobs.list(limit=2)
-    assert [j.id for j in first.data] == ids[::-1][:2] and first.has_more
+    assert [j.id for j in first.data] == full[:2] and first.has_more
     second = c.fine_tuning.jobs.list(limit=2, after=first.data[-1].id)
-    assert [j.id for j in second.data] == ids[::-1][2:4]
-    every = [j.id for j in c.fine_tuning.jobs.list(limit=2).auto_paging_iter()]
-    assert every == ids[::-1]
-    only_b = c.fine_tuning.jobs.list(metadata={"batch": "b"})
-    assert [j.id for j in only_b.data] == [ids[3], ids[1]]
-    assert sdk(gw).fine_tuning.jobs.list(limit=100).data  # another key sees its own only
-    assert not {j.id for j in sdk(gw).fine_tuning.jobs.list(limit=100).data} & set(ids)
+    assert [j.id for j in second.data] == full[2:4] and second.has_more
+    last = c.fine_tuning.jobs.list(limit=2, after=second.data[-1].id)
+    assert [j.id for j in last.data] == full[4:] and not last.has_more
+    assert [j.id for j in c.fine_tuning.jobs.list(limit=2)] == full  # the SDK pages on
+    only_b = [j.id for j in c.fine_tuning.jobs.list(metadata={"batch": "b"}).data]
+    assert only_b == [j for j in full if j in (ids[1], ids[3])]
+    theirs = {j.id for j in sdk(gw).fine_tuning.jobs.list(limit=100).data}
+    assert theirs and not theirs & set(ids)  # another key sees its own jobs only
 
     for jid in ids:
         cancelled = c.fine_tuning.jobs.cancel(jid)
