@@ -242,5 +242,7 @@ def test_cost_of_finding_an_image_part_and_of_an_8mb_answer(gw: Gateway, fleet: 
     # which every request of that size pays (the third line): tens of ms at most.
     assert cpu["text chat"] - cpu["completions"] < 60, cpu
     assert cpu["image chat"] - cpu["completions"] < 60, cpu
-    # The 8 MB answer is pumped natively: far less CPU than moving a 5 MB body through Python.
-    assert cpu["8 MB image answer"] < cpu["completions"] / 2, cpu
+    # The 8 MB answer is pumped natively: `image()` checked that it keeps the node's
+    # Content-Length, which only the untouched pass-through does (a relayed body is chunked).
+    # Its CPU is printed above beside the others; since request bodies are read natively too,
+    # the two are of one order, so no ratio between them is asserted.
