@@ -92,6 +92,13 @@ class GatewayConfig:
     def node(self, number: int) -> Node:
         return self.nodes[number - 1]
 
+    def may_train(self, node: int) -> bool:
+        """Whether `node` may lease fine-tuning jobs: TRAIN_NODES, or unset the batch pair."""
+        if self.train_nodes:
+            return node in self.train_nodes
+        pool = self.pools.get("batch")
+        return pool is not None and node in pool.pair
+
     @property
     def roles(self) -> tuple[str, ...]:
         return tuple(self.pools)

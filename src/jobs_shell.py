@@ -250,7 +250,7 @@ async def node_lease(gw, call, config: GatewayConfig, params):
             _IDS,
             node,
             may_lease_any,
-            may_train(config, node, may_lease_any),
+            config.may_train(node),
             body,
             _now(),
             config.batch,
@@ -258,11 +258,6 @@ async def node_lease(gw, call, config: GatewayConfig, params):
         )
 
     return await _run(gw, call, config, go)
-
-
-def may_train(config: GatewayConfig, node: int, batch_pair: bool) -> bool:
-    """TRAIN_NODES names the nodes that may train; unset, the batch pair does."""
-    return node in config.train_nodes if config.train_nodes else batch_pair
 
 
 async def node_input(gw, call, config: GatewayConfig, params):
