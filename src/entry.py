@@ -299,19 +299,25 @@ class Default(WorkerEntrypoint):
 
     async def _models(self, call: _Call, config: GatewayConfig, params):
         """`GET /v1/models`: the node's list (forwarded as any request) with the caller's
-        fine-tuned models appended (ft_shell.models_merged); any other answer as it is."""
+        fine-tuned models appended (ft_shell.models_merged). Only a 200 JSON answer of a known,
+        bounded length is read and merged; anything else (an error, a stream) is relayed as
+        it is, so this row never holds a body the plain relay would have streamed."""
         response = await self._forward(call, config, params)
         resp = getattr(response, "js_object", response)
         if int(resp.status) != 200:
             return response
-        text = await resp.text()
-        merged = await ft_shell.models_merged(self, call, str(text))
         headers = js.Object.fromEntries(resp.headers).to_py()
-        for drop in ("content-length", "content-encoding", "transfer-encoding", "etag"):
+        length = headers.get("content-length", "")
+        small = length.isdigit() and int(length) <= ftroute.MODELS_MAX_BYTES
+        if not small or "json" not in headers.get("content-type", "") or is_sse(headers):
+            return response
+        text = str(await resp.text())
+        merged = await ft_shell.models_merged(self, call, text)
+        if merged is None:
+            return js.Response.new(text, status=200, headers=jsio.js_obj(headers))
+        for drop in ("content-length", "content-encoding", "etag"):
             headers.pop(drop, None)
-        return js.Response.new(
-            text if merged is None else merged, status=200, headers=jsio.js_obj(headers)
-        )
+        return js.Response.new(merged, status=200, headers=jsio.js_obj(headers))
 
     def _no_capable(self, ex: Exchange, plan: Plan, why: str, retry_after_s: int):
         """503 for a request no node that has its capability can serve now."""

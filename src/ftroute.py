@@ -23,6 +23,9 @@ import re
 from heady_shared.ftnames import FT_PREFIX, is_slug
 
 NEEDLE = b'"' + FT_PREFIX.encode()
+# A node's /v1/models answer larger than this is relayed untouched (a list of a few models is a
+# few KB; the bound keeps a misbehaving node from making the gateway buffer a large body).
+MODELS_MAX_BYTES = 1 << 20
 
 
 def requested_model(body: bytes) -> tuple[str, dict] | None:
