@@ -18,13 +18,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from heady_shared.capabilities import CHAT, IMAGE_GENERATION, IMAGE_INPUT
+from heady_shared.capabilities import CHAT, IMAGE_GENERATION, IMAGE_INPUT, LORA
 
 IMAGE_PART = b'"image_url"'
 WINDOW = 1 << 20  # bytes copied out of the JS buffer per step
 IMAGES_PREFIX = "/v1/images/"
 CHAT_PATH = "/v1/chat/completions"
-LABELS = {CHAT: "chat", IMAGE_INPUT: "image input", IMAGE_GENERATION: "image generation"}
+LABELS = {
+    CHAT: "chat",
+    IMAGE_INPUT: "image input",
+    IMAGE_GENERATION: "image generation",
+    LORA: "LoRA adapters",
+}
 
 
 def path_need(method: str, rest: str) -> str | None:

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from finetune import FtSettings
 from heady_shared.endpoints import EndpointState
 from heady_shared.routes import Pool
 from jobdb import BatchSettings
@@ -84,9 +85,19 @@ class GatewayConfig:
     problems: tuple[str, ...]  # non-fatal: reported in /api/status
     fatal: tuple[str, ...]  # the gateway cannot route at all: heavy routes answer 503
     batch: BatchSettings = field(default_factory=BatchSettings)  # Files + Batch API (docs/batch.md)
+    # Fine-tuning jobs (docs/fine-tuning-jobs.md): who may train (empty: the batch pair)
+    finetune: FtSettings = field(default_factory=FtSettings)
+    train_nodes: tuple[int, ...] = DEFAULTS["TRAIN_NODES"]
 
     def node(self, number: int) -> Node:
         return self.nodes[number - 1]
+
+    def may_train(self, node: int) -> bool:
+        """Whether `node` may lease fine-tuning jobs: TRAIN_NODES, or unset the batch pair."""
+        if self.train_nodes:
+            return node in self.train_nodes
+        pool = self.pools.get("batch")
+        return pool is not None and node in pool.pair
 
     @property
     def roles(self) -> tuple[str, ...]:
@@ -103,6 +114,7 @@ def load_config(env: Mapping[str, str | None]) -> GatewayConfig:
         "timeouts": {},
         "health": {},
         "batch": {},
+        "finetune": {},
     }
     for spec in SETTINGS:
         part, _, name = spec.into.rpartition(".")
@@ -118,6 +130,12 @@ def load_config(env: Mapping[str, str | None]) -> GatewayConfig:
             "BATCH_HEARTBEAT_S is not below BATCH_LEASE_S; heartbeating at a third of the lease"
         )
         batch["heartbeat_s"] = batch["lease_s"] / 3
+    ft = parts["finetune"]
+    if ft["heartbeat_s"] >= ft["lease_s"]:
+        found.problems.append(
+            "FT_HEARTBEAT_S is not below FT_LEASE_S; heartbeating at a third of the lease"
+        )
+        ft["heartbeat_s"] = ft["lease_s"] / 3
     nodes = tuple(
         Node(int(n), ep.state, ep.base_url, ep.reason) for n, ep in parts["nodes"].items()
     )
@@ -127,6 +145,7 @@ def load_config(env: Mapping[str, str | None]) -> GatewayConfig:
         timeouts=Timeouts(**parts["timeouts"]),
         health=HealthPolicy(**health),
         batch=BatchSettings(**batch),
+        finetune=FtSettings(**ft),
         problems=tuple(found.problems),
         fatal=tuple(found.fatal),
     )

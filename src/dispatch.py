@@ -137,8 +137,27 @@ ROUTES: tuple[Row, ...] = (
     Row("batches", "/api/heavy/{role}/v1/batches", frozenset({"GET", "POST"})),
     Row("batch", "/api/heavy/{role}/v1/batches/{id}", frozenset({"GET"})),
     Row("batch_cancel", "/api/heavy/{role}/v1/batches/{id}/cancel", frozenset({"POST"})),
+    # Fine-tuning jobs (src/ft_shell.py; docs/fine-tuning-jobs.md).
+    Row("ft_jobs", "/api/heavy/{role}/v1/fine_tuning/jobs", frozenset({"GET", "POST"})),
+    Row("ft_job", "/api/heavy/{role}/v1/fine_tuning/jobs/{id}", frozenset({"GET"})),
+    Row("ft_cancel", "/api/heavy/{role}/v1/fine_tuning/jobs/{id}/cancel", frozenset({"POST"})),
+    Row("ft_events", "/api/heavy/{role}/v1/fine_tuning/jobs/{id}/events", frozenset({"GET"})),
+    Row(
+        "ft_checkpoints",
+        "/api/heavy/{role}/v1/fine_tuning/jobs/{id}/checkpoints",
+        frozenset({"GET"}),
+    ),
     Row("jobs_unknown", "/api/heavy/{role}/v1/files/**"),  # never forwarded to a node
     Row("jobs_unknown", "/api/heavy/{role}/v1/batches/**"),
+    Row("jobs_unknown", "/api/heavy/{role}/v1/fine_tuning/**"),
+    # The node's model list plus the caller's fine-tuned models (other methods: forwarded).
+    Row(
+        "models",
+        "/api/heavy/{role}/v1/models",
+        frozenset({"GET"}),
+        needs_fleet=True,
+        other_methods="next",
+    ),
     Row("forward", "/api/heavy/**", auth="client", needs_fleet=True),
     # The node API: batch workers lease work with their node credential (nodeauth).
     Row("node_lease", "/api/nodes/v1/leases", frozenset({"POST"}), auth="node"),
@@ -148,6 +167,28 @@ ROUTES: tuple[Row, ...] = (
         "node_results", "/api/nodes/v1/leases/{id}/results/{part}", frozenset({"PUT"}), auth="node"
     ),
     Row("node_commit", "/api/nodes/v1/leases/{id}/commit", frozenset({"POST"}), auth="node"),
+    # ... and training nodes (train leases `ftlease-...`), LoRA resolvers fetch adapters.
+    Row(
+        "node_validation",
+        "/api/nodes/v1/leases/{id}/validation",
+        frozenset({"GET"}),
+        auth="node",
+    ),
+    Row(
+        "node_checkpoint",
+        "/api/nodes/v1/leases/{id}/checkpoint",
+        frozenset({"GET"}),
+        auth="node",
+    ),
+    Row("node_events", "/api/nodes/v1/leases/{id}/events", frozenset({"POST"}), auth="node"),
+    Row(
+        "node_checkpoint_put",
+        "/api/nodes/v1/leases/{id}/checkpoints/{step}",
+        frozenset({"PUT"}),
+        auth="node",
+    ),
+    Row("node_adapter_put", "/api/nodes/v1/leases/{id}/adapter", frozenset({"PUT"}), auth="node"),
+    Row("node_adapter", "/api/nodes/v1/adapters/{slug}", frozenset({"GET"}), auth="node"),
     Row("jobs_unknown", "/api/nodes/**", auth="node"),
     Row("page", "/", GET_HEAD, auth="none", other_methods="next"),  # status_page.PATH
 )

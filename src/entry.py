@@ -20,6 +20,8 @@ from workers import Response, WorkerEntrypoint
 
 import capability
 import cron
+import ft_shell
+import ftroute
 import jobs_shell
 import jsio
 import status_page
@@ -40,6 +42,8 @@ from headers import (
     request_headers_for_node,
     request_id,
 )
+from heady_shared.capabilities import LORA
+from jobdb import ApiResult
 from routing import Plan, RouteError, make_plan, parse_route, split_url
 from services import Services
 from settings import CONFIG_KEYS
@@ -240,17 +244,30 @@ class Default(WorkerEntrypoint):
             if isinstance(body, BodyError):
                 return self._error(ex, body.status, body.message, body.type)
 
-        need = capability.needs(
-            call.method, route.rest, lambda: jsio.body_contains(body, capability.IMAGE_PART)
-        )
+        base = None  # a fine-tuned model's base: the model, not the role, picks the nodes
+        if jsio.body_contains(body, ftroute.NEEDLE):  # a byte search: no I/O for other models
+            ft = await ft_shell.ft_request(self, call, bytes(body.to_bytes()))
+            if isinstance(ft, ApiResult):  # not the caller's model: never forwarded
+                return jobs_shell.answer(self, call, config, ft)
+            if ft is not None:
+                base, body = ft[0].base, ft[1]
+        if base is not None:
+            need = LORA
+        else:
+            need = capability.needs(
+                call.method, route.rest, lambda: jsio.body_contains(body, capability.IMAGE_PART)
+            )
         io, sync = self._io(), _ISO.sync
         await sync.refresh(io)
         now = _clock()
-        plan = make_plan(config.pools[route.role], config, sync.view, now, _ISO.turn, need)
+        plan = make_plan(config.pools[route.role], config, sync.view, now, _ISO.turn, need, base)
         _ISO.turn += 1
         if not plan.nodes and need is not None:
             wait = retry_after(sync.view, plan.capable, now, config.health)
-            return self._no_capable(ex, plan, f"none of them is up (retry in {wait} s)", wait)
+            why = f"none of them is up (retry in {wait} s)"
+            if base is not None:
+                why = f"none that is up serves its base model {base[:120]!r} (retry in {wait} s)"
+            return self._no_capable(ex, plan, why, wait)
         if not plan.nodes:
             message = f"no configured node serves role {route.role!r}"
             return self._error(ex, 503, message, "no_nodes", headers={"retry-after": "60"})
@@ -279,6 +296,28 @@ class Default(WorkerEntrypoint):
                 attempts=[a.public() for a in ex.attempts],
             )
         return self._relay(result, plan, ex, config, client)
+
+    async def _models(self, call: _Call, config: GatewayConfig, params):
+        """`GET /v1/models`: the node's list (forwarded as any request) with the caller's
+        fine-tuned models appended (ft_shell.models_merged). Only a 200 JSON answer of a known,
+        bounded length is read and merged; anything else (an error, a stream) is relayed as
+        it is, so this row never holds a body the plain relay would have streamed."""
+        response = await self._forward(call, config, params)
+        resp = getattr(response, "js_object", response)
+        if int(resp.status) != 200:
+            return response
+        headers = js.Object.fromEntries(resp.headers).to_py()
+        length = headers.get("content-length", "")
+        small = length.isdigit() and int(length) <= ftroute.MODELS_MAX_BYTES
+        if not small or "json" not in headers.get("content-type", "") or is_sse(headers):
+            return response
+        text = str(await resp.text())
+        merged = await ft_shell.models_merged(self, call, text)
+        if merged is None:
+            return js.Response.new(text, status=200, headers=jsio.js_obj(headers))
+        for drop in ("content-length", "content-encoding", "etag"):
+            headers.pop(drop, None)
+        return js.Response.new(merged, status=200, headers=jsio.js_obj(headers))
 
     def _no_capable(self, ex: Exchange, plan: Plan, why: str, retry_after_s: int):
         """503 for a request no node that has its capability can serve now."""
@@ -408,7 +447,7 @@ class Default(WorkerEntrypoint):
             _clock,
         )
         wrote = await sync.flush(io) if sync.flush_due(_clock()) else False
-        jobs = await jobs_shell.cron(self)
+        jobs = {**await jobs_shell.cron(self), **await ft_shell.cron(self)}
         _log(
             {
                 "msg": "probe",
@@ -426,6 +465,7 @@ _HANDLERS = {
     "healthz": Default._healthz,
     "status": Default._status,
     "forward": Default._forward,
+    "models": Default._models,
     "page": Default._page,
     # Files + Batch API and the node API (jobs_shell.py)
     "files": jobs_shell.files_root,
@@ -440,6 +480,18 @@ _HANDLERS = {
     "node_heartbeat": jobs_shell.node_heartbeat,
     "node_results": jobs_shell.node_results,
     "node_commit": jobs_shell.node_commit,
+    # Fine-tuning jobs and the training nodes' calls (ft_shell.py)
+    "ft_jobs": ft_shell.jobs_root,
+    "ft_job": ft_shell.job_one,
+    "ft_cancel": ft_shell.job_cancel,
+    "ft_events": ft_shell.job_events,
+    "ft_checkpoints": ft_shell.job_checkpoints,
+    "node_validation": ft_shell.node_file,
+    "node_checkpoint": ft_shell.node_checkpoint,
+    "node_events": ft_shell.node_events,
+    "node_checkpoint_put": ft_shell.node_checkpoint_put,
+    "node_adapter_put": ft_shell.node_adapter_put,
+    "node_adapter": ft_shell.node_adapter_get,
 }
 
 

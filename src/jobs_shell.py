@@ -23,6 +23,7 @@ from workers import Response
 
 import batches
 import files
+import finetune_nodes
 import jsio
 import work
 from body import BodyError
@@ -242,7 +243,19 @@ async def node_lease(gw, call, config: GatewayConfig, params):
         pool = config.pools.get(BATCH_ROLE)
         may_lease_any = pool is not None and node in pool.pair
         db, _ = _stores(gw)
-        return await work.lease(db, _IDS, node, may_lease_any, body, _now(), config.batch)
+        # One lease call for every kind (docs/fine-tuning-jobs.md): a request without `kinds`
+        # is the batch worker's and gets batch work as work.lease gives it.
+        return await finetune_nodes.lease_for_node(
+            db,
+            _IDS,
+            node,
+            may_lease_any,
+            config.may_train(node),
+            body,
+            _now(),
+            config.batch,
+            config.finetune,
+        )
 
     return await _run(gw, call, config, go)
 
@@ -252,6 +265,8 @@ async def node_input(gw, call, config: GatewayConfig, params):
         _node(call, config)
         db, _ = _stores(gw)
         token = call.headers.get(TOKEN_HEADER)
+        if finetune_nodes.is_train_lease(params["id"]):  # a training file
+            return await finetune_nodes.lease_file(db, params["id"], token, "input")
         return await work.lease_input(db, _IDS, params["id"], token, _now())
 
     return await _run(gw, call, config, go)
@@ -264,6 +279,8 @@ async def node_heartbeat(gw, call, config: GatewayConfig, params):
         if isinstance(body, ApiResult):
             return body
         db, _ = _stores(gw)
+        if finetune_nodes.is_train_lease(params["id"]):
+            return await finetune_nodes.heartbeat(db, params["id"], body, _now(), config.finetune)
         return await work.heartbeat(db, params["id"], body, _now(), config.batch)
 
     return await _run(gw, call, config, go)
@@ -311,6 +328,8 @@ async def node_commit(gw, call, config: GatewayConfig, params):
         if isinstance(body, ApiResult):
             return body
         db, blobs = _stores(gw)
+        if finetune_nodes.is_train_lease(params["id"]):
+            return await finetune_nodes.commit(db, blobs, _IDS, params["id"], body, _now())
         return await work.commit(db, blobs, _IDS, params["id"], body, _now(), config.batch)
 
     return await _run(gw, call, config, go)

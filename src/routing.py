@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from urllib.parse import unquote, unquote_plus
 
 from config import GatewayConfig
+from heady_shared.capabilities import LORA
 from heady_shared.routes import Pool
 from health import HealthView
 
@@ -170,10 +171,24 @@ def may_serve(view: HealthView, node: int, need: str | None) -> bool:
     return have is None or need in have
 
 
-def capable_nodes(config: GatewayConfig, view: HealthView, need: str) -> tuple[int, ...]:
+def serves_base(view: HealthView, node: int, base: str | None) -> bool:
+    """For a fine-tuned model: the node is known to serve LoRA adapters and its served model
+    (learnt by the cron) is the adapter's base. Unknown is no: the node would answer 404."""
+    if base is None:
+        return True
+    return LORA in (view.capabilities(node) or ()) and view.get(node).model == base
+
+
+def capable_nodes(
+    config: GatewayConfig, view: HealthView, need: str, base: str | None = None
+) -> tuple[int, ...]:
     """Every usable node known to have `need`, in node order (for the error message)."""
     return tuple(
-        n.number for n in config.nodes if n.usable and need in (view.capabilities(n.number) or ())
+        n.number
+        for n in config.nodes
+        if n.usable
+        and need in (view.capabilities(n.number) or ())
+        and serves_base(view, n.number, base)
     )
 
 
@@ -184,6 +199,7 @@ def make_plan(
     now: float,
     turn: int,
     need: str | None = None,
+    base: str | None = None,
 ) -> Plan:
     """Order the nodes for one request.
 
@@ -195,6 +211,10 @@ def make_plan(
     With a `need` (a capability the request requires) only nodes that may serve it stay
     (`may_serve`); if none of those is up the plan is empty, and the caller answers
     `no_capable_node` instead of sending the request where it cannot be served.
+
+    With a `base` (a fine-tuned `ft:` model's base model; `need` is then LORA) the model
+    decides, not the role: after the role's nodes come every other configured node, and only
+    those that serve LoRA on that base stay (`serves_base`).
     """
     pair = [n for n in pool.pair if config.node(n).usable]
     if len(pair) > 1:
@@ -203,13 +223,15 @@ def make_plan(
     for n in pool.fallback:
         if n not in order and config.node(n).usable:
             order.append(n)
-    order = [n for n in order if may_serve(view, n, need)]
+    if base is not None:
+        order += [n.number for n in config.nodes if n.usable and n.number not in order]
+    order = [n for n in order if may_serve(view, n, need) and serves_base(view, n, base)]
     available = [n for n in order if not view.is_down(n, now)]
     down = [n for n in order if view.is_down(n, now)]
     if need is not None and not available:
         down = []  # every node that could serve it is down: say so rather than retry them
     nodes = tuple((available + down)[: config.max_attempts])
-    capable = capable_nodes(config, view, need) if need is not None else ()
+    capable = capable_nodes(config, view, need, base) if need is not None else ()
     return Plan(pool.role, nodes, tuple(pool.pair), need, capable)
 
 

@@ -43,6 +43,7 @@ Kind = Literal[
     "seconds by role",  # JSON object: role -> seconds within lo..hi
     "path",  # an absolute path
     "path or empty",  # an absolute path; empty: none
+    "node numbers",  # comma-separated node numbers 1..8; empty: none named
     "choice",  # one of the row's `choices`
 ]
 SECRET_KINDS: frozenset[Kind] = frozenset({"endpoint", "keys", "token"})
@@ -53,7 +54,8 @@ class Setting:
     name: str
     kind: Kind
     # The config field it fills: a GatewayConfig field, "timeouts.<field>", "health.<field>",
-    # "batch.<field>" (jobdb.BatchSettings), or "nodes.<n>" (node n's slot).
+    # "batch.<field>" (jobdb.BatchSettings), "finetune.<field>" (finetune.FtSettings), or
+    # "nodes.<n>" (node n's slot).
     into: str
     doc: str
     default: str | None = None  # as the Worker would receive it in env; None: unset
@@ -361,6 +363,54 @@ SETTINGS: tuple[Setting, ...] = (
         default="false",
         in_wrangler=True,
     ),
+    Setting(
+        name="TRAIN_NODES",
+        kind="node numbers",
+        into="train_nodes",
+        doc="Nodes that may lease fine-tuning jobs, comma-separated; empty: the `batch` pair",
+        default="",
+        in_wrangler=True,
+    ),
+    Setting(
+        name="FT_LEASE_S",
+        kind="number",
+        into="finetune.lease_s",
+        doc="A training lease lapses this long after its node's last heartbeat (then resumed)",
+        default="120",
+        lo=5,
+        hi=3600,
+        in_wrangler=True,
+    ),
+    Setting(
+        name="FT_HEARTBEAT_S",
+        kind="number",
+        into="finetune.heartbeat_s",
+        doc="How often a training node heartbeats (below FT_LEASE_S)",
+        default="30",
+        lo=0.2,
+        hi=1800,
+        in_wrangler=True,
+    ),
+    Setting(
+        name="FT_MAX_UPLOAD_BYTES",
+        kind="integer",
+        into="finetune.max_blob_bytes",
+        doc="Largest checkpoint or adapter upload from a training node (413 above)",
+        default="100000000",
+        lo=1024,
+        hi=5_000_000_000,
+        in_wrangler=True,
+    ),
+    Setting(
+        name="FT_MAX_ATTEMPTS",
+        kind="integer",
+        into="finetune.max_attempts",
+        doc="Leases of one fine-tuning job before it fails as `training_interrupted`",
+        default="5",
+        lo=1,
+        hi=100,
+        in_wrangler=True,
+    ),
 )
 BY_NAME = {s.name: s for s in SETTINGS}
 CONFIG_KEYS = tuple(BY_NAME)
@@ -494,6 +544,19 @@ def _path_or_empty(spec: Setting, raw: str | None, found: Findings) -> str | Non
     return path
 
 
+def _node_numbers(spec: Setting, raw: str | None, found: Findings) -> tuple[int, ...]:
+    out: list[int] = []
+    for item in (p.strip() for p in (raw or "").split(",")):
+        if not item:
+            continue
+        if not item.isdigit() or int(item) not in NODE_NUMBERS:
+            found.problems.append(f"{spec.name}: {item[:20]!r} is not a node number; ignored")
+            continue
+        if int(item) not in out:
+            out.append(int(item))
+    return tuple(out)
+
+
 def _choice(spec: Setting, raw: str | None, found: Findings) -> str:
     value = (raw or "").strip().lower()
     if not value:
@@ -518,6 +581,7 @@ PARSERS: dict[Kind, Parser] = {
     "seconds by role": _seconds_by_role,
     "path": _path,
     "path or empty": _path_or_empty,
+    "node numbers": _node_numbers,
     "choice": _choice,
 }
 

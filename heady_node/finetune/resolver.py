@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from heady_node.finetune.adapter import CONFIG, WEIGHTS, check_vllm_compatible
+from heady_shared import ftnames
 from heady_shared.ftlines import adapter_slug, ft_base
 
 log = logging.getLogger("heady_node.lora_resolver")
@@ -107,7 +108,9 @@ class AdapterCache:
     fetch: Fetch = urllib_fetch
 
     def path_for(self, name: str) -> Path | None:
-        slug = adapter_slug(name)
+        # The gateway asks vLLM for an `ft:` model by its slug (heady_shared.ftnames.slug,
+        # the name of its GET .../adapters/<slug>): used as it is.
+        slug = name if ftnames.is_slug(name) else adapter_slug(name)
         return None if slug is None else self.cache_dir / slug
 
     def get(self, base_model_name: str, lora_name: str) -> Path | None:
@@ -152,7 +155,7 @@ def resolver(cache: AdapterCache) -> Any:
 
     class HeadyGatewayResolver(LoRAResolver):
         async def resolve_lora(self, base_model_name: str, lora_name: str) -> Any:
-            if ft_base(lora_name) is None:
+            if ft_base(lora_name) is None and not ftnames.is_slug(lora_name):
                 return None  # not a fine-tuned model name: not ours
             try:
                 path = await asyncio.to_thread(cache.get, base_model_name, lora_name)

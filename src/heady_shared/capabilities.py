@@ -9,6 +9,10 @@ queue depth and the model name:
     heady:node_capability{capability="chat"} 1
     heady:node_capability{capability="image_input"} 1
     heady:node_capability{capability="image_generation"} 1
+    heady:node_capability{capability="lora"} 1
+
+`lora`: vLLM runs with --enable-lora (and a LoRA resolver), so it serves fine-tuned `ft:`
+models of its base model (the `model_name` label of its metrics) by their slug.
 
 Whoever serves a capability reports it: the node guard (inside vLLM) reports `chat`, and
 `image_input` when vLLM was started with image limits; the image engine reports
@@ -23,9 +27,10 @@ import re
 CHAT = "chat"
 IMAGE_INPUT = "image_input"
 IMAGE_GENERATION = "image_generation"
+LORA = "lora"
 # Order is the display order; the parser keeps only these names (a bounded set, so a hostile
 # or corrupt answer cannot grow the health record).
-KNOWN: tuple[str, ...] = (CHAT, IMAGE_INPUT, IMAGE_GENERATION)
+KNOWN: tuple[str, ...] = (CHAT, IMAGE_INPUT, IMAGE_GENERATION, LORA)
 METRIC = "heady:node_capability"
 
 _LINE = re.compile(

@@ -388,3 +388,22 @@ def test_stream_settings_defaults_and_bad_values(fleet_env):
         "STREAM_RELAY: 'fast' is not native or guarded; using native",
         "STREAM_IDLE_S: -1 is outside 0..3600; using 60",
     )
+
+
+def test_train_nodes_default_to_the_batch_pair_and_are_checked(fleet_env):
+    cfg = load_config(fleet_env())
+    batch = cfg.pools["batch"].pair
+    assert cfg.train_nodes == () and [n for n in range(1, 9) if cfg.may_train(n)] == list(batch)
+    named = load_config(fleet_env(TRAIN_NODES=" 3, 8,3 "))
+    assert named.train_nodes == (3, 8) and named.problems == ()
+    assert [n for n in range(1, 9) if named.may_train(n)] == [3, 8]
+    bad = load_config(fleet_env(TRAIN_NODES="9,x,2"))
+    assert bad.train_nodes == (2,)
+    assert [p.split(":")[0] for p in bad.problems] == ["TRAIN_NODES", "TRAIN_NODES"]
+    assert all("not a node number" in p for p in bad.problems)
+
+
+def test_the_training_heartbeat_stays_below_its_lease(fleet_env):
+    cfg = load_config(fleet_env(FT_LEASE_S="10", FT_HEARTBEAT_S="20"))
+    assert cfg.finetune.lease_s == 10 and cfg.finetune.heartbeat_s == 10 / 3
+    assert any(p.startswith("FT_HEARTBEAT_S") for p in cfg.problems)

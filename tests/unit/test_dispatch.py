@@ -143,6 +143,23 @@ def test_node_routes_carry_their_own_auth():
         ("PUT", "/api/nodes/v1/leases/lease_1/results/output", "node_results"),
         ("POST", "/api/nodes/v1/leases/lease_1/commit", "node_commit"),
         ("GET", "/api/nodes/v1/other", "jobs_unknown"),
+        # fine-tuning jobs: the gateway's own, never forwarded
+        ("POST", "/api/heavy/batch/v1/fine_tuning/jobs", "ft_jobs"),
+        ("GET", "/api/heavy/batch/v1/fine_tuning/jobs", "ft_jobs"),
+        ("GET", "/api/heavy/batch/v1/fine_tuning/jobs/ftjob-1", "ft_job"),
+        ("POST", "/api/heavy/batch/v1/fine_tuning/jobs/ftjob-1/cancel", "ft_cancel"),
+        ("GET", "/api/heavy/batch/v1/fine_tuning/jobs/ftjob-1/events", "ft_events"),
+        ("GET", "/api/heavy/batch/v1/fine_tuning/jobs/ftjob-1/checkpoints", "ft_checkpoints"),
+        ("GET", "/api/heavy/batch/v1/fine_tuning/other", "jobs_unknown"),
+        ("GET", "/api/heavy/reasoning/v1/models", "models"),
+        ("HEAD", "/api/heavy/reasoning/v1/models", "forward"),
+        ("GET", "/api/heavy/reasoning/v1/models/some-model", "forward"),
+        ("GET", "/api/nodes/v1/leases/ftlease-1/validation", "node_validation"),
+        ("GET", "/api/nodes/v1/leases/ftlease-1/checkpoint", "node_checkpoint"),
+        ("POST", "/api/nodes/v1/leases/ftlease-1/events", "node_events"),
+        ("PUT", "/api/nodes/v1/leases/ftlease-1/checkpoints/12", "node_checkpoint_put"),
+        ("PUT", "/api/nodes/v1/leases/ftlease-1/adapter", "node_adapter_put"),
+        ("GET", "/api/nodes/v1/adapters/ft-x-0123", "node_adapter"),
     ],
 )
 def test_gateway_routes(method, path, handler):
@@ -159,7 +176,7 @@ def test_gateway_rows_auth_and_fleet_checks():
     rows = {r.handler: r for r in ROUTES}
     assert {h for h, r in rows.items() if r.auth == "none"} == {"preflight", "healthz", "page"}
     assert rows["status"].auth == rows["forward"].auth == "client"
-    assert [h for h, r in rows.items() if r.needs_fleet] == ["forward"]
+    assert [h for h, r in rows.items() if r.needs_fleet] == ["models", "forward"]
     node_rows = [r for r in ROUTES if r.pattern.startswith("/api/nodes/")]
     assert node_rows and all(r.auth == "node" for r in node_rows)
     assert [r for r in ROUTES if r.auth == "node"] == node_rows

@@ -12,6 +12,7 @@ import pytest
 
 import settings
 from config import GatewayConfig, HealthPolicy, Timeouts, load_config
+from finetune import FtSettings
 from heady_shared.routes import NODE_NUMBERS
 from jobdb import BatchSettings
 
@@ -45,19 +46,21 @@ def test_every_kind_has_one_parser():
 
 def test_every_config_field_is_filled_by_exactly_one_setting():
     # built by load_config itself
-    own = {"nodes", "timeouts", "health", "batch", "problems", "fatal"}
+    own = {"nodes", "timeouts", "health", "batch", "finetune", "problems", "fatal"}
     fields = [f"nodes.{n}" for n in NODE_NUMBERS]
     fields += [f.name for f in dataclasses.fields(GatewayConfig) if f.name not in own]
     fields += [f"timeouts.{f.name}" for f in dataclasses.fields(Timeouts)]
     fields += [f"health.{f.name}" for f in dataclasses.fields(HealthPolicy)]
     fields += [f"batch.{f.name}" for f in dataclasses.fields(BatchSettings)]
+    ft = [f.name for f in dataclasses.fields(FtSettings) if f.name != "max_events"]
+    fields += [f"finetune.{name}" for name in ft]  # max_events: a constant, not a setting
     assert sorted(s.into for s in settings.SETTINGS) == sorted(fields)
 
 
 def test_an_unset_setting_is_its_declared_default_and_so_is_each_dataclass_default():
     cfg = load_config({})
     assert cfg.timeouts == Timeouts() and cfg.health == HealthPolicy()
-    assert cfg.batch == BatchSettings()
+    assert cfg.batch == BatchSettings() and cfg.finetune == FtSettings()
     for s in settings.SETTINGS:
         if not s.into.startswith("nodes."):
             assert operator.attrgetter(s.into)(cfg) == settings.DEFAULTS[s.name], s.name
@@ -77,6 +80,7 @@ def test_every_number_honours_its_declared_bounds(spec):
     # the cap may not sit below the base, nor the heartbeat above the lease
     room = {"COOLDOWN_BASE_S": "1", "COOLDOWN_MAX_S": "86400"}
     room |= {"BATCH_HEARTBEAT_S": "0.2", "BATCH_LEASE_S": "3600"}
+    room |= {"FT_HEARTBEAT_S": "0.2", "FT_LEASE_S": "3600"}
     for good in (spec.lo, spec.hi):
         cfg = load_config({**room, spec.name: f" {good} "})
         assert value_of(cfg) == good and cfg.problems == (), good
