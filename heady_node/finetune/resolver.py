@@ -11,7 +11,7 @@ Modelled on vLLM's own filesystem resolver (vllm/plugins/lora_resolvers/filesyst
 base) and the interface in vllm/lora/resolver.py @f011f1c3 (`LoRAResolver.resolve_lora(
 base_model_name, lora_name)`, `LoRAResolverRegistry.register_resolver(name, resolver)`). Ours
 differs where the filesystem one cannot serve us: `ft:` names contain `/` and `:`, so the cache
-directory is a safe slug of the name (heady_shared.ftlines.adapter_slug), never the name joined
+directory is a safe slug of the name (heady_shared.ftnames.slug), never the name joined
 to a path; and a miss fetches the adapter from the gateway before answering.
 
     GET <gateway>/api/nodes/v1/adapters/<slug>      Authorization: Bearer <node credential>
@@ -48,7 +48,6 @@ from typing import Any
 
 from heady_node.finetune.adapter import CONFIG, WEIGHTS, check_vllm_compatible
 from heady_shared import ftnames
-from heady_shared.ftlines import adapter_slug, ft_base
 
 log = logging.getLogger("heady_node.lora_resolver")
 
@@ -110,8 +109,9 @@ class AdapterCache:
     def path_for(self, name: str) -> Path | None:
         # The gateway asks vLLM for an `ft:` model by its slug (heady_shared.ftnames.slug,
         # the name of its GET .../adapters/<slug>): used as it is.
-        slug = name if ftnames.is_slug(name) else adapter_slug(name)
-        return None if slug is None else self.cache_dir / slug
+        if ftnames.is_slug(name):
+            return self.cache_dir / name
+        return None if ftnames.ft_base(name) is None else self.cache_dir / ftnames.slug(name)
 
     def get(self, base_model_name: str, lora_name: str) -> Path | None:
         """The adapter directory for `lora_name` on a node serving `base_model_name`, fetched
@@ -155,7 +155,7 @@ def resolver(cache: AdapterCache) -> Any:
 
     class HeadyGatewayResolver(LoRAResolver):
         async def resolve_lora(self, base_model_name: str, lora_name: str) -> Any:
-            if ft_base(lora_name) is None and not ftnames.is_slug(lora_name):
+            if ftnames.ft_base(lora_name) is None and not ftnames.is_slug(lora_name):
                 return None  # not a fine-tuned model name: not ours
             try:
                 path = await asyncio.to_thread(cache.get, base_model_name, lora_name)

@@ -98,11 +98,12 @@ def static_resolver(names: Iterable[str], root: str = "/sim/loras") -> Resolver:
     known = frozenset(names)
 
     async def resolve(base: str, name: str) -> str | None:
-        from heady_shared.ftlines import adapter_slug
+        from heady_shared import ftnames
 
         if name not in known:
             return None
-        return f"{root}/{adapter_slug(name) or name.replace('/', '_')}"
+        slug = ftnames.slug(name) if ftnames.ft_base(name) else name.replace("/", "_")
+        return f"{root}/{slug}"
 
     return resolve
 

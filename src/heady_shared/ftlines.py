@@ -204,47 +204,6 @@ def parse_examples(lines: Iterable[bytes]) -> list[dict[str, object]]:
     return [json.loads(raw) for raw in lines if not is_blank(raw)]
 
 
-# -- fine-tuned model names ------------------------------------------------------------------
-FT_PREFIX = "ft:"
-_SLUG_SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
-SLUG_READABLE = 60
-
-
-def ft_model_name(base: str, org: str, suffix: str, job_id: str) -> str:
-    """OpenAI's naming: `ft:<base>:<org>:<suffix>:<id>` (empty suffix -> `::`)."""
-    return f"{FT_PREFIX}{base}:{org}:{suffix}:{job_id}"
-
-
-def ft_base(name: str) -> str | None:
-    """The base model of an `ft:` name (base ids may hold `/` but never `:`), or None."""
-    if not name.startswith(FT_PREFIX):
-        return None
-    parts = name[len(FT_PREFIX) :].split(":")
-    if len(parts) == 5 and parts[4].startswith("ckpt-step-"):
-        parts = parts[:4]
-    return parts[0] if len(parts) == 4 and parts[0] and parts[3] else None
-
-
-def adapter_slug(name: str) -> str | None:
-    """A safe, stable directory and URL segment for a fine-tuned model name: its readable
-    characters (others -> `_`), then 16 hex of its SHA-256 so two names never share a slug.
-    One path segment, no leading dot: it can never be `..` or climb out of a cache dir.
-    None for a name that is not an `ft:` name."""
-    if ft_base(name) is None:
-        return None
-    readable = "".join(c if c in _SLUG_SAFE else "_" for c in name)[:SLUG_READABLE]
-    digest = hashlib.sha256(name.encode()).hexdigest()[:16]
-    return f"{readable.lstrip('.')}-{digest}"
-
-
-def is_slug(text: str) -> bool:
-    return (
-        0 < len(text) <= SLUG_READABLE + 17
-        and not text.startswith(".")
-        and all(c in _SLUG_SAFE for c in text)
-    )
-
-
 # -- the job request (jobs.create), shared by the gateway and the node -----------------------
 AUTO = "auto"
 MAX_EPOCHS = 50

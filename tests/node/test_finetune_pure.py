@@ -20,7 +20,7 @@ from heady_node.finetune.adapter import check_vllm_compatible, pack_dir
 from heady_node.finetune.chatmask import IGNORE, TemplateError, assistant_spans, labels_for
 from heady_node.finetune.resolver import AdapterCache, FetchError, lora_int_id, urllib_fetch
 from heady_node.gpu import GPU_CLASSES
-from heady_shared import ftlines
+from heady_shared import ftlines, ftnames
 
 BASE = "Qwen/Qwen2.5-3B-Instruct"
 
@@ -172,23 +172,15 @@ def test_errors_are_capped_and_the_job_error_says_how_many_more() -> None:
 
 
 # -- names and slugs --------------------------------------------------------------------------
-def test_ft_names_and_slugs_are_safe_and_distinct() -> None:
-    name = ftlines.ft_model_name(BASE, "heady", "heady", "ftjob-abc")
-    assert name == "ft:Qwen/Qwen2.5-3B-Instruct:heady:heady:ftjob-abc"
-    assert ftlines.ft_base(name) == BASE
-    assert ftlines.ft_base(name + ":ckpt-step-88") == BASE
-    assert ftlines.ft_base("ft:gpt-4o-mini:openai::7p4lURel") == "gpt-4o-mini"
-    assert ftlines.ft_base(BASE) is None and ftlines.ft_base("ft:a:b") is None
-    slug = ftlines.adapter_slug(name)
-    assert slug and ftlines.is_slug(slug) and "/" not in slug and ":" not in slug
-    assert slug.startswith("ft_Qwen_Qwen2.5-3B-Instruct_heady_heady_ftjob-abc-")
-    assert ftlines.adapter_slug(name.replace("/", ":", 1).replace(":", "/", 1)) != slug
-    evil = "ft:../../etc:x:y:z"
-    s = ftlines.adapter_slug(evil)
-    assert s and ftlines.is_slug(s) and "/" not in s and s != ".." and not s.startswith(".")
-    assert ftlines.adapter_slug("ft:" + "a" * 500 + ":o:s:i").__len__() <= 77
-    assert ftlines.adapter_slug("plain-model") is None
-    assert not ftlines.is_slug("..") and not ftlines.is_slug("a/b") and not ftlines.is_slug("")
+def test_the_resolver_finds_an_adapter_by_its_ft_name_or_the_gateways_slug(tmp_path) -> None:
+    # Names and slugs themselves are heady_shared.ftnames' (tests/unit/test_finetune_names.py);
+    # here: the node's cache agrees with the gateway, which asks vLLM for the slug.
+    name = ftnames.ft_model_name(BASE, "heady", "0123abcd")
+    cache = AdapterCache(tmp_path, "https://gw.example", "cred")
+    assert (
+        cache.path_for(name) == cache.path_for(ftnames.slug(name)) == tmp_path / ftnames.slug(name)
+    )
+    assert cache.path_for(BASE) is None and cache.path_for("../../etc") is None
     assert lora_int_id(name) == lora_int_id(name) > 0
 
 
@@ -523,8 +515,8 @@ def gateway() -> Iterator[_Gateway]:
 
 
 def test_resolver_fetches_once_into_a_slug_dir(gateway: _Gateway, tmp_path: Path) -> None:
-    name = ftlines.ft_model_name(BASE, "org", "sfx", "ftjob-1")
-    slug = ftlines.adapter_slug(name)
+    name = ftnames.ft_model_name(BASE, "sfx", "0001")
+    slug = ftnames.slug(name)
     gateway.adapters[slug] = pack_dir(write_adapter(tmp_path / "src"))
     cache = AdapterCache(
         tmp_path / "cache", f"http://127.0.0.1:{gateway.server_port}", CRED, urllib_fetch
@@ -540,7 +532,7 @@ def test_resolver_fetches_once_into_a_slug_dir(gateway: _Gateway, tmp_path: Path
     assert gateway.seen[0] == (f"/api/nodes/v1/adapters/{slug}", f"Bearer {CRED}")
     assert [p.name for p in cache.cache_dir.iterdir()] == [slug]  # no .part leftovers
     # Unknown name: the gateway's 404 -> None (vLLM answers "does not exist").
-    assert cache.get(BASE, name.replace("ftjob-1", "ftjob-2")) is None
+    assert cache.get(BASE, name.replace(":0001", ":0002")) is None
     assert cache.get(BASE, "Qwen/Qwen2.5-3B-Instruct") is None  # not an ft: name: no request
     assert len(gateway.seen) == 2
     # A node of another base: the cached adapter is not served there.
@@ -560,8 +552,8 @@ def test_resolver_refuses_bad_archives(gateway: _Gateway, tmp_path: Path) -> Non
         "not-tar": b"hello",
     }
     for i, (why, body) in enumerate(bad.items()):
-        name = ftlines.ft_model_name(BASE, "o", why, f"ftjob-{i}")
-        gateway.adapters[ftlines.adapter_slug(name)] = body
+        name = ftnames.ft_model_name(BASE, why, f"{i:04x}")
+        gateway.adapters[ftnames.slug(name)] = body
         with pytest.raises((FetchError, tarfile.TarError)):
             cache.get(BASE, name)
     assert list(cache.cache_dir.iterdir()) == []  # nothing half-written stays

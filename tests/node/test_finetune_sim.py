@@ -18,14 +18,14 @@ import httpx
 import pytest
 
 from heady_node.finetune.adapter import pack_dir
-from heady_shared import ftlines
+from heady_shared import ftnames
 from sim.node import Node
 from sim.node.lora import LoraRegistry, gateway_resolver, static_resolver
 from tests.node.test_finetune_pure import write_adapter
 
 BASE = "Qwen/Qwen2.5-3B-Instruct"
 CRED = "hn1.7.0123456789abcdef0123456789abcdef"
-FT = ftlines.ft_model_name(BASE, "org", "heady", "ftjob-abc")
+FT = ftnames.ft_model_name(BASE, "heady", "0123abcd")
 CHAT = {"messages": [{"role": "user", "content": "hi"}]}
 
 
@@ -54,7 +54,7 @@ class _Handler(BaseHTTPRequestHandler):
 def gateway(tmp_path: Path) -> Iterator[_Gateway]:
     srv = _Gateway(("127.0.0.1", 0), _Handler)
     srv.hits = 0
-    srv.adapters = {ftlines.adapter_slug(FT): pack_dir(write_adapter(tmp_path / "adapter"))}
+    srv.adapters = {ftnames.slug(FT): pack_dir(write_adapter(tmp_path / "adapter"))}
     t = threading.Thread(target=srv.serve_forever, daemon=True)
     t.start()
     yield srv
@@ -87,11 +87,11 @@ def test_a_resolved_adapter_is_served_and_listed_after_first_use(gateway, tmp_pa
         models = (await c.get("/v1/models")).json()
         assert ids(models) == [(BASE, None), ("batch", None), (FT, BASE)]
         card = models["data"][2]
-        assert card["root"] == str(tmp_path / "cache" / ftlines.adapter_slug(FT))
+        assert card["root"] == str(tmp_path / "cache" / ftnames.slug(FT))
         assert (Path(card["root"]) / "adapter_config.json").is_file()
         r = await c.post("/v1/completions", json={"prompt": "x", "model": FT})
         assert r.status_code == 200 and gateway.hits == 1  # loaded once, then served from memory
-        other = FT.replace("ftjob-abc", "ftjob-zzz")
+        other = FT.replace("0123abcd", "ffffeeee")
         r = await c.post("/v1/chat/completions", json={**CHAT, "model": other})
         assert r.status_code == 404
         assert r.json()["error"] == {
