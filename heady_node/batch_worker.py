@@ -619,13 +619,22 @@ async def serve(cfg: WorkerConfig, stop: asyncio.Event | None = None) -> None:
 
 
 def worker_argv(
-    gateway_url: str, engine_url: str, node: int, *, always: bool | None = None
+    gateway_url: str,
+    engine_url: str,
+    node: int,
+    *,
+    always: bool | None = None,
+    concurrency: int | None = None,
 ) -> list[str]:
-    """The command that runs a worker (secrets go through the environment, never argv)."""
+    """The command that runs a worker (secrets go through the environment, never argv).
+    `concurrency`: lines in flight to start with — the engine's --max-num-seqs keeps its batch
+    full from the first shard instead of ramping up from the default over several rounds."""
     argv = [sys.executable, "-m", "heady_node.batch_worker", "--gateway", gateway_url,
             "--engine", engine_url, "--node", str(node)]  # fmt: skip
     if always is not None:
         argv.append("--always" if always else "--when-idle")
+    if concurrency is not None:
+        argv += ["--concurrency", str(max(1, concurrency))]
     return argv
 
 
@@ -638,12 +647,13 @@ def start_process(
     engine_token: str,
     log_path: Path,
     always: bool | None = None,
+    concurrency: int | None = None,
 ) -> subprocess.Popen:
     """Start a worker as its own process group (stop it with heady_node.launcher.stop). For
     `make dev`: one per simulated node 7-8 with that node's credential and URL."""
     check_gateway_url(gateway_url)
     env = {CREDENTIAL_ENV: credential, ENGINE_TOKEN_ENV: engine_token, "PYTHONUNBUFFERED": "1"}
-    argv = worker_argv(gateway_url, engine_url, node, always=always)
+    argv = worker_argv(gateway_url, engine_url, node, always=always, concurrency=concurrency)
     return launcher.spawn(argv, log_path=log_path, env=env)
 
 

@@ -305,6 +305,7 @@ class NodeSession:
             self.worker_proc = batch_worker.start_process(
                 url, credential, self.local_url, self.node,
                 engine_token=self._token(), log_path=log, always=self.role == "batch",
+                concurrency=self.preset.max_num_seqs if self.preset else None,
             )  # fmt: skip
         except ValueError as exc:  # a bad gateway URL: the engine still serves interactive work
             self.out(f"Batch worker not started: {exc}")

@@ -409,6 +409,10 @@ class Fleet:
             self._start_worker(n)
         return self.workers()
 
+    def _worker_concurrency(self, n: int) -> int | None:
+        """What a real node's session gives its worker: the engine's --max-num-seqs."""
+        return self.node(n).capacity.max_num_seqs
+
     def _start_worker(self, n: int, *, replace: bool = True) -> None:
         spec = self._spec
         if spec is None or n not in spec.nodes:
@@ -428,6 +432,7 @@ class Fleet:
                 # The sim's engine takes any token when it has no --api-key; the worker wants one.
                 engine_token=self._api_key or "sim-no-key",
                 log_path=spec.log_dir / f"worker-{n}.log",
+                concurrency=self._worker_concurrency(n),
             )
 
     def workers(self) -> dict[str, Any]:

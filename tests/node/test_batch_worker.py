@@ -553,3 +553,16 @@ def test_node_session_runs_the_worker_when_given_a_gateway(gateway, tmp_path: Pa
     ask = gateway.asks[0]
     assert ask["idle"] is True and "batch" in ask["models"]  # node 7 serves the batch role
     assert any(x.startswith("Batch worker: pulling batch work from") for x in out)
+
+
+def test_the_worker_starts_at_the_engines_batch_size() -> None:
+    # The session and the fleet give the worker the engine's --max-num-seqs: its batch is full
+    # from the first shard (the bench measured the ramp from the default as a lost round).
+    argv = batch_worker.worker_argv("https://gw.example", "http://127.0.0.1:8000", 7)
+    assert "--concurrency" not in argv
+    argv = batch_worker.worker_argv(
+        "https://gw.example", "http://127.0.0.1:8000", 7, always=True, concurrency=64
+    )
+    assert argv[argv.index("--concurrency") + 1] == "64" and "--always" in argv
+    args = batch_worker._parser().parse_args(argv[3:])
+    assert args.concurrency == 64
