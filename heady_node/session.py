@@ -218,7 +218,7 @@ class NodeSession:
             served_names=self.served_names,
             media_domains=self.media_domains,
         )
-        env = presets.engine_env(preset, token, self.images_url)
+        env = presets.engine_env(preset, token, self.images_url, **self._lora_env(preset))
         log = self.log_dir / f"engine-node{self.node}.log"
         self.out("Starting: " + shlex.join(presets.redact_argv(argv)))
         self.out(f"(engine log: {log})")
@@ -250,6 +250,19 @@ class NodeSession:
         if self.image_preset is not None:
             self.start_images()
         self.start_batch_worker()
+
+    def _lora_env(self, preset: presets.Preset) -> dict[str, str]:
+        """LoRA presets: a cache directory for the resolver plugin, and the gateway URL and
+        credential it fetches adapters with (both or neither, as for the batch worker)."""
+        if not preset.lora:
+            return {}
+        cache = self.log_dir / f"lora-cache-node{self.node}"
+        cache.mkdir(parents=True, exist_ok=True)
+        url = self.secret(batch_worker.GATEWAY_ENV).strip()
+        credential = self.secret(batch_worker.CREDENTIAL_ENV).strip()
+        if not (url and credential):
+            return {"lora_cache_dir": str(cache)}
+        return {"lora_cache_dir": str(cache), "gateway_url": url, "credential": credential}
 
     def image_argv(self) -> list[str]:
         assert self.image_preset is not None and self.gpu is not None
