@@ -4,6 +4,8 @@
     heady-node serve --node 3                   # GPU -> preset -> vLLM + guard -> tunnel -> status
     heady-node batch-worker --gateway URL       # pull batch work (serve starts it by itself when
                                                 # HEADY_GATEWAY_URL + HEADY_NODE_CREDENTIAL are set)
+    heady-node train-worker --model M --gpu t4  # lease fine-tuning jobs on a GPU nothing else
+                                                # uses (serve trains by itself on training nodes)
 
 Settings come from flags or the environment (HEADY_NODE, HEADY_TUNNEL, HEADY_MODEL, HEADY_PORT,
 HEADY_MEDIA_DOMAINS, HEADY_ROUTES, HEADY_DRY_RUN, HEADY_IMAGES=0, HEADY_IMAGE_MODEL); secrets
@@ -80,6 +82,8 @@ def _parser() -> argparse.ArgumentParser:
 
     # Its own flags and --help: heady_node.batch_worker (dispatched in main before parsing).
     sub.add_parser("batch-worker", help="pull batch work from the gateway (beside serve)")
+    # Its own flags: heady_node.finetune.runner (serve trains by itself on training nodes).
+    sub.add_parser("train-worker", help="lease fine-tuning jobs on a GPU nothing else uses")
 
     inst = sub.add_parser("install", help="check driver/CUDA, then install vLLM and the agent")
     inst.add_argument(
@@ -152,6 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["batch-worker"]:
         return batch_worker.main(argv[1:])
+    if argv[:1] == ["train-worker"]:
+        from heady_node.finetune import runner  # httpx only; torch is imported per job
+
+        return runner.main(argv[1:])
     args = _parser().parse_args(argv)
     try:
         if args.command == "install":

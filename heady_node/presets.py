@@ -14,6 +14,13 @@ Memory rule (checked by `memory_estimate` / `fits`, tested for every role x GPU)
   * overhead = 2 GiB (CUDA context, activations, CUDA graphs), +2 GiB for a vision encoder's
     profiling pass on multimodal models.
 
+LoRA (text presets: reasoning, code, batch): vLLM starts with `--enable-lora --max-loras
+LORA_SLOTS --max-lora-rank LORA_RANK` so fine-tuned adapters (docs/fine-tuning.md) are served
+next to the base. Rank 16 is vLLM's default and the rank the node's trainer uses
+(heady_node.finetune.hparams.LORA_RANK); over-sizing it only wastes memory (research
+node-apis.md §3.1). A rank-16 slot on all 7 linear modules is ~60 MB fp16 for a 3B-shaped model,
+so 4 slots cost a few hundred MB (§3.5): the rule charges LORA_OVERHEAD_GIB for them.
+
 Image rule (vision presets): images per prompt x tokens per image <= max_model_len / 2, where a
 Qwen2-VL / Qwen2.5-VL image costs at most max_pixels / (28 x 28) tokens (14-pixel patches merged
 2 x 2), so one large photo can never crowd the text out of the context.
@@ -42,6 +49,7 @@ GPU_MEMORY_UTILIZATION = 0.90
 FULL_SEQS = 2
 OVERHEAD_GIB = 2.0
 VISION_OVERHEAD_GIB = 2.0
+LORA_OVERHEAD_GIB = 0.5
 BYTES_PER_PARAM = {"fp16": 2.0, "awq": 0.75, "gptq": 0.75}
 
 
@@ -104,6 +112,18 @@ VISION_MAX_PIXELS = 1280 * 28 * 28
 
 
 @dataclass(frozen=True)
+class LoraLimits:
+    max_loras: int  # adapters in one batch (vLLM's GPU slots)
+    max_rank: int  # one of vLLM's --max-lora-rank choices
+
+
+LORA_RANK = 16  # = heady_node.finetune.hparams.LORA_RANK (tested)
+LORA_SLOTS = 4
+LORA_ROLES = ("reasoning", "code", "batch")  # text roles; vision serves no adapters
+TEXT_LORA = LoraLimits(max_loras=LORA_SLOTS, max_rank=LORA_RANK)
+
+
+@dataclass(frozen=True)
 class Preset:
     role: str
     gpu: GpuClass
@@ -112,6 +132,7 @@ class Preset:
     max_num_seqs: int
     bf16: bool  # of the card actually present (an unknown card may differ from its class)
     vision: VisionLimits | None = None
+    lora: LoraLimits | None = None
     # Lowered on vision nodes that also run the image engine (heady_node.image_presets).
     gpu_memory_utilization: float = GPU_MEMORY_UTILIZATION
 
@@ -168,9 +189,10 @@ class PresetError(ValueError):
 
 
 def memory_estimate(model: Model, max_model_len: int) -> float:
-    """GiB the rule above charges for serving `model` with `max_model_len`."""
+    """GiB the rule above charges for serving `model` with `max_model_len` (LoRA slots on text
+    models: every text role serves adapters)."""
     kv = model.kv_bytes_per_token * max_model_len * FULL_SEQS / GIB
-    overhead = OVERHEAD_GIB + (VISION_OVERHEAD_GIB if model.vision else 0.0)
+    overhead = OVERHEAD_GIB + (VISION_OVERHEAD_GIB if model.vision else LORA_OVERHEAD_GIB)
     return model.weights_gib + kv + overhead
 
 
@@ -214,6 +236,7 @@ def preset_for(
         max_num_seqs=seqs,
         bf16=gpu.bf16 if bf16 is None else bf16,
         vision=vision_limits(max_len) if chosen.vision else None,
+        lora=TEXT_LORA if role in LORA_ROLES and not chosen.vision else None,
     )
 
 
@@ -258,6 +281,12 @@ def engine_argv(
             # list would mean "any domain" to vLLM.
             "--allowed-media-domains", *(media_domains or (NO_MEDIA_DOMAIN,)),
         ]  # fmt: skip
+    if preset.lora:
+        argv += [
+            "--enable-lora",
+            "--max-loras", str(preset.lora.max_loras),
+            "--max-lora-rank", str(preset.lora.max_rank),
+        ]  # fmt: skip
     return argv
 
 
@@ -265,27 +294,55 @@ NO_MEDIA_DOMAIN = "no-remote-media.invalid"
 # vLLM follows redirects when fetching media unless told not to (vllm/envs.py); a redirect
 # would walk around the domain list.
 VISION_ENV = {"VLLM_MEDIA_URL_ALLOW_REDIRECTS": "0"}
+# Without it vLLM consults no LoRA resolver (and mounts /v1/load_lora_adapter, which the guard
+# hides): research node-apis.md §3.2; the resolver (heady_node.finetune.resolver) needs it.
+LORA_ENV = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "true"}
+LORA_CACHE_ENV = "HEADY_LORA_CACHE_DIR"  # = heady_node.finetune.resolver.CACHE_ENV (tested)
+GATEWAY_ENV = "HEADY_GATEWAY_URL"  # = batch_worker.GATEWAY_ENV / resolver's (tested)
+CREDENTIAL_ENV = "HEADY_NODE_CREDENTIAL"
 
 
 def served_capabilities(preset: Preset) -> tuple[str, ...]:
     """What vLLM serves with this preset: chat, and image input when started with image limits
-    (the guard reports these in /metrics; the image engine reports image generation itself)."""
+    and LoRA adapters when started with --enable-lora (the guard reports these in /metrics, the
+    gateway's cron learns them; the image engine reports image generation itself)."""
     caps = [capabilities.CHAT]
     if preset.vision:
         caps.append(capabilities.IMAGE_INPUT)
+    if preset.lora:
+        caps.append(capabilities.LORA)
     return tuple(caps)
 
 
-def engine_env(preset: Preset, token: str, images_url: str | None = None) -> dict[str, str]:
+def engine_env(
+    preset: Preset,
+    token: str,
+    images_url: str | None = None,
+    *,
+    lora_cache_dir: str | None = None,
+    gateway_url: str | None = None,
+    credential: str | None = None,
+) -> dict[str, str]:
     """The node token for vLLM's own /v1 check (VLLM_API_KEY, read when --api-key is absent:
     vllm/entrypoints/serve/middleware/register.py) and for the guard; vision settings; what
-    the guard reports and where it sends /v1/images/* (the image engine, when there is one)."""
+    the guard reports and where it sends /v1/images/* (the image engine, when there is one).
+    LoRA presets: runtime LoRA on, and what the resolver plugin needs to fetch an adapter from
+    the gateway on first use (it registers only with all three of cache dir, URL, credential)."""
+    lora: dict[str, str] = {}
+    if preset.lora:
+        lora = {
+            **LORA_ENV,
+            **({LORA_CACHE_ENV: lora_cache_dir} if lora_cache_dir else {}),
+            **({GATEWAY_ENV: gateway_url} if gateway_url else {}),
+            **({CREDENTIAL_ENV: credential} if credential else {}),
+        }
     return {
         "VLLM_API_KEY": token,
         GUARD_TOKEN_ENV: token,
         CAPABILITIES_ENV: ",".join(served_capabilities(preset)),
         **({IMAGES_URL_ENV: images_url} if images_url else {}),
         **(VISION_ENV if preset.vision else {}),
+        **lora,
     }
 
 

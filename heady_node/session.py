@@ -35,6 +35,7 @@ from heady_node import (
 )
 from heady_node import gpu as gpu_mod
 from heady_node.colab import get_secret
+from heady_node.finetune import runner as train_runner
 from heady_node.roles import role_for_node
 from heady_shared.metrics import parse_metrics
 from heady_shared.routes import DEFAULT_POOLS, Pool, parse_routes, role_of
@@ -89,6 +90,10 @@ class NodeSession:
     image_proc: subprocess.Popen | None = field(init=False, default=None)
     tunnel_proc: subprocess.Popen | None = field(init=False, default=None)
     worker_proc: subprocess.Popen | None = field(init=False, default=None)  # batch worker
+    train_worker: train_runner.TrainThread | None = field(init=False, default=None)
+    # Owns the engine process once the train worker runs: it stops and restarts it for training.
+    train_engine: train_runner.RestartEngine | None = field(init=False, default=None)
+    engine_cmd: tuple[list[str], dict[str, str], Path] | None = field(init=False, default=None)
     public_url: str | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
@@ -218,11 +223,12 @@ class NodeSession:
             served_names=self.served_names,
             media_domains=self.media_domains,
         )
-        env = presets.engine_env(preset, token, self.images_url)
+        env = presets.engine_env(preset, token, self.images_url, **self._lora_env(preset))
         log = self.log_dir / f"engine-node{self.node}.log"
         self.out("Starting: " + shlex.join(presets.redact_argv(argv)))
         self.out(f"(engine log: {log})")
         self.engine_proc = launcher.spawn(argv, log_path=log, env=env)
+        self.engine_cmd = (argv, env, log)
         try:
             waited = launcher.wait_healthy(
                 self.local_url,
@@ -250,6 +256,20 @@ class NodeSession:
         if self.image_preset is not None:
             self.start_images()
         self.start_batch_worker()
+        self.start_train_worker()
+
+    def _lora_env(self, preset: presets.Preset) -> dict[str, str]:
+        """LoRA presets: a cache directory for the resolver plugin, and the gateway URL and
+        credential it fetches adapters with (both or neither, as for the batch worker)."""
+        if not preset.lora:
+            return {}
+        cache = self.log_dir / f"lora-cache-node{self.node}"
+        cache.mkdir(parents=True, exist_ok=True)
+        url = self.secret(batch_worker.GATEWAY_ENV).strip()
+        credential = self.secret(batch_worker.CREDENTIAL_ENV).strip()
+        if not (url and credential):
+            return {"lora_cache_dir": str(cache)}
+        return {"lora_cache_dir": str(cache), "gateway_url": url, "credential": credential}
 
     def image_argv(self) -> list[str]:
         assert self.image_preset is not None and self.gpu is not None
@@ -313,6 +333,45 @@ class NodeSession:
         self.out(f"Batch worker: pulling batch work from {url} (log: {log})")
         return True
 
+    def trains(self) -> bool:
+        """The batch pair trains; HEADY_TRAIN=1/0 (secret or environment) overrides."""
+        return train_runner.may_train(self.role, self.secret(train_runner.TRAIN_ENV))
+
+    def start_train_worker(self) -> bool:
+        """On a node that trains, with the gateway URL and credential set, lease fine-tuning
+        jobs (heady_node.finetune.runner) in a thread beside the engine; the runner stops this
+        session's engine for a job and starts it again with the same command afterwards."""
+        url = self.secret(batch_worker.GATEWAY_ENV).strip()
+        credential = self.secret(batch_worker.CREDENTIAL_ENV).strip()
+        if not (url and credential and self.trains()):
+            return False
+        assert self.preset is not None and self.engine_cmd is not None
+        try:
+            url = batch_worker.check_gateway_url(url)
+        except ValueError as exc:
+            self.out(f"Train worker not started: {exc}")
+            return False
+        argv, env, log = self.engine_cmd
+        self.train_engine = train_runner.RestartEngine(
+            argv=argv, env=env, log_path=log, base_url=self.local_url, proc=self.engine_proc,
+            health_timeout_s=self.health_timeout,
+        )  # fmt: skip
+        gpu = None if self.dry_run or self.gpu is None else self.gpu.gpu_class
+        runner = train_runner.FineTuneRunner(
+            gateway_url=url, credential=credential, engine=self.train_engine, gpu=gpu,
+            max_model_len=self.preset.max_model_len, models=self.served_names,
+            work_dir=self.log_dir / f"train-node{self.node}",
+            poll_s=min(self.status_interval, 10.0) if self.dry_run else 10.0,
+        )  # fmt: skip
+        self.train_worker = train_runner.TrainThread(runner)
+        self.train_worker.start()
+        self.out(f"Train worker: leasing fine-tuning jobs from {url} (frees the GPU per job)")
+        return True
+
+    def current_engine(self) -> subprocess.Popen | None:
+        """The engine process: the train worker's once it runs (None while it trains)."""
+        return self.train_engine.proc if self.train_engine else self.engine_proc
+
     def open_tunnel(self) -> str | None:
         """Start (or restart) the tunnel; on failure the engine keeps running and this can be run
         again. Returns the public URL, or None for tunnel 'none'."""
@@ -333,7 +392,8 @@ class NodeSession:
             )
         except tunnel.TunnelError as exc:
             self.public_url = None
-            running = self.engine_proc is not None and self.engine_proc.poll() is None
+            engine = self.current_engine()
+            running = engine is not None and engine.poll() is None
             self.out(
                 f"Tunnel failed: {exc}\n"
                 + (f"The engine keeps running at {self.local_url}; " if running else "")
@@ -361,7 +421,7 @@ class NodeSession:
         except httpx.HTTPError as exc:
             line = status.status_line(clock, self.node, self.role, None, type(exc).__name__)
         procs = (
-            ("engine", self.engine_proc),
+            ("engine", self.current_engine()),
             ("images", self.image_proc),
             ("tunnel", self.tunnel_proc),
             ("batch worker", self.worker_proc),
@@ -369,6 +429,10 @@ class NodeSession:
         for name, proc in procs:
             if proc is not None and proc.poll() is not None:
                 line += f" | {name} EXITED ({proc.returncode})"
+        if self.train_engine is not None and self.train_engine.proc is None:
+            line += " | engine STOPPED for training"
+        if self.train_worker is not None and not self.train_worker.alive():
+            line += " | train worker EXITED"
         if self.tunnel_kind != "none" and self.public_url is None:
             line += " | tunnel DOWN"
         return line
@@ -399,13 +463,20 @@ class NodeSession:
 
     def stop(self) -> None:
         """Stop the tunnel and the engine (idempotent: says so only when something ran)."""
-        running = (self.worker_proc, self.tunnel_proc, self.image_proc, self.engine_proc)
+        trained = self.train_worker is not None
+        if self.train_engine is not None:
+            self.train_engine.closed = True  # a job ending now starts no engine again
+        if self.train_worker is not None:
+            self.train_worker.stop(timeout=10.0)
+        engine = self.current_engine()
+        running = (self.worker_proc, self.tunnel_proc, self.image_proc, engine)
         procs = [p for p in running if p is not None]
         for proc in procs:
             launcher.stop(proc, grace=10.0)
         self.worker_proc = self.tunnel_proc = self.engine_proc = self.image_proc = None
+        self.train_worker = self.train_engine = None
         self.public_url = None
-        if procs:
+        if procs or trained:
             self.out(f"Node {self.node} stopped.")
 
 

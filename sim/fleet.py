@@ -104,8 +104,10 @@ BATCH_CAPACITY: dict[int, Capacity] = {
 
 def default_capabilities(n: int) -> tuple[str, ...]:
     """What vLLM serves on node ``n`` as the node side starts it (chat; image input on the
-    vision pair): ``heady_node.presets.served_capabilities``."""
-    return served_capabilities(_preset(n)) if n in NODE_GPUS else ("chat",)
+    vision pair): ``heady_node.presets.served_capabilities``, less ``lora``: a simulated node
+    serves adapters only once a test gives it a LoRA registry (and sets the capability)."""
+    caps = served_capabilities(_preset(n)) if n in NODE_GPUS else ("chat",)
+    return tuple(c for c in caps if c != "lora")
 
 
 def default_images(n: int, seconds_per_image: float | None = None) -> ImageSim | None:

@@ -16,18 +16,29 @@ One lease, in order:
 
 A lease that carries `checkpoint` (the job ran before and its node died) resumes from it: the
 checkpoint tar is unpacked and training continues at its step.
+
+Who runs it: the node session (heady_node.session) on nodes that may train (the batch role, or
+HEADY_TRAIN=1/0), in a thread of its own process (TrainThread) with a RestartEngine over the
+session's own engine, so stopping and restarting vLLM for training stays under the session's
+eye. `python -m heady_node.finetune.runner` / `heady-node train-worker` runs it alone on a host
+whose GPU nothing else uses (NoEngine: there is no engine to free).
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import io
 import json
 import logging
+import os
+import signal
 import subprocess
+import sys
 import tarfile
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -39,7 +50,7 @@ import httpx
 from heady_node import launcher
 from heady_node.finetune import hparams
 from heady_node.finetune.adapter import CONFIG, WEIGHTS, pack_dir
-from heady_node.gpu import GpuClass
+from heady_node.gpu import GPU_CLASSES, GpuClass
 from heady_shared import ftlines
 from heady_shared.batchlines import split_lines
 
@@ -76,6 +87,7 @@ class RestartEngine:
     proc: subprocess.Popen | None = None
     health_timeout_s: float = 1800.0  # a cold start reads the weights again
     outage_s: float | None = None
+    closed: bool = False  # the node is shutting down: restore starts nothing any more
     _stopped_at: float | None = None
 
     async def release(self) -> None:
@@ -85,6 +97,8 @@ class RestartEngine:
         self._stopped_at = time.monotonic()
 
     async def restore(self) -> None:
+        if self.closed:
+            return
         self.proc = launcher.spawn(self.argv, log_path=self.log_path, env=self.env)
         await asyncio.to_thread(
             launcher.wait_healthy, self.base_url, self.proc, log_path=self.log_path,
@@ -195,6 +209,7 @@ class FineTuneRunner:
     tokenizer_loader: TokenizerLoader = default_tokenizer
     work_dir: Path | None = None
     log_every: int = 10
+    poll_s: float = 10.0  # wait between asks that found no work (run's default)
     gw: httpx.AsyncClient = field(init=False)
 
     def __post_init__(self) -> None:
@@ -451,3 +466,146 @@ class FineTuneRunner:
             raise LeaseLost
         if resp.status_code != 200:
             raise RuntimeError(f"gateway answered HTTP {resp.status_code} on {resp.request.url}")
+
+
+# -- who trains, and the process / thread around the runner -----------------------------------
+TRAIN_ENV = "HEADY_TRAIN"
+CREDENTIAL_ENV = "HEADY_NODE_CREDENTIAL"  # = heady_node.batch_worker's (tested)
+GATEWAY_ENV = "HEADY_GATEWAY_URL"
+_YES, _NO = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def may_train(role: str, setting: str = "") -> bool:
+    """HEADY_TRAIN=1/0 decides; unset (or unreadable), the batch pair trains."""
+    s = setting.strip().lower()
+    if s in _YES or s in _NO:
+        return s in _YES
+    return role == "batch"
+
+
+class NoEngine:
+    """Nothing serves on this host's GPU: there is nothing to free or give back."""
+
+    async def release(self) -> None:
+        return None
+
+    async def restore(self) -> None:
+        return None
+
+
+class TrainThread:
+    """The runner's loop in a thread of the node session's process: the session's keep-alive
+    loop stays in charge; `stop` lets a running job reach its end only within `timeout`."""
+
+    def __init__(self, runner: FineTuneRunner) -> None:
+        self.runner = runner
+        self._loop = asyncio.new_event_loop()
+        self._stop = asyncio.Event()
+        self.thread = threading.Thread(target=self._main, name="heady-train", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def _main(self) -> None:
+        async def run() -> None:
+            try:
+                await self.runner.run(self._stop, poll_s=self.runner.poll_s)
+            finally:
+                await self.runner.aclose()
+
+        self._loop.run_until_complete(run())
+        self._loop.close()
+
+    def alive(self) -> bool:
+        return self.thread.is_alive()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.thread.is_alive():
+            with contextlib.suppress(RuntimeError):  # the loop just closed
+                self._loop.call_soon_threadsafe(self._stop.set)
+            self.thread.join(timeout)
+
+
+def _parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="heady-node train-worker",
+        description="Lease fine-tuning jobs from the gateway and train them on this host's GPU, "
+        "which nothing else may use (`heady-node serve` runs training itself on nodes that "
+        f"train). Secret from the environment: {CREDENTIAL_ENV} (this node's gateway "
+        "credential).",
+    )
+    p.add_argument("--gateway", default=env.get(GATEWAY_ENV), help=f"default ${GATEWAY_ENV}")
+    p.add_argument(
+        "--model", action="append", default=[], required=True,
+        help="a served base this host trains for (repeatable): the lease request's models",
+    )  # fmt: skip
+    p.add_argument("--max-model-len", type=int, default=16384, help="the served context")
+    p.add_argument(
+        "--gpu", choices=[*GPU_CLASSES, "cpu"], default="cpu",
+        help="the card's class (heady_node.gpu); cpu trains on the CPU (tests, tiny models)",
+    )  # fmt: skip
+    p.add_argument("--work-dir", type=Path, default=None, help="scratch space for a job")
+    p.add_argument("--poll", type=float, default=10.0, help="seconds between empty asks")
+    return p
+
+
+def build(
+    argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
+) -> FineTuneRunner:
+    """The runner the command line and environment describe; SystemExit(2) with the reasons
+    when the gateway, its URL's scheme or the credential is wrong or missing."""
+    from heady_node.batch_worker import check_gateway_url
+
+    env = os.environ if env is None else env
+    parser = _parser(env)
+    args = parser.parse_args(argv)
+    credential = env.get(CREDENTIAL_ENV, "").strip()
+    problems = [
+        *([] if args.gateway else [f"--gateway (or ${GATEWAY_ENV}) is required"]),
+        *([] if credential else [f"${CREDENTIAL_ENV} is not set"]),
+        *([] if args.max_model_len > 0 else ["--max-model-len must be positive"]),
+    ]
+    gateway = args.gateway or ""
+    try:
+        if args.gateway:
+            gateway = check_gateway_url(args.gateway)
+    except ValueError as exc:
+        problems.append(str(exc))
+    if problems:
+        parser.error("; ".join(problems))
+    return FineTuneRunner(
+        gateway_url=gateway,
+        credential=credential,
+        engine=NoEngine(),
+        gpu=None if args.gpu == "cpu" else GPU_CLASSES[args.gpu],
+        max_model_len=args.max_model_len,
+        models=tuple(args.model),
+        work_dir=args.work_dir,
+        poll_s=args.poll,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    runner = build(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s train-worker: %(message)s", stream=sys.stderr
+    )
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        log.info("leasing train jobs from %s for %s", runner.gateway_url, ", ".join(runner.models))
+        try:
+            await runner.run(stop, poll_s=runner.poll_s)
+        finally:
+            await runner.aclose()
+
+    asyncio.run(run())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

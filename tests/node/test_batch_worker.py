@@ -81,8 +81,10 @@ class Gateway:
             if headers.get("authorization") != f"Bearer {CREDENTIAL}":
                 return 401, {"error": {"message": "bad credential", "code": "unauthorized"}}
             if method == "POST" and path == "/api/nodes/v1/leases":
-                self.asks.append(json.loads(body))
-                if not self.queue:
+                ask = json.loads(body)
+                self.asks.append(ask)
+                kinds = ask.get("kinds")  # the train runner asks for `train` work only
+                if not self.queue or (kinds is not None and self.queue[0].kind not in kinds):
                     return 204, None
                 w = self.queue.popleft()
                 self.works[w.id] = w

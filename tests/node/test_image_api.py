@@ -226,7 +226,8 @@ def test_vllm_argv_and_env_carry_the_share_and_what_the_guard_reports() -> None:
     assert env[guard.IMAGES_URL_ENV] == "http://127.0.0.1:8001"
     code = presets.preset_for("code", GPU_CLASSES["l4"])
     env = presets.engine_env(code, "tok")
-    assert env[guard.CAPABILITIES_ENV] == "chat" and guard.IMAGES_URL_ENV not in env
+    # Text presets serve LoRA adapters too (presets.LORA_ROLES); no image engine.
+    assert env[guard.CAPABILITIES_ENV] == "chat,lora" and guard.IMAGES_URL_ENV not in env
 
 
 def test_capabilities_round_trip_and_unknown_is_not_none() -> None:

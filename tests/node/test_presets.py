@@ -39,7 +39,9 @@ def test_every_preset_fits_its_gpu(role: str, gpu_key: str) -> None:
     p = presets.preset_for(role, gpu)
     # The rule: weights + KV for 2 full sequences + overhead <= 0.90 x GPU memory.
     kv = p.model.kv_bytes_per_token * p.max_model_len * presets.FULL_SEQS / presets.GIB
-    overhead = presets.OVERHEAD_GIB + (presets.VISION_OVERHEAD_GIB if p.model.vision else 0)
+    # Text presets also hold LoRA slots (4 x rank 16: a few hundred MB, research §3.5).
+    extra = presets.VISION_OVERHEAD_GIB if p.model.vision else presets.LORA_OVERHEAD_GIB
+    overhead = presets.OVERHEAD_GIB + extra
     need = p.model.weights_gib + kv + overhead
     assert need == pytest.approx(presets.memory_estimate(p.model, p.max_model_len))
     assert need <= 0.90 * gpu.memory_gib, f"{p.model.repo} on {gpu.label}: {need:.1f} GiB"
@@ -75,6 +77,41 @@ def test_engine_argv_is_what_vllm_0_33_accepts(role: str, gpu_key: str) -> None:
         assert argv[argv.index("--allowed-media-domains") + 1 :] == [presets.NO_MEDIA_DOMAIN]
     else:
         assert "--limit-mm-per-prompt" not in argv and "--allowed-media-domains" not in argv
+    caps = presets.served_capabilities(p)
+    if role == "vision":  # no adapters on the vision pair
+        assert p.lora is None and "--enable-lora" not in argv and "--max-loras" not in argv
+        assert "VLLM_ALLOW_RUNTIME_LORA_UPDATING" not in env and "lora" not in caps
+    else:
+        assert argv[argv.index("--enable-lora") + 1] == "--max-loras"
+        assert argv[argv.index("--max-loras") + 1] == "4"
+        assert argv[argv.index("--max-lora-rank") + 1] == "16"
+        assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "true"
+        assert caps == ("chat", "lora") and env["HEADY_NODE_CAPABILITIES"] == "chat,lora"
+        assert "HEADY_GATEWAY_URL" not in env and "HEADY_LORA_CACHE_DIR" not in env
+
+
+def test_lora_env_carries_what_the_resolver_plugin_needs() -> None:
+    from heady_node import batch_worker
+    from heady_node.finetune import hparams, resolver
+    from heady_shared import capabilities
+
+    assert presets.LORA_RANK == hparams.LORA_RANK  # the trainer's rank fits the served slots
+    assert presets.LORA_CACHE_ENV == resolver.CACHE_ENV
+    assert presets.GATEWAY_ENV == batch_worker.GATEWAY_ENV
+    assert presets.CREDENTIAL_ENV == batch_worker.CREDENTIAL_ENV
+    assert capabilities.LORA == "lora"
+    p = presets.preset_for("batch", GPU_CLASSES["t4"])
+    env = presets.engine_env(
+        p, "tok", lora_cache_dir="/c", gateway_url="https://gw.example", credential="cred"
+    )
+    assert env["HEADY_LORA_CACHE_DIR"] == "/c"
+    assert env["HEADY_GATEWAY_URL"] == "https://gw.example"
+    assert env["HEADY_NODE_CREDENTIAL"] == "cred"
+    v = presets.preset_for("vision", GPU_CLASSES["t4"])
+    venv = presets.engine_env(
+        v, "tok", lora_cache_dir="/c", gateway_url="https://gw.example", credential="cred"
+    )
+    assert not {"HEADY_LORA_CACHE_DIR", "HEADY_GATEWAY_URL", "HEADY_NODE_CREDENTIAL"} & set(venv)
 
 
 def test_vision_media_domains_are_the_operators_list() -> None:
