@@ -46,6 +46,10 @@ def gw(fleet: Fleet) -> Iterator[Gateway]:
         fleet,
         GATEWAY_API_KEYS=f"{OTHER_KEY},{API_KEY},{PAGER_KEY}",
         NODE_SECRET=NODE_SECRET,
+        # A node's first request for an adapter fetches it from this gateway before answering
+        # (the resolver): more than the shared fixture's 2 s on a loaded machine. Production's
+        # default is 120 s.
+        ATTEMPT_TIMEOUT_S="30",
         FT_LEASE_S="6",
         FT_HEARTBEAT_S="1",
     )
