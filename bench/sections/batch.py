@@ -402,8 +402,12 @@ def measure_chaos(bench: Bench) -> Chaos:
                 state["dead"] = None
                 state["next"] = now + prof.down_s
             if state["dead"] is None and len(res.kills) < prof.kills and now >= state["next"]:
-                n = state["node"]
-                if b.status == "in_progress" and stack.fleet.state()[str(n)]["running"] > 0:
+                # The node whose turn it is, else the other one if only it is running lines
+                # (one node may hold every shard of a small batch).
+                nodes = stack.fleet.state()
+                turn = [state["node"], *(m for m in BATCH_NODES if m != state["node"])]
+                n = next((m for m in turn if nodes[str(m)]["running"] > 0), state["node"])
+                if b.status == "in_progress" and nodes[str(n)]["running"] > 0:
                     stack.fleet.kill(n)  # mid-shard: its engine is running lines
                     res.kills.append((now - start, n))
                     log(f"batch-chaos: killed node {n} and its worker at {now - start:.1f} s")

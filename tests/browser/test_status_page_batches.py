@@ -105,7 +105,10 @@ class _Handler(BaseHTTPRequestHandler):
 @pytest.fixture
 def server() -> Iterator[_Status]:
     srv = _Status(("127.0.0.1", 0), _Handler)
-    srv.body = {"nodes": NODES, "routes": ROUTES, "gateway": {"version": "test"}}
+    # The gateway's own clock at NOW (taken when this module was collected, maybe minutes
+    # before the test runs): the page measures "lease until ... (in 100 s)" against it.
+    clock = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(NOW))
+    srv.body = {"nodes": NODES, "routes": ROUTES, "gateway": {"version": "test", "time": clock}}
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
     yield srv
