@@ -69,16 +69,23 @@ class Relay:
         self.readable = stream.readable
         self.idle = False
         self._watch: IdleWatch | None = None
+        options = _PIPE_OPTIONS
         if idle_s > 0 and abort is not None:
             node_body, branch = node_body.tee()
+            # A stall ends the pipe itself too (its signal), not only the node fetch: an
+            # aborted fetch's body was seen to error only at the node's next write.
+            self._pipe = js.AbortController.new()
             self._abort = abort
             self._watch = IdleWatch(branch, idle_s, self._stalled)
-        self.piped = node_body.pipeTo(stream.writable, _PIPE_OPTIONS)
+            options = js_obj({"preventClose": True, "preventAbort": True,
+                              "signal": self._pipe.signal})  # fmt: skip
+        self.piped = node_body.pipeTo(stream.writable, options)
         self.piped.catch(IGNORE)  # awaited by the shell; a torn-down request must not log it
 
     def _stalled(self) -> None:
         self.idle = True
         self._abort()
+        self._pipe.abort()
 
     def stop(self) -> None:
         if self._watch is not None:
