@@ -18,6 +18,7 @@ import js
 from pyodide.ffi import create_proxy
 from workers import Response, WorkerEntrypoint
 
+import api_shell
 import capability
 import cron
 import ft_shell
@@ -176,7 +177,7 @@ class Default(WorkerEntrypoint):
         if row.auth == "none":
             return None
         if row.auth == "node":  # a node's own calls carry its node credential, not a client key
-            ok = jobs_shell.node_of(config, headers) is not None
+            ok = api_shell.node_of(config, headers) is not None
             problem = None if ok else (401, "unauthorized", "missing or invalid node credential")
         else:
             problem = auth_problem(headers, config.api_keys, config.auth_disabled)
@@ -248,7 +249,7 @@ class Default(WorkerEntrypoint):
         if jsio.body_contains(body, ftroute.NEEDLE):  # a byte search: no I/O for other models
             ft = await ft_shell.ft_request(self, call, bytes(body.to_bytes()))
             if isinstance(ft, ApiResult):  # not the caller's model: never forwarded
-                return jobs_shell.answer(self, call, config, ft)
+                return api_shell.answer(self, call, config, ft)
             if ft is not None:
                 base, body = ft[0].base, ft[1]
         if base is not None:
