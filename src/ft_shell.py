@@ -224,8 +224,8 @@ async def node_adapter_get(gw, call, config: GatewayConfig, params):
 
     async def go() -> ApiResult:
         _node(call, config)
-        db, _ = _stores(gw)
-        return await finetune.adapter_for_node(db, params["slug"])
+        db, blobs = _stores(gw)
+        return await finetune.adapter_for_node(db, blobs, params["slug"])
 
     return await _run(gw, call, config, go)
 

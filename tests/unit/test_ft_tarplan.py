@@ -11,12 +11,19 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from heady_node.finetune.resolver import unpack
+import finetune
+from heady_node.finetune.resolver import ADAPTER_FILES, unpack
 from tarplan import BLOCK, MAX_HEADERS, TarError, member_ranges, parse_pax
 from tests.support.stores import drive
 
 CONFIG, WEIGHTS, STATE = "adapter_config.json", "adapter_model.safetensors", "state.json"
-WANTED = (CONFIG, WEIGHTS)
+WANTED = finetune.ADAPTER_FILES  # what the gateway serves of a checkpoint
+
+
+def test_the_gateway_serves_the_files_the_resolver_takes() -> None:
+    assert set(WANTED) == ADAPTER_FILES == {CONFIG, WEIGHTS}
+
+
 FORMATS = (tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT)
 
 
