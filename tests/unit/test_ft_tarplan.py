@@ -12,11 +12,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import finetune
+from heady_node.finetune.adapter import CONFIG, WEIGHTS, pack_dir
 from heady_node.finetune.resolver import ADAPTER_FILES, unpack
+from heady_node.finetune.runner import STATE  # the trainer's file in a checkpoint
 from tarplan import BLOCK, MAX_HEADERS, TarError, member_ranges, parse_pax
 from tests.support.stores import drive
 
-CONFIG, WEIGHTS, STATE = "adapter_config.json", "adapter_model.safetensors", "state.json"
 WANTED = finetune.ADAPTER_FILES  # what the gateway serves of a checkpoint
 
 
@@ -56,10 +57,14 @@ def members(tar_bytes: bytes) -> dict[str, bytes]:
 
 
 def test_a_checkpoint_as_the_runner_packs_it_serves_the_adapter_only(tmp_path: Path) -> None:
-    ckpt = [(CONFIG, b'{"r": 8}'), (WEIGHTS, b"\x01" * 1500), (STATE, b'{"step": 6}')]
-    data = make_tar(ckpt)
+    ckpt = tmp_path / "ckpt-step-6"
+    ckpt.mkdir()
+    files = {CONFIG: b'{"r": 8}', WEIGHTS: b"\x01" * 1500, STATE: b'{"step": 6}'}
+    for name, data in files.items():
+        (ckpt / name).write_bytes(data)
+    data = pack_dir(ckpt, (CONFIG, WEIGHTS, STATE))  # what runner._checkpoint uploads
     out = served(data)
-    assert members(out) == {CONFIG: b'{"r": 8}', WEIGHTS: b"\x01" * 1500}
+    assert members(out) == {CONFIG: files[CONFIG], WEIGHTS: files[WEIGHTS]}
     assert out.endswith(bytes(2 * BLOCK)) and len(out) % BLOCK == 0
     assert len(out) < len(data)
     unpack(out, tmp_path / "adapter")  # the resolver's own check: exactly the adapter files
