@@ -543,8 +543,8 @@ async def adapter_for_node(db: Db, blobs: Blobs, slug: str) -> ApiResult:
     if found is None:
         return adapter_not_found()
     c = await checkpoint_row(db, f"ftjob-{found[0]}", found[1])
-    name = None if c is None else str(c["fine_tuned_model_checkpoint"])
-    if c is None or name is None or ftnames.slug(name) != slug:
+    name = str(c["fine_tuned_model_checkpoint"]) if c is not None else ""
+    if c is None or ftnames.slug(name) != slug:  # the form is not proof: the digest is
         return adapter_not_found()
     key = str(c["blob"])
 
