@@ -1,6 +1,7 @@
 """OpenAI fine-tuning jobs over D1, client side: create, retrieve, list, cancel, events,
 checkpoints; and the serving side of the result: the caller's fine-tuned models, routing an
-`ft:` model to its base (only for the key that created it), the adapter a node streams.
+`ft:` model or checkpoint to its base (only for the key that created it), the adapter a node
+streams.
 
 A job is trained by a node that leases the job's one `work` row of kind 'train' (the batch
 machinery: finetune_nodes.py). Its status as stored: `validating_files` until a node accepts
@@ -18,17 +19,21 @@ from dataclasses import dataclass
 
 import finetune_db
 import jobdb
+import tarplan
 from batches import _check_metadata
 from files import parse_limit
 from finetune_db import ACTIVE_JOB
 from heady_shared import ftnames
 from jobdb import ApiResult, Ids, Row, error, json_body, num, ok, opt_int
-from storage import Db
+from storage import Blobs, Db
 
 MAX_BATCH_SIZE, MAX_EPOCHS, MAX_SEED = 256, 50, 2_147_483_647
 HP_KEYS = ("batch_size", "learning_rate_multiplier", "n_epochs")
 SUFFIX = re.compile(r"^[a-z0-9_-]{1,64}$")
 JOBS_LIMIT, EVENTS_LIMIT, CHECKPOINTS_LIMIT, LIMIT_MAX = 20, 20, 10, 100
+# What a node's LoRA resolver gets for an adapter: the files vLLM loads (heady_node's
+# finetune.adapter CONFIG and WEIGHTS; its resolver refuses any other member).
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 METRIC_KEYS = (
     "step",
     "train_loss",
@@ -486,26 +491,70 @@ async def models_for_owner(db: Db, owner: str, limit: int = 1000) -> list[dict[s
 
 async def route_ft_model(db: Db, owner: str, model: str) -> FtRoute | ApiResult:
     """A request's `ft:` model -> its base and LoRA slug, or 404 `model_not_found` when it
-    does not exist or another key created it (the two are not told apart)."""
-    if ftnames.ft_base(model) is None:
+    does not exist or another key created it (the two are not told apart). A checkpoint
+    (`...:ckpt-step-<n>`) routes like its job's model once checkpoints.list lists it, whatever
+    the job's status since (running, succeeded, failed or cancelled: docs/fine-tuning-jobs.md)."""
+    name = ftnames.parse(model)
+    if name is None:
         return model_not_found(model)
+    if name.step is not None:
+        job = await finetune_db.owned_job(db, owner, f"ftjob-{name.job_hex}")
+        c = None if job is None else await checkpoint_row(db, str(job["id"]), name.step)
+        if job is None or c is None or c["fine_tuned_model_checkpoint"] != model:
+            return model_not_found(model)
+        return FtRoute(model, str(job["model"]), ftnames.slug(model))
     a = await finetune_db.adapter_by_name(db, model)
     if a is None or a["owner"] != owner:
         return model_not_found(model)
     return FtRoute(str(a["name"]), str(a["base"]), str(a["slug"]))
 
 
-async def adapter_for_node(db: Db, slug: str) -> ApiResult:
-    """`GET /api/nodes/v1/adapters/<slug>` (node credential): a stream plan of the adapter
-    tar (adapter_config.json + adapter_model.safetensors), or 404."""
-    if not ftnames.is_slug(slug):
-        return error(404, "no such adapter", "adapter_not_found")
-    a = await finetune_db.adapter_by_slug(db, slug)
-    if a is None:
-        return error(404, "no such adapter", "adapter_not_found")
-    size = num(a["bytes"])
+async def checkpoint_row(db: Db, job_id: str, step: int) -> Row | None:
+    """The job's checkpoint at exactly `step` (one indexed row: the highest step <= it)."""
+    rows = await finetune_db.list_checkpoints(db, job_id, 1, step + 1)
+    return rows[0] if rows and num(rows[0]["step_number"]) == step else None
+
+
+def adapter_not_found(why: str = "no such adapter") -> ApiResult:
+    return error(404, why, "adapter_not_found")
+
+
+def _adapter_headers(size: int, base: str) -> tuple[tuple[str, str], ...]:
     headers = [("content-type", "application/x-tar"), ("content-length", str(size))]
-    base = str(a["base"])
     if base.isascii() and base.isprintable():
         headers.append(("x-heady-ft-base", base))
-    return ApiResult(200, None, tuple(headers), ((str(a["blob"]), 0, size),), size)
+    return tuple(headers)
+
+
+async def adapter_for_node(db: Db, blobs: Blobs, slug: str) -> ApiResult:
+    """`GET /api/nodes/v1/adapters/<slug>` (node credential): a stream plan of the adapter
+    tar (adapter_config.json + adapter_model.safetensors), or 404. A job's model is its
+    uploaded adapter tar as it is; a checkpoint is served from its checkpoint tar, as the
+    ranges of those two files and the tar's end (tarplan: the trainer's state.json and
+    anything else stay out, so the resolver, which refuses other files, can load it)."""
+    if not ftnames.is_slug(slug):
+        return adapter_not_found()
+    a = await finetune_db.adapter_by_slug(db, slug)
+    if a is not None:
+        size = num(a["bytes"])
+        parts = ((str(a["blob"]), 0, size),)
+        return ApiResult(200, None, _adapter_headers(size, str(a["base"])), parts, size)
+    found = ftnames.checkpoint_of_slug(slug)
+    if found is None:
+        return adapter_not_found()
+    c = await checkpoint_row(db, f"ftjob-{found[0]}", found[1])
+    name = str(c["fine_tuned_model_checkpoint"]) if c is not None else ""
+    if c is None or ftnames.slug(name) != slug:  # the form is not proof: the digest is
+        return adapter_not_found()
+    key = str(c["blob"])
+
+    async def read(offset: int, length: int) -> bytes | None:
+        return await blobs.get_range(key, offset, length)
+
+    try:
+        ranges = await tarplan.member_ranges(read, num(c["bytes"]), ADAPTER_FILES)
+    except tarplan.TarError as exc:
+        return adapter_not_found(f"checkpoint {slug} holds no adapter vLLM can load: {exc}")
+    size = sum(n for _, n in ranges)
+    parts = tuple((key, offset, n) for offset, n in ranges)
+    return ApiResult(200, None, _adapter_headers(size, ftnames.ft_base(name) or ""), parts, size)

@@ -29,7 +29,7 @@ KINDS = (*BATCH_KINDS, "train")
 MAX_EVENTS_PER_CALL = 100
 MAX_MESSAGE = 2000
 MAX_DATA_BYTES = 4096
-MAX_STEP = 10**9
+MAX_STEP = ftnames.MAX_STEP  # a checkpoint's step, as its name spells it
 LEVELS = ("info", "warn", "error")
 TYPES = ("message", "metrics")
 

@@ -139,7 +139,7 @@ async def node_adapter_put(c: Call) -> ApiResult:
 @node_route
 async def node_adapter_get(c: Call) -> ApiResult:
     """`GET /api/nodes/v1/adapters/<slug>`: a LoRA resolver fetching an adapter to serve."""
-    return await finetune.adapter_for_node(c.db, c.params["slug"])
+    return await finetune.adapter_for_node(c.db, c.blobs, c.params["slug"])
 
 
 # ---- serving: `ft:` models on the forward path, /v1/models -----------------------------------

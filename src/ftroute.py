@@ -1,5 +1,6 @@
-"""A request for a fine-tuned `ft:` model on the forward path, and `/v1/models` with the
-caller's fine-tuned models. Pure; the shell (ft_shell.py) does the D1 read and the JS crossings.
+"""A request for a fine-tuned `ft:` model (a job's model or one of its checkpoints,
+`...:ckpt-step-<n>`) on the forward path, and `/v1/models` with the caller's fine-tuned models
+(not their checkpoints). Pure; the shell (ft_shell.py) does the D1 read and the JS crossings.
 
 Cost for every other request: one byte search of the body for `"ft:` (NEEDLE, bounded windows,
 capability.contains) and nothing else: no JSON parse, no D1 read. A hit (a string value that

@@ -21,7 +21,10 @@ to a path; and a miss fetches the adapter from the gateway before answering.
 The tar is unpacked into `<cache>/.part-<slug>-<random>/`, checked (only those two regular
 files; check_vllm_compatible against the served base) and renamed to `<cache>/<slug>/` in one
 step, so vLLM never sees a half-written adapter and two concurrent misses cannot mix files.
-Adapters are immutable (a name is one job's result), so a cached directory is reused as is.
+Adapters are immutable (a name is one job's result, or one step of it for a checkpoint
+`...:ckpt-step-<n>`, whose slug is `ft-ckpt-<job>-<n>-<digest>`: the gateway serves its adapter
+files cut from the checkpoint tar, never the trainer's state.json), so a cached directory is
+reused as is.
 
 Installed as a `vllm.general_plugins` entry point (pyproject.toml): vLLM calls `register()` in
 each of its processes; without HEADY_GATEWAY_URL, HEADY_NODE_CREDENTIAL and HEADY_LORA_CACHE_DIR

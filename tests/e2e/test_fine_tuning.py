@@ -93,7 +93,7 @@ def _tar(files: dict[str, bytes]) -> bytes:
     return buf.getvalue()
 
 
-def adapter_tar(base: str, rank: int = 8, hidden: int = 16) -> bytes:
+def adapter_files(base: str, rank: int = 8, hidden: int = 16) -> dict[str, bytes]:
     """An adapter in the form vLLM loads: adapter_config.json (LORA, the served base, explicit
     target modules) + adapter_model.safetensors with one lora_A/lora_B pair (zeros)."""
     config = {
@@ -114,9 +114,14 @@ def adapter_tar(base: str, rank: int = 8, hidden: int = 16) -> bytes:
     }  # fmt: skip
     raw = json.dumps(header).encode()
     weights = struct.pack("<Q", len(raw)) + raw + bytes(2 * size)
-    return _tar(
-        {"adapter_config.json": json.dumps(config).encode(), "adapter_model.safetensors": weights}
-    )
+    return {
+        "adapter_config.json": json.dumps(config).encode(),
+        "adapter_model.safetensors": weights,
+    }
+
+
+def adapter_tar(base: str) -> bytes:
+    return _tar(adapter_files(base))
 
 
 def lease_train(nc: httpx.Client, models: list[str], timeout: float = 20) -> dict:
@@ -366,3 +371,80 @@ def test_a_cancel_reaches_the_training_node_and_a_lapsed_lease_resumes(gw: Gatew
     assert r.status_code == 200
     final = c.fine_tuning.jobs.retrieve(job.id)
     assert final.status == "cancelled" and final.fine_tuned_model is None
+
+
+def test_a_running_jobs_checkpoint_is_served_to_its_key_by_a_nodes_resolver(
+    gw: Gateway, fleet: Fleet, tmp_path: Path
+) -> None:
+    """OpenAI lets a checkpoint be used as a model once checkpoints.list shows it, while the
+    job still runs: here a node's real resolver loads the checkpoint's adapter (the gateway
+    serves only the adapter files of the checkpoint tar, never the trainer's state.json)."""
+    c = sdk(gw)
+    job = c.fine_tuning.jobs.create(model=BASE, training_file=upload(c, training_file()))
+    nc = node(gw)
+    lease = lease_train(nc, [BASE])
+    assert lease["job_id"] == job.id
+    lid, tok = lease["id"], lease["token"]
+    files = adapter_files(BASE)
+    ckpt = _tar({**files, "state.json": b'{"step": 4, "epoch": 1}'})
+    r = nc.put(f"{LEASES}/{lid}/checkpoints/4", content=ckpt, headers={TOKEN: tok})
+    assert r.status_code == 200, r.text
+    [cp] = c.fine_tuning.jobs.checkpoints.list(job.id).data
+    model = cp.fine_tuned_model_checkpoint
+    assert model == f"ft:{BASE}:heady::{job.id.removeprefix('ftjob-')}:ckpt-step-4"
+    assert c.fine_tuning.jobs.retrieve(job.id).status == "running"
+    name = slug(model)
+    assert name.startswith(f"ft-ckpt-{job.id.removeprefix('ftjob-')}-4-")
+
+    # What a resolver fetches: a tar of the two adapter files, cut from the checkpoint's.
+    got = nc.get(f"/api/nodes/v1/adapters/{name}")
+    assert got.status_code == 200 and got.headers["x-heady-ft-base"] == BASE
+    with tarfile.open(fileobj=io.BytesIO(got.content), mode="r:") as tar:
+        assert {m.name: tar.extractfile(m).read() for m in tar.getmembers()} == files  # type: ignore[union-attr]
+
+    # Another key: 404 and nothing forwarded; not in anyone's /v1/models.
+    mine, other = sdk(gw, API_KEY, "reasoning"), sdk(gw, OTHER_KEY, "reasoning")
+    ask = {"model": model, "messages": [{"role": "user", "content": "pattern 1?"}], "max_tokens": 4}
+    for n in range(1, 9):
+        fleet.clear_requests(n)
+    with pytest.raises(openai.NotFoundError) as refused:
+        other.chat.completions.create(**ask)
+    assert refused.value.code == "model_not_found" and not chats(fleet)
+    assert model not in {m.id for m in mine.models.list()}
+    # Routed like the job's model: no node known to serve LoRA on its base -> 503.
+    learn(gw)
+    with pytest.raises(openai.APIStatusError) as none_yet:
+        mine.chat.completions.create(**ask)
+    assert none_yet.value.status_code == 503 and none_yet.value.type == "no_capable_node"
+    assert not chats(fleet)
+
+    try:
+        for n in (7, 8):
+            cred = node_credential(NODE_SECRET, n)
+            resolver = gateway_resolver(gw.url, cred, tmp_path / f"lora-{n}")
+            fleet.node(n).loras = LoraRegistry(BASE, [resolver])
+            fleet.set_capabilities(n, [caps.CHAT, caps.LORA])
+        learn(gw)
+        answer = mine.chat.completions.with_raw_response.create(**ask)
+        served_by = int(answer.headers["x-heady-node"])
+        assert served_by in (7, 8) and answer.parse().model == name
+        sent = [r for r in fleet.requests(served_by) if r.path == "/v1/chat/completions"]
+        assert json.loads(sent[-1].body)["model"] == name
+        cached = tmp_path / f"lora-{served_by}" / name
+        assert fleet.node(served_by).loras.loaded == {name: str(cached)}
+        assert sorted(p.name for p in cached.iterdir()) == sorted(files)  # no state.json
+        # The job cancelled: what checkpoints.list listed stays usable (the documented rule).
+        assert c.fine_tuning.jobs.cancel(job.id).status == "cancelled"
+        assert [x.id for x in c.fine_tuning.jobs.checkpoints.list(job.id).data] == [cp.id]
+        assert mine.chat.completions.create(**ask).model == name
+        with pytest.raises(openai.NotFoundError):
+            other.chat.completions.create(**ask)
+        beat = nc.post(f"{LEASES}/{lid}/heartbeat", json={"token": tok})
+        assert beat.json()["cancel"] is True
+        stop = {"token": tok, "ok": False, "cancelled": True}
+        assert nc.post(f"{LEASES}/{lid}/commit", json=stop).status_code == 200
+    finally:
+        for n in (7, 8):
+            fleet.node(n).loras = None
+        fleet.reset()
+        learn(gw)

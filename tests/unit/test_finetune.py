@@ -5,7 +5,9 @@ adapter / commit; resume after a node's death; serving (models, routing, adapter
 
 from __future__ import annotations
 
+import io
 import json
+import tarfile
 
 import pytest
 from openai.types import FileObject, Model
@@ -529,11 +531,87 @@ def test_a_fine_tuned_model_belongs_to_its_key() -> None:
         r = drive(finetune.route_ft_model(g.db, owner, model_name))
         assert (r.status, r.body["error"]["code"]) == (404, "model_not_found")
     assert drive(finetune.models_for_owner(g.db, OTHER)) == []
-    served = drive(finetune.adapter_for_node(g.db, route.slug))
+    served = drive(finetune.adapter_for_node(g.db, g.blobs, route.slug))
     assert served.status == 200 and drive(g.blobs.read_parts(served.stream)) == b"adapter-tar"
     assert dict(served.headers)["x-heady-ft-base"] == BASE
     for slug in ("..", "ft-x-" + "0" * 20, "../etc", route.slug + "/x"):
-        assert drive(finetune.adapter_for_node(g.db, slug)).status == 404
+        assert drive(finetune.adapter_for_node(g.db, g.blobs, slug)).status == 404
+
+
+def checkpoint_tar(config: bytes = b'{"r": 8}', weights: bytes = b"w" * 600) -> bytes:
+    """A checkpoint as heady_node's runner uploads it: the adapter files, then state.json."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:", format=tarfile.PAX_FORMAT) as tar:
+        files_ = (("adapter_config.json", config), ("adapter_model.safetensors", weights))
+        for name, data in (*files_, ("state.json", b"{}")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def tar_members(data: bytes) -> dict[str, bytes]:
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}  # type: ignore[union-attr]
+
+
+def test_a_checkpoint_is_served_to_its_key_while_running_and_after_the_job_ends() -> None:
+    g = FtGateway()
+    job = new_job(g, suffix="heady")
+    lease = g.train_lease(7)
+    assert g.put_checkpoint(lease, 3, checkpoint_tar()).status == 200
+    assert g.put_checkpoint(lease, 6, b"not a tar").status == 200
+    names = {c["step_number"]: c["fine_tuned_model_checkpoint"]
+             for c in g.checkpoints(ME, job["id"]).body["data"]}  # fmt: skip
+    ckpt = names[3]
+    # Usable while the job runs, routed like the job's model: its base, its own slug.
+    route = drive(finetune.route_ft_model(g.db, ME, ckpt))
+    assert route == finetune.FtRoute(ckpt, BASE, finetune.ftnames.slug(ckpt))
+    assert route.slug.startswith(f"ft-ckpt-{job['id'].removeprefix('ftjob-')}-3-")
+    model = ckpt.removesuffix(":ckpt-step-3")
+    not_served = [
+        (OTHER, ckpt),  # another key: as if it did not exist
+        (ME, f"{model}:ckpt-step-9"),  # not uploaded (yet)
+        (ME, f"{model}:ckpt-step-03"),
+        (ME, ckpt.replace(":heady:heady:", ":heady:other:")),  # the job's name is exact
+        (ME, ckpt.replace(BASE, "other/base")),
+        (ME, model),  # the job's model: not before it succeeds
+        (ME, f"{model[:-1]}{'0' if model[-1] != '0' else '1'}:ckpt-step-3"),  # no such job
+    ]
+    for owner, name in not_served:
+        r = drive(finetune.route_ft_model(g.db, owner, name))
+        assert (r.status, r.body["error"]["code"]) == (404, "model_not_found"), name
+    assert drive(finetune.models_for_owner(g.db, ME)) == []  # /v1/models lists no checkpoint
+
+    # The node's resolver gets the adapter files only, cut from the checkpoint tar.
+    served = drive(finetune.adapter_for_node(g.db, g.blobs, route.slug))
+    assert served.status == 200 and dict(served.headers)["x-heady-ft-base"] == BASE
+    body = drive(g.blobs.read_parts(served.stream))
+    assert len(body) == served.length == int(dict(served.headers)["content-length"])
+    assert tar_members(body) == {"adapter_config.json": b'{"r": 8}',
+                                 "adapter_model.safetensors": b"w" * 600}  # fmt: skip
+    assert {key for key, _, _ in served.stream} == {f"ft/{job['id']}/ckpt/3/{lease['id']}.tar"}
+    broken = drive(finetune.adapter_for_node(g.db, g.blobs, finetune.ftnames.slug(names[6])))
+    assert broken.status == 404 and "holds no adapter" in broken.body["error"]["message"]
+    forged = route.slug[:-20] + "0" * 20  # the checkpoint's form, not its digest
+    for slug in (forged, finetune.ftnames.slug(f"{model}:ckpt-step-9")):
+        assert drive(finetune.adapter_for_node(g.db, g.blobs, slug)).status == 404
+
+    # The rule after the job ends: what checkpoints.list lists stays usable (cancelled here;
+    # failed and succeeded alike), a late upload after the end is refused and never listed.
+    assert g.cancel_job(ME, job["id"]).body["status"] == "cancelled"
+    assert g.put_checkpoint(lease, 9, checkpoint_tar()).status == 409
+    assert drive(finetune.route_ft_model(g.db, ME, ckpt)) == route
+    assert drive(finetune.adapter_for_node(g.db, g.blobs, route.slug)).status == 200
+    failing = new_job(g)
+    second = g.train_lease(7)
+    assert g.put_checkpoint(second, 2, checkpoint_tar()).status == 200
+    err = {"code": "x", "message": "out of memory"}
+    assert g.commit_train(second, {"ok": False, "error": err}).status == 200
+    assert g.job(ME, failing["id"])["status"] == "failed"
+    [c] = g.checkpoints(ME, failing["id"]).body["data"]
+    r = drive(finetune.route_ft_model(g.db, ME, c["fine_tuned_model_checkpoint"]))
+    assert isinstance(r, finetune.FtRoute) and r.base == BASE
 
 
 def test_every_statement_of_a_lifecycle_uses_an_index() -> None:
@@ -564,7 +642,17 @@ def test_every_statement_of_a_lifecycle_uses_an_index() -> None:
     g.cancel_job(ME, other["id"])
     drive(finetune.settle_due(g.db, g.now, g.ft))
     name = drive(finetune.models_for_owner(g.db, ME))[0]["id"]
-    drive(finetune.adapter_for_node(g.db, drive(finetune.route_ft_model(g.db, ME, name)).slug))
+    drive(
+        finetune.adapter_for_node(
+            g.db, g.blobs, drive(finetune.route_ft_model(g.db, ME, name)).slug
+        )
+    )
+    ckpt = g.checkpoints(ME, job["id"]).body["data"][0]["fine_tuned_model_checkpoint"]
+    drive(
+        finetune.adapter_for_node(
+            g.db, g.blobs, drive(finetune.route_ft_model(g.db, ME, ckpt)).slug
+        )
+    )
     assert len(seen) >= 25
     allowed = ("SCAN json_each", "SCAN CONSTANT ROW")
     for sql, params in seen.items():

@@ -7,7 +7,8 @@ A plain-Python model says what must happen; after every step the stores must agr
 a call is accepted exactly when its lease is current (the job's latest lease, not yet ended),
 so a stale lease's checkpoint, adapter or commit is refused; a job succeeds at most once and a
 cancelled job never does; the node's events are stored in order, each exactly once, never by a
-refused call; a new lease resumes from the job's latest accepted checkpoint.
+refused call; a new lease resumes from the job's latest accepted checkpoint; exactly the
+accepted checkpoints are models of the job's key, whatever the job's status.
 """
 
 from __future__ import annotations
@@ -289,6 +290,23 @@ class TrainMachine(RuleBasedStateMachine):
             )
             stored = {c["step_number"]: self.g.blobs.objects[c["blob"]] for c in ckpts}
             assert stored == m.ckpts
+
+    @invariant()
+    def exactly_the_accepted_checkpoints_are_models_of_their_key(self) -> None:
+        """Whatever the job's status, each accepted checkpoint routes to the base for its key
+        only; a step never accepted is no model."""
+        for job_id, m in self.jobs.items():
+            name = finetune.ftnames.ft_model_name(BASE, None, job_id.removeprefix("ftjob-"))
+            missing = next(s for s in range(1, 40) if s not in m.ckpts)
+            for step in [*m.ckpts, missing]:
+                ckpt = finetune.ftnames.checkpoint_name(name, step)
+                mine = drive(finetune.route_ft_model(self.g.db, OWNER, ckpt))
+                if step in m.ckpts:
+                    assert mine == finetune.FtRoute(ckpt, BASE, finetune.ftnames.slug(ckpt))
+                    theirs = drive(finetune.route_ft_model(self.g.db, "f" * 16, ckpt))
+                    assert theirs.status == 404
+                else:
+                    assert mine.status == 404
 
 
 TrainMachine.TestCase.settings = settings(

@@ -10,7 +10,7 @@ import time
 import capability
 import ftroute
 from heady_shared import capabilities as caps
-from heady_shared.ftnames import ft_model_name, slug
+from heady_shared.ftnames import checkpoint_name, ft_model_name, slug
 from health import HealthState, HealthView
 from routing import make_plan
 from tests.unit.conftest import fleet_config
@@ -79,12 +79,23 @@ def test_splicing_a_large_body_costs_far_less_than_re_encoding_it() -> None:
     assert splice_ms < 100
 
 
+def test_a_checkpoint_is_an_ft_model_sent_under_its_own_slug() -> None:
+    ckpt = checkpoint_name(NAME, 88)
+    chat = {"model": ckpt, "messages": [{"role": "user", "content": "hi"}]}
+    body = json.dumps(chat).encode()
+    assert _search(body) and ftroute.requested_model(body) == (ckpt, chat)
+    out = ftroute.rewrite_model(body, chat, ckpt, slug(ckpt))
+    assert json.loads(out)["model"] == slug(ckpt) != SLUG
+    assert slug(ckpt).startswith("ft-ckpt-0123456789abcdef01234567-88-")
+
+
 def test_models_merge_appends_mine_and_drops_other_adapters() -> None:
     node = {
         "object": "list",
         "data": [
             {"id": BASE, "object": "model"},
             {"id": slug("ft:x:heady:y:abc"), "object": "model", "parent": BASE},
+            {"id": slug(checkpoint_name(NAME, 4)), "object": "model", "parent": BASE},
         ],
     }
     mine = [{"id": NAME, "object": "model", "created": 1, "owned_by": "heady", "parent": BASE}]
