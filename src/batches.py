@@ -13,7 +13,18 @@ from collections.abc import Sequence
 
 import jobdb
 from files import parse_limit, purge_deleted
-from jobdb import ACTIVE_BATCH, ApiResult, Ids, Row, error, json_body, num, ok, opt_int
+from jobdb import (
+    ACTIVE_BATCH,
+    ApiResult,
+    Ids,
+    Row,
+    error,
+    json_body,
+    list_page,
+    num,
+    ok,
+    opt_int,
+)
 from storage import Blobs, Db
 
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
@@ -189,15 +200,7 @@ async def list_batches(
             return error(400, f"after: no such Batch object: {after}", "invalid_value", "after")
     rows = await jobdb.list_batches(db, owner, n + 1, cursor)
     data = [batch_object(await settle(db, ids, b, now)) for b in rows[:n]]
-    return ok(
-        {
-            "object": "list",
-            "data": data,
-            "first_id": data[0]["id"] if data else None,
-            "last_id": data[-1]["id"] if data else None,
-            "has_more": len(rows) > n,
-        }
-    )
+    return list_page(data, len(rows) > n)
 
 
 async def cancel_batch(db: Db, ids: Ids, owner: str, batch_id: str, now: float) -> ApiResult:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import jobdb
 import multipart
-from jobdb import ApiResult, BatchSettings, Ids, Part, Row, error, num, ok, opt_int
+from jobdb import ApiResult, BatchSettings, Ids, Part, Row, error, list_page, num, ok, opt_int
 from storage import Blobs, Db
 
 PURPOSES = ("assistants", "batch", "fine-tune", "vision", "user_data", "evals")
@@ -201,17 +201,6 @@ def _check_upload(
     return env, expires_at
 
 
-def _page(rows: list[Row], limit: int) -> dict[str, object]:
-    data = [file_object(r) for r in rows[:limit]]
-    return {
-        "object": "list",
-        "data": data,
-        "first_id": data[0]["id"] if data else None,
-        "last_id": data[-1]["id"] if data else None,
-        "has_more": len(rows) > limit,
-    }
-
-
 def parse_limit(raw: str | None, default: int, top: int) -> int | ApiResult:
     if raw is None:
         return default
@@ -241,7 +230,7 @@ async def list_files(
         if cursor is None:
             return error(400, f"after: no such File object: {after}", "invalid_value", "after")
     rows = await jobdb.list_files(db, owner, now, n + 1, order != "asc", purpose, cursor)
-    return ok(_page(rows, n))
+    return list_page([file_object(r) for r in rows[:n]], len(rows) > n)
 
 
 async def get_file(db: Db, owner: str, file_id: str, now: float) -> ApiResult:

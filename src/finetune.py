@@ -24,7 +24,7 @@ from batches import _check_metadata
 from files import parse_limit
 from finetune_db import ACTIVE_JOB
 from heady_shared import ftnames
-from jobdb import ApiResult, Ids, Row, error, json_body, num, ok, opt_int
+from jobdb import ApiResult, Ids, Row, error, json_body, list_page, num, ok, opt_int
 from storage import Blobs, Db
 
 MAX_BATCH_SIZE, MAX_EPOCHS, MAX_SEED = 256, 50, 2_147_483_647
@@ -386,7 +386,7 @@ async def list_jobs(
             return _bad(f"after: no such fine-tuning job: {after[:64]}", "after")
     rows = await finetune_db.list_jobs(db, owner, n + 1, cursor, pairs)
     data = [job_object(await settle(db, j, now, settings), now) for j in rows[:n]]
-    return ok({"object": "list", "data": data, "has_more": len(rows) > n})
+    return list_page(data, len(rows) > n, ends=False)
 
 
 async def cancel_job(db: Db, ids: Ids, owner: str, job_id: str, now: float) -> ApiResult:
@@ -413,25 +413,41 @@ async def cancel_job(db: Db, ids: Ids, owner: str, job_id: str, now: float) -> A
     return ok(job_object(j, now))
 
 
-async def list_events(
-    db: Db, owner: str, job_id: str, after: str | None = None, limit: str | None = None
-) -> ApiResult:
-    """`GET /v1/fine_tuning/jobs/{id}/events?after=&limit=`: newest first; `after` = an event
-    id of this job, the page continues with the events before it."""
-    n = parse_limit(limit, EVENTS_LIMIT, LIMIT_MAX)
+async def _job_list(
+    db: Db,
+    owner: str,
+    job_id: str,
+    what: finetune_db.JobList,
+    after: str | None,
+    limit: str | None,
+    default: int,
+) -> tuple[list[Row], int] | ApiResult:
+    """One page (plus one row, for has_more) of a job's events or checkpoints, newest first,
+    and the page size;
+    `after` = a row id of this job, the page continues with the rows before it."""
+    n = parse_limit(limit, default, LIMIT_MAX)
     if isinstance(n, ApiResult):
         return n
     if await finetune_db.owned_job(db, owner, job_id) is None:
         return not_found(job_id)
     before = None
     if after is not None:
-        cursor = await finetune_db.event_by_id(db, job_id, after)
-        if cursor is None:
-            return _bad(f"after: no such event of this job: {after[:64]}", "after")
-        before = num(cursor["seq"])
-    rows = await finetune_db.list_events(db, job_id, n + 1, before)
-    data = [event_object(e) for e in rows[:n]]
-    return ok({"object": "list", "data": data, "has_more": len(rows) > n})
+        before = await finetune_db.position_in_job(db, what, job_id, after)
+        if before is None:
+            noun = "event" if what is finetune_db.EVENTS else "checkpoint"
+            return _bad(f"after: no such {noun} of this job: {after[:64]}", "after")
+    return await finetune_db.list_of_job(db, what, job_id, n + 1, before), n
+
+
+async def list_events(
+    db: Db, owner: str, job_id: str, after: str | None = None, limit: str | None = None
+) -> ApiResult:
+    """`GET /v1/fine_tuning/jobs/{id}/events?after=&limit=`: newest first."""
+    got = await _job_list(db, owner, job_id, finetune_db.EVENTS, after, limit, EVENTS_LIMIT)
+    if isinstance(got, ApiResult):
+        return got
+    rows, n = got
+    return list_page([event_object(e) for e in rows[:n]], len(rows) > n, ends=False)
 
 
 async def list_checkpoints(
@@ -439,28 +455,12 @@ async def list_checkpoints(
 ) -> ApiResult:
     """`GET /v1/fine_tuning/jobs/{id}/checkpoints?after=&limit=`: newest (highest step)
     first, with first_id/last_id as OpenAI's."""
-    n = parse_limit(limit, CHECKPOINTS_LIMIT, LIMIT_MAX)
-    if isinstance(n, ApiResult):
-        return n
-    if await finetune_db.owned_job(db, owner, job_id) is None:
-        return not_found(job_id)
-    before = None
-    if after is not None:
-        cursor = await finetune_db.checkpoint_by_id(db, job_id, after)
-        if cursor is None:
-            return _bad(f"after: no such checkpoint of this job: {after[:64]}", "after")
-        before = num(cursor["step_number"])
-    rows = await finetune_db.list_checkpoints(db, job_id, n + 1, before)
-    data = [checkpoint_object(c) for c in rows[:n]]
-    return ok(
-        {
-            "object": "list",
-            "data": data,
-            "first_id": data[0]["id"] if data else None,
-            "last_id": data[-1]["id"] if data else None,
-            "has_more": len(rows) > n,
-        }
-    )
+    what, default = finetune_db.CHECKPOINTS, CHECKPOINTS_LIMIT
+    got = await _job_list(db, owner, job_id, what, after, limit, default)
+    if isinstance(got, ApiResult):
+        return got
+    rows, n = got
+    return list_page([checkpoint_object(c) for c in rows[:n]], len(rows) > n)
 
 
 async def settle_due(db: Db, now: float, settings: FtSettings) -> int:
@@ -511,7 +511,7 @@ async def route_ft_model(db: Db, owner: str, model: str) -> FtRoute | ApiResult:
 
 async def checkpoint_row(db: Db, job_id: str, step: int) -> Row | None:
     """The job's checkpoint at exactly `step` (one indexed row: the highest step <= it)."""
-    rows = await finetune_db.list_checkpoints(db, job_id, 1, step + 1)
+    rows = await finetune_db.list_of_job(db, finetune_db.CHECKPOINTS, job_id, 1, step + 1)
     return rows[0] if rows and num(rows[0]["step_number"]) == step else None
 
 

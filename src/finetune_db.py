@@ -10,8 +10,9 @@ condition with the row -> `done` last, so a refused, stale or repeated call chan
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
-from jobdb import Row
+from jobdb import Row, num
 from storage import Db
 
 ACTIVE_JOB = ("validating_files", "queued", "running")
@@ -160,40 +161,37 @@ async def jobs_to_settle(db: Db, now: float, max_attempts: int, limit: int = 50)
     )
 
 
-async def list_events(db: Db, job_id: str, limit: int, before_seq: int | None) -> list[Row]:
-    sql = "SELECT * FROM ft_events WHERE job_id = ?"
+@dataclass(frozen=True)
+class JobList:
+    """A job's events or checkpoints as its list endpoints page them: newest first by
+    `order`, whose value is the page cursor (`after=<id>` continues below that row's)."""
+
+    table: str
+    order: str
+
+
+EVENTS = JobList("ft_events", "seq")
+CHECKPOINTS = JobList("ft_checkpoints", "step_number")
+
+
+async def list_of_job(
+    db: Db, what: JobList, job_id: str, limit: int, before: int | None
+) -> list[Row]:
+    sql = f"SELECT * FROM {what.table} WHERE job_id = ?"
     params: list[object] = [job_id]
-    if before_seq is not None:
-        sql += " AND seq < ?"
-        params.append(before_seq)
-    sql += " ORDER BY seq DESC LIMIT ?"
+    if before is not None:
+        sql += f" AND {what.order} < ?"
+        params.append(before)
+    sql += f" ORDER BY {what.order} DESC LIMIT ?"
     params.append(limit)
     return await db.all(sql, params)
 
 
-async def event_by_id(db: Db, job_id: str, event_id: str) -> Row | None:
-    return await _one(
-        db, "SELECT seq FROM ft_events WHERE id = ? AND job_id = ?", (event_id, job_id)
-    )
-
-
-async def list_checkpoints(db: Db, job_id: str, limit: int, before_step: int | None) -> list[Row]:
-    sql = "SELECT * FROM ft_checkpoints WHERE job_id = ?"
-    params: list[object] = [job_id]
-    if before_step is not None:
-        sql += " AND step_number < ?"
-        params.append(before_step)
-    sql += " ORDER BY step_number DESC LIMIT ?"
-    params.append(limit)
-    return await db.all(sql, params)
-
-
-async def checkpoint_by_id(db: Db, job_id: str, ckpt_id: str) -> Row | None:
-    return await _one(
-        db,
-        "SELECT step_number FROM ft_checkpoints WHERE id = ? AND job_id = ?",
-        (ckpt_id, job_id),
-    )
+async def position_in_job(db: Db, what: JobList, job_id: str, row_id: str) -> int | None:
+    """The cursor value of row `row_id` of this job (None: no such row of this job)."""
+    sql = f"SELECT {what.order} AS at FROM {what.table} WHERE id = ? AND job_id = ?"
+    row = await _one(db, sql, (row_id, job_id))
+    return None if row is None else num(row["at"])
 
 
 # ------------------------------------------------------------------------------ node side

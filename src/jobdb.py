@@ -58,6 +58,17 @@ def ok(body: object, status: int = 200) -> ApiResult:
     return ApiResult(status, body, (("content-type", "application/json"),))
 
 
+def list_page(data: list[dict[str, object]], has_more: bool, ends: bool = True) -> ApiResult:
+    """An OpenAI list page: `data`, `has_more` and, where the API has them (files, batches,
+    checkpoints; not jobs or events), `first_id`/`last_id`."""
+    body: dict[str, object] = {"object": "list", "data": data}
+    if ends:
+        body["first_id"] = data[0]["id"] if data else None
+        body["last_id"] = data[-1]["id"] if data else None
+    body["has_more"] = has_more
+    return ok(body)
+
+
 def error(
     status: int,
     message: str,
