@@ -16,8 +16,10 @@ from urllib.parse import parse_qsl
 
 import files
 import finetune
+import finetune_db
 import finetune_nodes
 import ftroute
+import status
 from config import GatewayConfig
 from finetune import FtRoute
 from headers import presented_key
@@ -265,6 +267,18 @@ async def models_merged(gw, call, node_text: str) -> str | None:
         call.ex.error = f"models: {str(exc)[:160]}"
         return None
     return ftroute.merge_models(node_text, mine)
+
+
+async def status_fine_tuning(gw, call) -> dict | None:
+    """/api/status's `fine_tuning` for the calling key (status.fine_tuning_view over two
+    reads); None when the storage is unbound or unreadable (the page then shows no section)."""
+    try:
+        db, _ = _stores(gw)
+        now = _now()
+        return status.fine_tuning_view(*await finetune_db.status_rows(db, _owner(call), now), now)
+    except Exception as exc:  # the status answer must not fail with the fine-tuning tables
+        call.ex.error = f"status fine-tuning: {str(exc)[:160]}"
+        return None
 
 
 async def cron(gw) -> dict[str, object]:
