@@ -433,7 +433,8 @@ async def adapters_of(db: Db, owner: str, limit: int) -> list[Row]:
 
 # ---------------------------------------------------------------------- /api/status's view
 
-STATUS_ACTIVE, STATUS_FINISHED = 20, 10  # the caller's jobs /api/status shows at most
+STATUS_ACTIVE = 20  # /api/status lists at most this many of the caller's active jobs
+STATUS_FINISHED = 10  # ... and of its finished ones
 _STATUS_JOB = (
     "SELECT j.id, j.model, j.suffix, j.fine_tuned_model, j.status, j.hyperparameters,"
     " j.created_at, j.finished_at, j.trained_tokens, j.error,"
