@@ -187,14 +187,15 @@ function ftCard(j) {
       (p.epoch ? ", epoch " + p.epoch + (p.n_epochs ? " of " + p.n_epochs : "") : "") + loss
     : status === "validating_files" ? "validating the training file"
     : status === "queued" ? "waiting for a training node" : "no step reported";
-  const meta = ["model " + j.model, j.suffix ? "suffix " + j.suffix : null,
+  const meta = ["base model " + j.model, j.suffix ? "suffix " + j.suffix : null,
     num(j.checkpoints) ? j.checkpoints + " checkpoint" + (j.checkpoints > 1 ? "s" : "") : null,
     j.created_at ? "created " + at(j.created_at * 1000) : null,
     j.finished_at ? "finished " + at(j.finished_at * 1000) : null].filter(Boolean)
     .join(" \u00b7 ");
   const out = j.fine_tuned_model;
   return card("job", j.id, status, step, total, [bar(status === "failed" ? "fail" : "ok", step,
-    total)], progress, out ? el("p", {"data-field": "model"}, "model ", el("code", {text: out}))
+    total)], progress, out ? el("p", {"data-field": "model"}, "fine-tuned model ",
+    el("code", {text: out}))
     : null, el("p", {class: "bmeta", text: meta}),
     e ? el("p", {class: "err", "data-field": "error", text: e.code + ": " + e.message}) : null,
     h ? el("ul", {class: "holders", "aria-label": "who trains it"},

@@ -271,7 +271,7 @@ def test_fine_tuning_section_shows_steps_loss_holder_and_outcomes(
     assert node == 7 and text.startswith("node 7 training (attempt 2), lease until ")
     assert re.search(r"\(in (1 min|\d+ s)\)$", text)
     assert "suffix heady" in training["meta"] and "1 checkpoint" in training["meta"]
-    assert f"model {BASE}" in training["meta"]
+    assert f"base model {BASE}" in training["meta"]
 
     assert (waiting["status"], waiting["progress"]) == ("queued", "waiting for a training node")
     assert waiting["ok"] == 0 and waiting["holders"] == [] and waiting["model"] is None
@@ -286,6 +286,7 @@ def test_fine_tuning_section_shows_steps_loss_holder_and_outcomes(
     errors = [e for e in d.get_log("browser") if e["level"] == "SEVERE"]
     assert errors == []
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    d.set_window_size(1280, 1600)  # the four cards whole: a screenshot stops at the viewport
     d.find_element("id", "ft").screenshot(str(SCREENSHOTS / "status-page-fine-tuning.png"))
 
     # Another key's job still trains: counted, none listed; then nothing runs: hidden.
