@@ -224,7 +224,8 @@ class Default(WorkerEntrypoint):
         ex, sync = call.ex, _ISO.sync
         await sync.refresh(self._io())
         jobs = await jobs_shell.status_batches(self, call, config)
-        body = status_body(config, sync.view, _clock(), ex.rid, VERSION, jobs)
+        ft = await ft_shell.status_fine_tuning(self, call)
+        body = status_body(config, sync.view, _clock(), ex.rid, VERSION, jobs, ft)
         cors = cors_headers(ex.origin, config.cors_origins)
         return self._json(ex, json.dumps(body), 200, {"x-request-id": ex.rid, **cors})
 

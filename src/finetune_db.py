@@ -427,3 +427,46 @@ async def adapters_of(db: Db, owner: str, limit: int) -> list[Row]:
         " ORDER BY created_at, name LIMIT ?",
         (owner, limit),
     )
+
+
+# ---------------------------------------------------------------------- /api/status's view
+
+STATUS_ACTIVE = 20  # /api/status lists at most this many of the caller's active jobs
+STATUS_FINISHED = 10  # ... and of its finished ones
+_STATUS_JOB = (
+    "SELECT j.id, j.model, j.suffix, j.fine_tuned_model, j.status, j.hyperparameters,"
+    " j.created_at, j.finished_at, j.trained_tokens, j.error,"
+    " w.state AS work_state, w.node AS work_node, w.expires_at AS work_expires_at,"
+    " w.attempts AS work_attempts,"
+    # The newest metrics event only: ft_events_job (job_id, seq) walked backwards.
+    " (SELECT e.data FROM ft_events e WHERE e.job_id = j.id AND e.type = 'metrics'"
+    " AND e.data IS NOT NULL ORDER BY e.seq DESC LIMIT 1) AS last_metrics,"
+    " (SELECT COUNT(*) FROM ft_checkpoints c WHERE c.job_id = j.id) AS checkpoints"
+    # `+w.kind`: look the work row up by work_batch (batch_id), not by every train row's kind.
+    " FROM ft_jobs j LEFT JOIN work w ON w.batch_id = j.id AND +w.kind = 'train'"
+    " WHERE {owner} = ? AND j.status IN (?, ?, ?) ORDER BY j.created_at DESC, j.id DESC LIMIT ?"
+)
+
+
+async def status_rows(db: Db, owner: str, now: float) -> tuple[list[Row], Row]:
+    """/api/status's two reads: this owner's active jobs (newest first, at most
+    STATUS_ACTIVE) then its newest finished ones (at most STATUS_FINISHED), each with its train
+    work row, latest metrics event and checkpoint count; and, over every owner, the number of
+    active jobs and the nodes holding a live train lease (a comma list, no job ids)."""
+    # Rows read stay bounded by the index each branch walks: active jobs by ft_jobs_status
+    # (`+j.owner` keeps the owner index out: every key's active jobs, few), finished ones by
+    # the owner's index newest first (stops after STATUS_FINISHED, past the owner's active).
+    active = _STATUS_JOB.format(owner="+j.owner")
+    finished = _STATUS_JOB.format(owner="j.owner")
+    mine = await db.all(
+        f"SELECT * FROM ({active}) UNION ALL SELECT * FROM ({finished})",
+        (owner, *ACTIVE_JOB, STATUS_ACTIVE, owner, *FINAL_JOB, STATUS_FINISHED),
+    )
+    summary = await _one(
+        db,
+        f"SELECT (SELECT COUNT(*) FROM ft_jobs WHERE status IN ({_marks(3)})) AS active,"
+        " (SELECT group_concat(node) FROM work WHERE kind = 'train' AND state = 'leased'"
+        " AND expires_at >= ?) AS nodes",
+        (*ACTIVE_JOB, now),
+    )
+    return mine, summary or {"active": 0, "nodes": None}

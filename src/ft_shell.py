@@ -15,8 +15,10 @@ from __future__ import annotations
 from urllib.parse import parse_qsl
 
 import finetune
+import finetune_db
 import finetune_nodes
 import ftroute
+import status
 from api_shell import IDS, Call, client_route, node_route, now, owner_of, stores
 from finetune import FtRoute
 from jobdb import ApiResult, error
@@ -173,6 +175,18 @@ async def models_merged(gw, call, node_text: str) -> str | None:
         call.ex.error = f"models: {str(exc)[:160]}"
         return None
     return ftroute.merge_models(node_text, mine)
+
+
+async def status_fine_tuning(gw, call) -> dict | None:
+    """/api/status's `fine_tuning` for the calling key (status.fine_tuning_view over two
+    reads); None when the storage is unbound or unreadable (the page then shows no section)."""
+    try:
+        db, _ = stores(gw)
+        t = now()
+        return status.fine_tuning_view(*await finetune_db.status_rows(db, owner_of(call), t), t)
+    except Exception as exc:  # the status answer must not fail with the fine-tuning tables
+        call.ex.error = f"status fine-tuning: {str(exc)[:160]}"
+        return None
 
 
 async def cron(gw) -> dict[str, object]:

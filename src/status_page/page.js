@@ -8,7 +8,7 @@ const $ = (id) => document.getElementById(id);
 const form = $("key-form"), input = $("key"), keyMsg = $("key-message");
 const summary = $("summary"), version = $("version"), updated = $("updated");
 const stale = $("stale"), staleText = $("stale-text"), problems = $("problems");
-const roles = $("roles"), change = $("change-key"), batches = $("batches");
+const roles = $("roles"), change = $("change-key"), batches = $("batches"), ft = $("ft");
 const STATES = {
   up: "\u2713", down: "\u2715", unknown: "?", unconfigured: "\u2013", invalid: "!"
 };
@@ -131,6 +131,20 @@ function bar(kind, part, total) {
   e.style.width = (total ? Math.min(100, 100 * part / total) : 0) + "%";  // CSSOM: CSP-safe
   return e;
 }
+// A job's card (batches and fine-tuning jobs alike): id and status, a progress bar of `bars`
+// (done of max), the progress in words, then `rest`.
+function card(kind, id, status, done, max, bars, progress, ...rest) {
+  return el("li", {class: "batch", ["data-" + kind]: id, "data-status": status},
+    el("h3", {}, el("code", {text: String(id)}), el("span", {class: "status", text: status})),
+    el("div", {class: "bar", role: "progressbar", "aria-valuemin": 0, "aria-valuemax": max,
+      "aria-valuenow": done, "aria-label": kind + " " + id + ": " + progress}, ...bars),
+    el("p", {class: "progress", "data-field": "progress", text: progress}), ...rest);
+}
+function holder(h, what) {
+  return el("li", {"data-node": h.node, "data-seq": h.seq},
+    el("span", {class: "chip"}, "node " + (h.node === null ? "?" : h.node)), " " + what +
+    (num(h.expires_at) ? ", lease until " + at(h.expires_at * 1000) : ""));
+}
 function batchCard(b) {
   const rc = b.request_counts || {}, total = num(rc.total);
   const ok = num(rc.completed), bad = num(rc.failed), done = ok + bad;
@@ -139,26 +153,14 @@ function batchCard(b) {
   const progress = status === "validating" && !total ? "validating the input file"
     : fmt(done) + " of " + fmt(total) + " lines (" + pct + "%)" +
       (bad ? ", " + fmt(bad) + " failed" : "");
-  const holders = (Array.isArray(b.holders) ? b.holders : []).map((h) => {
-    const what = h.kind === "validate" ? "validating" :
-      "shard " + h.seq + " (" + fmt(h.lines) + " lines)";
-    const until = num(h.expires_at) ? at(h.expires_at * 1000) : null;
-    return el("li", {"data-node": h.node, "data-seq": h.seq},
-      el("span", {class: "chip"}, "node " + (h.node === null ? "?" : h.node)), " " + what +
-      (until ? ", lease until " + until : ""));
-  });
+  const holders = (Array.isArray(b.holders) ? b.holders : []).map((h) => holder(h,
+    h.kind === "validate" ? "validating" : "shard " + h.seq + " (" + fmt(h.lines) + " lines)"));
   const shards = num(sh.total) ? "shards: " + fmt(sh.done) + " done, " + fmt(sh.leased) +
     " running, " + fmt(sh.pending) + " waiting, of " + fmt(sh.total) : null;
   const meta = [b.model ? "model " + b.model : null, b.role ? "role " + b.role : null,
     b.created_at ? "created " + at(b.created_at * 1000) : null].filter(Boolean).join(" \u00b7 ");
-  return el("li", {class: "batch", "data-batch": b.id, "data-status": status},
-    el("h3", {}, el("code", {text: String(b.id)}), el("span", {class: "status", text: status})),
-    el("div", {class: "bar", role: "progressbar", "aria-valuemin": 0,
-      "aria-valuemax": total, "aria-valuenow": done,
-      "aria-label": "batch " + b.id + ": " + progress},
-      bar("ok", ok, total), bar("fail", bad, total)),
-    el("p", {class: "progress", "data-field": "progress", text: progress}),
-    meta ? el("p", {class: "bmeta", text: meta}) : null,
+  return card("batch", b.id, status, done, total, [bar("ok", ok, total), bar("fail", bad, total)],
+    progress, meta ? el("p", {class: "bmeta", text: meta}) : null,
     shards ? el("p", {class: "shards", "data-field": "shards", text: shards}) : null,
     holders.length ? el("ul", {class: "holders", "aria-label": "who holds which shard"},
       ...holders) : null);
@@ -171,6 +173,42 @@ function renderBatches(info) {
   $("batches-count").textContent = (mine.length ? mine.length + " open for this key, " : "") +
     running + " at work in all";
   $("batch-list").replaceChildren(...mine.map(batchCard));
+}
+
+// Fine-tuning: /api/status's `fine_tuning` (the caller's active and newest finished jobs;
+// `active` counts every key's, `nodes` are the nodes training now). Drawn as batch cards.
+const ACTIVE = ["validating_files", "queued", "running"];
+function ftCard(j) {
+  const p = j.progress || {}, total = num(p.total_steps), step = num(p.step);
+  const status = String(j.status || "?"), e = j.error, h = j.holder;
+  const loss = typeof p.train_loss === "number" ? ", loss " + p.train_loss.toFixed(4) : "";
+  const progress = step ? "step " + fmt(step) + (total ? " of " + fmt(total) + " (" +
+      Math.floor(100 * Math.min(step, total) / total) + "%)" : "") +
+      (p.epoch ? ", epoch " + p.epoch + (p.n_epochs ? " of " + p.n_epochs : "") : "") + loss
+    : status === "validating_files" ? "validating the training file"
+    : status === "queued" ? "waiting for a training node" : "no step reported";
+  const meta = ["base model " + j.model, j.suffix ? "suffix " + j.suffix : null,
+    num(j.checkpoints) ? j.checkpoints + " checkpoint" + (j.checkpoints > 1 ? "s" : "") : null,
+    j.created_at ? "created " + at(j.created_at * 1000) : null,
+    j.finished_at ? "finished " + at(j.finished_at * 1000) : null].filter(Boolean)
+    .join(" \u00b7 ");
+  const out = j.fine_tuned_model;
+  return card("job", j.id, status, step, total, [bar(status === "failed" ? "fail" : "ok", step,
+    total)], progress, out ? el("p", {"data-field": "model"}, "fine-tuned model ",
+    el("code", {text: out}))
+    : null, el("p", {class: "bmeta", text: meta}),
+    e ? el("p", {class: "err", "data-field": "error", text: e.code + ": " + e.message}) : null,
+    h ? el("ul", {class: "holders", "aria-label": "who trains it"},
+      holder(h, "training" + (h.attempt > 1 ? " (attempt " + h.attempt + ")" : ""))) : null);
+}
+function renderFt(info) {
+  const mine = info && Array.isArray(info.mine) ? info.mine : [];
+  const active = info ? num(info.active) : 0, nodes = info && info.nodes || [];
+  ft.hidden = !mine.length && !active;
+  $("ft-count").textContent = mine.filter((j) => ACTIVE.includes(j.status)).length +
+    " active for this key, " + active + " in all" +
+    (nodes.length ? "; training on node " + nodes.join(", ") : "");
+  $("ft-list").replaceChildren(...mine.map(ftCard));
 }
 
 function render(data) {
@@ -190,6 +228,7 @@ function render(data) {
   }
   roles.replaceChildren(...sections);
   renderBatches(data.batches);
+  renderFt(data.fine_tuning);
   if (keep) {
     const again = roles.querySelector(
       '.role[data-role="' + CSS.escape(keep[0]) + '"] .tile[data-node="' + keep[1] + '"]');
@@ -233,7 +272,8 @@ function askKey(message) {
   lastOk = 0;
   roles.replaceChildren();
   $("batch-list").replaceChildren();
-  problems.hidden = stale.hidden = batches.hidden = true;
+  $("ft-list").replaceChildren();
+  problems.hidden = stale.hidden = batches.hidden = ft.hidden = true;
   document.body.dataset.stale = "false";
   updated.textContent = "not updated yet";
   document.body.dataset.view = "key";

@@ -1,8 +1,9 @@
-"""The status page's Batches section in Debian's headless Chromium, fed a synthetic
-`/api/status` (the shape `batches.status_view` answers: docs/batch.md) by a small local server
-that serves the page exactly as the gateway does (`status_page.serve`: same bytes, same CSP).
-Checks what an operator reads: a progress bar per open batch (completed and failed shares),
-its status, and which node holds which shard; the section hides when nothing runs."""
+"""The status page's Batches and Fine-tuning sections in Debian's headless Chromium, fed a
+synthetic `/api/status` (the shapes `batches.status_view` and `status.fine_tuning_view` answer:
+docs/batch.md, docs/fine-tuning-jobs.md) by a small local server that serves the page exactly as
+the gateway does (`status_page.serve`: same bytes, same CSP). Checks what an operator reads: a
+progress bar per open batch (completed and failed shares) or job (steps), its status, and which
+node holds which shard or trains which job; a section hides when nothing runs."""
 
 from __future__ import annotations
 
@@ -164,3 +165,136 @@ def test_batches_section_shows_progress_status_and_shard_holders(
     assert d.find_element("id", "batches-count").text == "1 at work in all"
     server.body = {**server.body, "batches": {"running": 0, "mine": []}}
     _wait(d, "the section hidden", lambda: not _shown(d))
+
+
+# ---- Fine-tuning ------------------------------------------------------------------------------
+
+BASE = "Qwen/Qwen2.5-1.5B-Instruct"
+
+
+def _job(hex_: str, status: str, **over: Any) -> dict[str, Any]:
+    return {
+        "id": "ftjob-" + hex_ * 24,
+        "status": status,
+        "model": BASE,
+        "suffix": None,
+        "fine_tuned_model": None,
+        "created_at": NOW - 600,
+        "finished_at": None,
+        "holder": None,
+        "progress": None,
+        "checkpoints": 0,
+        "trained_tokens": None,
+        "error": None,
+        **over,
+    }
+
+
+def _progress(step: int, total: int, epoch: int, loss: float) -> dict[str, Any]:
+    return {"step": step, "total_steps": total, "train_loss": loss, "valid_loss": None,
+            "full_valid_loss": None, "n_epochs": 3, "epoch": epoch}  # fmt: skip
+
+
+TRAINING = _job(
+    "a",
+    "running",
+    suffix="heady",
+    holder={"node": 7, "expires_at": NOW + 100, "attempt": 2},
+    progress=_progress(5, 12, 2, 1.25),
+    checkpoints=1,
+)
+WAITING = _job("b", "queued", created_at=NOW - 5)
+FAILED = _job(
+    "c",
+    "failed",
+    finished_at=NOW - 300,
+    error={"code": "invalid_training_file", "message": "line 3: no assistant message"},
+)
+DONE = _job(
+    "d",
+    "succeeded",
+    suffix="heady",
+    fine_tuned_model=f"ft:{BASE}:heady:heady:" + "d" * 24,
+    finished_at=NOW - 60,
+    progress=_progress(12, 12, 3, 0.5),
+    checkpoints=3,
+    trained_tokens=900,
+)
+
+JOBS_JS = """
+return [...document.querySelectorAll('#ft-list .batch')].map(b => ({
+  id: b.dataset.job, status: b.querySelector('.status').textContent,
+  progress: b.querySelector('[data-field=progress]').textContent,
+  model: (b.querySelector('[data-field=model] code') || {}).textContent || null,
+  error: (b.querySelector('[data-field=error]') || {}).textContent || null,
+  meta: b.querySelector('.bmeta').textContent,
+  ok: (b.querySelector('.bar .ok') || {getBoundingClientRect: () => ({width: -1})})
+    .getBoundingClientRect().width,
+  fail: b.querySelectorAll('.bar .fail').length,
+  bar: b.querySelector('.bar').clientWidth,
+  now: b.querySelector('.bar').getAttribute('aria-valuenow'),
+  max: b.querySelector('.bar').getAttribute('aria-valuemax'),
+  holders: [...b.querySelectorAll('.holders li')].map(h => [Number(h.dataset.node), h.textContent]),
+}));
+"""
+
+
+def _ft_shown(d: WebDriver) -> bool:
+    return d.execute_script("return !document.getElementById('ft').hidden")
+
+
+@pytest.mark.timeout(120)
+def test_fine_tuning_section_shows_steps_loss_holder_and_outcomes(
+    browser: WebDriver, server: _Status
+) -> None:
+    d = browser
+    d.get(f"http://127.0.0.1:{server.server_address[1]}/")
+    d.switch_to.active_element.send_keys(KEY + Keys.ENTER)
+    _wait(d, "eight tiles", lambda: len(d.find_elements("css selector", "#roles .tile")) == 8)
+    assert not _ft_shown(d)  # no `fine_tuning` field (a gateway before issue 19): no section
+
+    mine = [WAITING, TRAINING, DONE, FAILED]  # active newest first, then finished
+    server.body = {**server.body, "fine_tuning": {"active": 3, "nodes": [7], "mine": mine}}
+    _wait(d, "the fine-tuning section", lambda: _ft_shown(d))
+    count = d.find_element("id", "ft-count").text
+    assert count == "2 active for this key, 3 in all; training on node 7"
+    waiting, training, done, failed = d.execute_script(JOBS_JS)
+    assert [j["id"] for j in (waiting, training, done, failed)] == [j["id"] for j in mine]
+
+    assert (training["status"], training["progress"]) == (
+        "running",
+        "step 5 of 12 (41%), epoch 2 of 3, loss 1.2500",
+    )
+    assert (training["now"], training["max"]) == ("5", "12")
+    assert abs(training["ok"] - 5 / 12 * training["bar"]) <= 1.5  # the bar by step
+    [(node, text)] = training["holders"]
+    assert node == 7 and text.startswith("node 7 training (attempt 2), lease until ")
+    assert re.search(r"\(in (1 min|\d+ s)\)$", text)
+    assert "suffix heady" in training["meta"] and "1 checkpoint" in training["meta"]
+    assert f"base model {BASE}" in training["meta"]
+
+    assert (waiting["status"], waiting["progress"]) == ("queued", "waiting for a training node")
+    assert waiting["ok"] == 0 and waiting["holders"] == [] and waiting["model"] is None
+
+    assert (done["status"], done["model"]) == ("succeeded", DONE["fine_tuned_model"])
+    assert done["progress"] == "step 12 of 12 (100%), epoch 3 of 3, loss 0.5000"
+    assert abs(done["ok"] - done["bar"]) <= 1.5 and done["holders"] == []
+    assert "3 checkpoints" in done["meta"] and "finished " in done["meta"]
+
+    assert failed["status"] == "failed" and failed["fail"] == 1 and failed["ok"] == -1
+    assert failed["error"] == "invalid_training_file: line 3: no assistant message"
+    errors = [e for e in d.get_log("browser") if e["level"] == "SEVERE"]
+    assert errors == []
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    d.set_window_size(1280, 1600)  # the four cards whole: a screenshot stops at the viewport
+    d.find_element("id", "ft").screenshot(str(SCREENSHOTS / "status-page-fine-tuning.png"))
+
+    # Another key's job still trains: counted, none listed; then nothing runs: hidden.
+    server.body = {**server.body, "fine_tuning": {"active": 1, "nodes": [8], "mine": []}}
+    _wait(d, "an empty list", lambda: not d.execute_script(JOBS_JS))
+    assert (
+        d.find_element("id", "ft-count").text
+        == "0 active for this key, 1 in all; training on node 8"
+    )
+    server.body = {**server.body, "fine_tuning": {"active": 0, "nodes": [], "mine": []}}
+    _wait(d, "the section hidden", lambda: not _ft_shown(d))

@@ -222,8 +222,9 @@ def test_page_basics_title_language_viewport_colour_scheme_and_poll_period() -> 
 def test_page_is_ascii_and_small() -> None:
     raw = sp.HTML.encode("ascii")
     # Budget: one small response from the Worker, well under a typical 14 KiB first flight
-    # once compressed (9 KiB since the Batches section: 8.0 KiB with it).
-    assert len(raw) < 24 * 1024
+    # once compressed (9 KiB since the Batches section: 8.0 KiB with it; 26 KiB raw since the
+    # Fine-tuning section: 24.9 KiB raw and 8.8 KiB gzip with it, ~200 bytes under the gzip budget).
+    assert len(raw) < 26 * 1024
     assert len(gzip.compress(raw, 9)) < 9 * 1024
 
 
