@@ -249,8 +249,9 @@ async def release(
     """`POST .../leases/<id>/release` `{"token", "lines", "bytes"}`: a node handing its GPU
     over gives back at once what it will not run, instead of letting the lease lapse.
 
-    `lines: 0`: the whole lease back (its work is leasable again now; parts it uploaded are
-    deleted) -> 200 {"state": "released"}. `0 < lines < n_lines` (lines work only): the lease
+    Parts the lease uploaded before are deleted (they covered lines it no longer holds).
+    `lines: 0`: the whole lease back (its work is leasable again now) -> 200
+    {"state": "released"}. `0 < lines < n_lines` (lines work only): the lease
     keeps its first `lines` lines, the first `bytes` bytes of its input range, and runs on (it
     is committed as usual, over those lines); the rest is a new work item, leasable now ->
     200 {"state": "leased", "n_lines", "bytes"}. `lines == n_lines` (and its bytes) changes
@@ -271,8 +272,6 @@ async def release(
     n_lines, length = num(w["n_lines"]), num(w["length"])
     if lines == 0:
         accepted = await jobdb.release_all(db, lease_id, token)
-        if accepted and w["kind"] == "lines":
-            await blobs.delete([result_key(w, p) for p in PARTS])
         state: dict[str, object] = {"state": "released"}
     elif w["kind"] != "lines":
         return bad_body("only a lines lease can keep part of its work; give it all back (0)")
@@ -290,6 +289,8 @@ async def release(
         state = {"state": "leased", "n_lines": lines, "bytes": size}
     if not accepted:
         return lease_lost(lease_id)
+    if w["kind"] == "lines":  # parts uploaded before this covered lines no longer its own
+        await blobs.delete([result_key(w, p) for p in PARTS])
     if w["batch_status"] not in jobdb.ACTIVE_BATCH:  # cancelling: what came back is cancelled
         await batches.after_commit(db, ids, str(w["batch_id"]), now)
     return ok(state)
