@@ -267,7 +267,7 @@ class BatchWorker:
             self._drain.set()
             self._wake.set()
             running = sum(s.in_flight for s in self._shards)
-            log.info("draining: %d lines running get %.0fs to finish", running, self.cfg.drain_s)
+            log.info("draining: %d lines running get %gs to finish", running, self.cfg.drain_s)
 
     @property
     def draining(self) -> bool:
