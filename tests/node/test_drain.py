@@ -436,5 +436,6 @@ def test_drain_time_on_the_sim(core: CoreGateway, fleet: Fleet, tmp_path: Path) 
         r = drain_once(core, fleet, d, drain_s=None)
         assert r["clean"] and r["ids"] == Counter(f"req-{j}" for j in range(40))
         took.append(r["took"])
-    print(f"\ndrain took {statistics.median(took):.2f} s median of {sorted(took)}")
+        print("\n" + "".join(x for x in r["log_a"].splitlines(True) if "drain" in x))
+    print(f"drain took {statistics.median(took):.2f} s median of {sorted(took)}")
     assert statistics.median(took) < 5
