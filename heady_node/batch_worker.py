@@ -14,6 +14,11 @@ the gateway and another node takes the shard; if the gateway refuses a commit (4
 taken over) the shard's results are dropped, never served twice. Results are PUT under
 lease-specific keys before the commit, so a refused commit leaves only garbage behind.
 
+Handing the GPU over (SIGTERM, `drain(proc, timeout_s)`; docs/batch.md): no new lease and no
+new line; each shard's unstarted lines go back to the gateway at once (POST .../release), the
+running ones get `--drain-s` to finish and are committed, what did not finish goes back too,
+and the process exits 0. A second signal stops at once.
+
 Engine failures: an answer with 429/5xx or a refused/reset connection is retried with backoff; a
 line becomes an error line only when the engine keeps *answering* with an error. When it keeps
 not answering at all (the engine is restarting or gone), the shard is abandoned uncommitted, so
