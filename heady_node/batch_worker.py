@@ -14,6 +14,11 @@ the gateway and another node takes the shard; if the gateway refuses a commit (4
 taken over) the shard's results are dropped, never served twice. Results are PUT under
 lease-specific keys before the commit, so a refused commit leaves only garbage behind.
 
+Handing the GPU over (SIGTERM, `drain(proc, timeout_s)`; docs/batch.md): no new lease and no
+new line; each shard's unstarted lines go back to the gateway at once (POST .../release), the
+running ones get `--drain-s` to finish and are committed, what did not finish goes back too,
+and the process exits 0. A second signal stops at once.
+
 Engine failures: an answer with 429/5xx or a refused/reset connection is retried with backoff; a
 line becomes an error line only when the engine keeps *answering* with an error. When it keeps
 not answering at all (the engine is restarting or gone), the shard is abandoned uncommitted, so
@@ -92,6 +97,9 @@ class WorkerConfig:
     # Shards held at once, at least: the next one starts while the last one drains. More are
     # held when the line limit exceeds what these shards' lines can fill (BatchWorker.run).
     max_shards: int = 2
+    # A drain (SIGTERM, `drain`): lines already running get this long to finish, then the rest
+    # are cancelled and given back with the lines never started.
+    drain_s: float = 30.0
 
 
 def check_gateway_url(url: str) -> str:
@@ -208,6 +216,7 @@ class _Shard:
     results: list[_Outcome | None]
     in_flight: int = 0
     draining: bool = False  # every line has started (or none will): room for the next shard
+    kept: int = 0  # lines the lease still holds (fewer once a drain gave the rest back)
     # Set when a line of ANY shard finishes: room under the shared limit may have opened for
     # this shard's waiting lines (without it they waited for one of their own to finish).
     freed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -229,6 +238,8 @@ class BatchWorker:
     _wake: asyncio.Event = field(init=False, default_factory=asyncio.Event)
     _shard_lines: int = field(init=False, default=1)  # lines of the last shard leased
     _tuner: asyncio.Task[None] | None = field(init=False, default=None)
+    _drain: asyncio.Event = field(init=False, default_factory=asyncio.Event)
+    _drain_at: float = field(init=False, default=0.0)  # monotonic deadline of the running lines
 
     def __post_init__(self) -> None:
         cfg = self.cfg
@@ -251,9 +262,31 @@ class BatchWorker:
         await self.engine.aclose()
 
     # -- the loop -----------------------------------------------------------------------------
-    async def run(self, stop: asyncio.Event | None = None, max_leases: int | None = None) -> None:
+    def begin_drain(self) -> None:
+        """Hand the GPU over: lease nothing more, start no new line, give each shard's unstarted
+        lines back to the gateway now (POST .../release: the partner node leases them at once),
+        let running lines finish for `drain_s`, give back what did not, commit the rest; `run`
+        then returns."""
+        if not self._drain.is_set():
+            self._drain_at = time.monotonic() + self.cfg.drain_s
+            self._drain.set()
+            self._wake.set()
+            running = sum(s.in_flight for s in self._shards)
+            log.info("draining: %d lines running get %gs to finish", running, self.cfg.drain_s)
+
+    @property
+    def draining(self) -> bool:
+        return self._drain.is_set()
+
+    async def run(
+        self,
+        stop: asyncio.Event | None = None,
+        max_leases: int | None = None,
+        drain: asyncio.Event | None = None,
+    ) -> None:
         """Lease, work, commit, until `stop` is set (shards in progress are abandoned: their
-        leases expire) or `max_leases` leases were handled.
+        leases expire), `max_leases` leases were handled, or `drain` is set (begin_drain) and
+        the work in hand is committed or given back.
 
         The engine's batch stays full across shard boundaries: once every line of the running
         shard has started, its tail runs while the next shard is leased and started (at most
@@ -261,10 +294,11 @@ class BatchWorker:
         stop = stop or asyncio.Event()
         active: set[asyncio.Task[str]] = set()
         idle_rounds = 0
+        watch = asyncio.create_task(_then(drain.wait(), self.begin_drain)) if drain else None
         try:
             while not stop.is_set():
                 active = {t for t in active if not t.done()}
-                more = max_leases is None or self.leases < max_leases
+                more = (max_leases is None or self.leases < max_leases) and not self.draining
                 if not (more or active):
                     return
                 self._wake.clear()
@@ -287,6 +321,8 @@ class BatchWorker:
                     idle_rounds += 1
                 await _first(stop, self._wake, active, delay)
         finally:
+            if watch is not None:
+                watch.cancel()
             for task in active:
                 task.cancel()
             await asyncio.gather(*active, return_exceptions=True)
@@ -359,7 +395,7 @@ class BatchWorker:
         beat = _Heartbeat(self, lease)
         try:
             if lease.kind == "validate":
-                outcome = await self._validate(lease)
+                outcome = await self._validate_or_give_back(lease)
             elif lease.kind == "lines":
                 outcome = await self._lines(lease, beat)
             else:
@@ -382,7 +418,45 @@ class BatchWorker:
         )  # fmt: skip
         return outcome
 
+    async def _by_deadline(self, tasks: set[asyncio.Task[Any]]) -> bool:
+        """Wait for `tasks`; once a drain begins, only until its deadline. True: all done."""
+        waiter = asyncio.create_task(self._drain.wait())
+        try:
+            while pending := {t for t in tasks if not t.done()}:
+                timeout = None
+                if self.draining:
+                    timeout = self._drain_at - time.monotonic()
+                    if timeout <= 0:
+                        return False
+                extra = () if self.draining else (waiter,)
+                await asyncio.wait(
+                    (*pending, *extra), timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                )
+            return True
+        finally:
+            waiter.cancel()
+
+    async def _release(self, lease: _Lease, lines: int, size: int) -> None:
+        """Give back all of the lease (lines 0) or all but its first `lines` lines (`size`
+        bytes of its input range): leasable by another node at once (work.release)."""
+        await self._gateway(
+            "POST",
+            f"{API}/{lease.id}/release",
+            json={"token": lease.token, "lines": lines, "bytes": size},
+        )
+
     # -- validate -----------------------------------------------------------------------------
+    async def _validate_or_give_back(self, lease: _Lease) -> str:
+        task = asyncio.create_task(self._validate(lease))
+        try:
+            if await self._by_deadline({task}):
+                return task.result()
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        await self._release(lease, 0, 0)
+        return "drained: validation given back"
+
     async def _validate(self, lease: _Lease) -> str:
         limits = {"shard_lines": lease.shard_lines, "max_lines": lease.max_lines}
         checker = Validator(lease.endpoint, **{k: v for k, v in limits.items() if v})
@@ -416,19 +490,40 @@ class BatchWorker:
         # A shard is SHARD_LINES lines: read it whole (streamed, then the connection is free)
         # rather than hold the gateway's response open for the minutes the lines take.
         raws: list[bytes] = []
+        ends: list[int] = []  # where each line ends in the shard's bytes: a drain's cut points
+        at = 0
         async with self.gw.stream("GET", lease.input, headers={TOKEN_HEADER: lease.token}) as resp:
             _expect(resp, 200)
             async for raw in asplit_lines(resp.aiter_bytes()):
+                at += len(raw)
                 if not is_blank(raw):
                     raws.append(raw)
+                    ends.append(at)
         requests = [bl.parse_request(raw, lease.endpoint) for raw in raws]
         shard.results = [None] * len(requests)
+        shard.kept = len(requests)
         self._shard_lines = max(1, len(requests))
-        await self._run_all(requests, shard, beat)
+
+        async def keep(lines: int) -> None:  # a drain: the lines after `lines` go back now
+            await self._release(lease, lines, ends[lines - 1] if lines else 0)
+            shard.kept = lines
+
+        await self._run_all(requests, shard, beat, keep)
         if beat.lost.is_set():
             raise LeaseLost
-        done = shard.finished()
-        partial = len(done) < len(requests)
+        if self.draining and not beat.cancelled.is_set():
+            # Commit the finished prefix; lines cancelled at the deadline (and any finished
+            # after them) go back with the rest: the gateway's work items are byte ranges.
+            k = next((i for i, r in enumerate(shard.results) if r is None), len(requests))
+            if k < shard.kept:
+                await keep(k)
+            if k == 0 and requests:
+                return f"drained: gave back all {len(requests)} lines"
+            done = [r for r in shard.results[:k] if r is not None]
+            partial = False
+        else:
+            done = shard.finished()
+            partial = len(done) < len(requests)
         out = b"".join(r.line for r in done if r.ok)
         err = b"".join(r.line for r in done if not r.ok)
         completed = sum(1 for r in done if r.ok)
@@ -456,43 +551,69 @@ class BatchWorker:
             },
         )
         what = "cancelled, partial" if partial else "committed"
+        if len(done) < len(requests) and not partial:
+            what = f"drained, gave back {len(requests) - len(done)} lines, committed"
         return f"{what}: {len(done)}/{len(requests)} lines ({len(done) - completed} failed)"
 
-    async def _run_all(self, requests: list[bl.Request], shard: _Shard, beat: _Heartbeat) -> None:
+    async def _run_all(
+        self,
+        requests: list[bl.Request],
+        shard: _Shard,
+        beat: _Heartbeat,
+        keep: Callable[[int], Awaitable[None]],
+    ) -> None:
         """Keep lines in flight (this shard's share of `self.limit`) until all ran or the
         heartbeat says stop; then lines still running are cancelled (they would not be
-        committed)."""
+        committed). A drain starts no new line and gives the unstarted ones back at once
+        (`keep`); the running ones get until the drain's deadline."""
         running: dict[asyncio.Task[_Outcome], int] = {}
         stopper = asyncio.create_task(beat.stop_starting.wait())
+        drainer = asyncio.create_task(self._drain.wait())
         freed: asyncio.Task[bool] | None = None
+        cut = False
         if self.cfg.adaptive and (self._tuner is None or self._tuner.done()):
             self._tuner = asyncio.create_task(self._tune())
         nxt = 0
         try:
             while True:
+                draining = self.draining
                 others = sum(s.in_flight for s in self._shards if s is not shard)
                 while (
                     not beat.stop_starting.is_set()
+                    and not draining
                     and nxt < len(requests)
                     and len(running) < max(1, self.limit - others)
                 ):
                     running[asyncio.create_task(self._run_line(requests[nxt]))] = nxt
                     nxt += 1
                 shard.in_flight = len(running)
-                if not shard.draining and (nxt == len(requests) or beat.stop_starting.is_set()):
+                stopping = beat.stop_starting.is_set() or draining
+                if not shard.draining and (nxt == len(requests) or stopping):
                     shard.draining = True
                     self._wake.set()  # the loop may lease the next shard now
+                if draining and not cut and not beat.stop_starting.is_set():
+                    cut = True
+                    if nxt < len(requests):
+                        await keep(nxt)  # the partner may lease these while ours finish
                 if not running or beat.stop_starting.is_set():
                     break
+                timeout = None
+                if draining:
+                    timeout = self._drain_at - time.monotonic()
+                    if timeout <= 0:
+                        break  # the running rest is cancelled and given back
                 if freed is None or freed.done():
                     shard.freed.clear()
                     freed = asyncio.create_task(shard.freed.wait())
+                extra = () if draining else (drainer,)
                 done, _ = await asyncio.wait(
-                    (*running, stopper, freed), return_when=asyncio.FIRST_COMPLETED
+                    (*running, stopper, freed, *extra),
+                    timeout=timeout,
+                    return_when=asyncio.FIRST_COMPLETED,
                 )
                 finished = False
                 for task in done:
-                    if task is not stopper and task is not freed:
+                    if task not in (stopper, freed, drainer):
                         shard.results[running.pop(task)] = task.result()  # EngineDown rises
                         finished = True
                 if finished:
@@ -501,7 +622,7 @@ class BatchWorker:
                             other.freed.set()
         finally:
             shard.in_flight = 0
-            extra = (stopper,) if freed is None else (stopper, freed)
+            extra = (stopper, drainer) if freed is None else (stopper, drainer, freed)
             for task in (*running, *extra):
                 task.cancel()
             await asyncio.gather(*running, *extra, return_exceptions=True)
@@ -563,6 +684,11 @@ class BatchWorker:
             attempt += 1
 
 
+async def _then(event: Awaitable[Any], action: Callable[[], None]) -> None:
+    await event
+    action()
+
+
 async def _first(
     stop: asyncio.Event, wake: asyncio.Event, tasks: set[asyncio.Task[str]], timeout: float | None
 ) -> None:
@@ -610,12 +736,36 @@ def _why(exc: BaseException) -> str:
 
 
 # -- running it -------------------------------------------------------------------------------
-async def serve(cfg: WorkerConfig, stop: asyncio.Event | None = None) -> None:
+async def serve(
+    cfg: WorkerConfig, stop: asyncio.Event | None = None, drain: asyncio.Event | None = None
+) -> None:
     worker = BatchWorker(cfg)
     try:
-        await worker.run(stop)
+        await worker.run(stop, drain=drain)
     finally:
         await worker.aclose()
+
+
+DRAIN_S = WorkerConfig.drain_s
+# What a drain may take beyond the running lines' `drain_s`: the release, the parts' PUTs and
+# the commit of each shard (a few gateway round trips, retried on a network error).
+DRAIN_SLACK_S = 15.0
+
+
+def drain(proc: subprocess.Popen, timeout_s: float) -> bool:
+    """Hand the GPU over: SIGTERM the worker's process group (start_process made it a group
+    leader) and wait until it exits; SIGKILL the group after `timeout_s`. True when it exited
+    by itself with status 0 (every shard committed or given back). Give it `drain_s` plus
+    DRAIN_SLACK_S; a kill after that loses nothing either: leases it still held lapse."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=max(0.0, timeout_s))
+        except subprocess.TimeoutExpired:
+            launcher.stop(proc, grace=0.0)  # SIGKILL the group
+            return False
+    return proc.returncode == 0
 
 
 def worker_argv(
@@ -625,6 +775,7 @@ def worker_argv(
     *,
     always: bool | None = None,
     concurrency: int | None = None,
+    drain_s: float | None = None,
 ) -> list[str]:
     """The command that runs a worker (secrets go through the environment, never argv).
     `concurrency`: lines in flight to start with — the engine's --max-num-seqs keeps its batch
@@ -635,6 +786,8 @@ def worker_argv(
         argv.append("--always" if always else "--when-idle")
     if concurrency is not None:
         argv += ["--concurrency", str(max(1, concurrency))]
+    if drain_s is not None:
+        argv += ["--drain-s", f"{max(0.0, drain_s):g}"]
     return argv
 
 
@@ -648,12 +801,16 @@ def start_process(
     log_path: Path,
     always: bool | None = None,
     concurrency: int | None = None,
+    drain_s: float | None = None,
 ) -> subprocess.Popen:
-    """Start a worker as its own process group (stop it with heady_node.launcher.stop). For
-    `make dev`: one per simulated node 7-8 with that node's credential and URL."""
+    """Start a worker as its own process group: `drain(proc, timeout_s)` hands the GPU over
+    cleanly, heady_node.launcher.stop just ends it. For `make dev`: one per simulated node
+    7-8 with that node's credential and URL."""
     check_gateway_url(gateway_url)
     env = {CREDENTIAL_ENV: credential, ENGINE_TOKEN_ENV: engine_token, "PYTHONUNBUFFERED": "1"}
-    argv = worker_argv(gateway_url, engine_url, node, always=always, concurrency=concurrency)
+    argv = worker_argv(
+        gateway_url, engine_url, node, always=always, concurrency=concurrency, drain_s=drain_s
+    )
     return launcher.spawn(argv, log_path=log_path, env=env)
 
 
@@ -685,6 +842,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=32, help="lines in flight to start with")
     p.add_argument("--max-concurrency", type=int, default=256)
     p.add_argument("--fixed", action="store_true", help="keep --concurrency, do not adapt it")
+    p.add_argument(
+        "--drain-s",
+        type=float,
+        default=DRAIN_S,
+        help="on SIGTERM/SIGINT: seconds running lines get to finish before the rest is given "
+        "back to the gateway (a second signal stops at once)",
+    )
     return p
 
 
@@ -722,21 +886,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         concurrency=args.concurrency,
         max_concurrency=max(args.concurrency, args.max_concurrency),
         adaptive=not args.fixed,
+        drain_s=max(0.0, args.drain_s),
     )
+    forced = False
 
     async def run() -> None:
-        stop = asyncio.Event()
+        # The first SIGTERM/SIGINT drains (docs/batch.md, "Handing the GPU over"), a second
+        # one stops at once: what is still running is abandoned and its leases lapse.
+        stop, drain_now = asyncio.Event(), asyncio.Event()
         loop = asyncio.get_running_loop()
+
+        def on_signal() -> None:
+            nonlocal forced
+            if drain_now.is_set():
+                forced = True
+                stop.set()
+            drain_now.set()
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal)
         log.info(
             "node %s: pulling batch work from %s for %s (%s)", args.node or "?", cfg.gateway_url,
             cfg.engine_url, "always" if always else "only while idle",
         )  # fmt: skip
-        await serve(cfg, stop)
+        await serve(cfg, stop, drain_now)
+        log.info("stopped at once: unfinished leases will lapse" if forced else "drained")
 
     asyncio.run(run())
-    return 0
+    return 1 if forced else 0
 
 
 if __name__ == "__main__":

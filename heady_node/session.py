@@ -14,6 +14,7 @@ import shlex
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -95,6 +96,11 @@ class NodeSession:
     train_engine: train_runner.RestartEngine | None = field(init=False, default=None)
     engine_cmd: tuple[list[str], dict[str, str], Path] | None = field(init=False, default=None)
     public_url: str | None = field(init=False, default=None)
+    # The train thread drains and restarts the batch worker (pause/resume_batch_worker).
+    _worker_lock: threading.Lock = field(init=False, default_factory=threading.Lock)
+    _worker_paused: bool = field(init=False, default=False)
+    _closing: bool = field(init=False, default=False)
+    _draining_worker: subprocess.Popen | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         role_for_node(self.node)  # 1..8
@@ -333,6 +339,36 @@ class NodeSession:
         self.out(f"Batch worker: pulling batch work from {url} (log: {log})")
         return True
 
+    def pause_batch_worker(self) -> bool | None:
+        """Drain the batch worker for a training job (heady_node.batch_worker.drain): running
+        lines finish and are committed, the rest goes back to the gateway at once. Returns
+        whether it exited cleanly (None: no worker ran)."""
+        with self._worker_lock:
+            proc, self.worker_proc = self.worker_proc, None
+            self._worker_paused = proc is not None
+            self._draining_worker = proc
+        if proc is None:
+            return None
+        start = time.monotonic()
+        try:
+            clean = batch_worker.drain(proc, batch_worker.DRAIN_S + batch_worker.DRAIN_SLACK_S)
+        finally:
+            self._draining_worker = None
+        self.out(
+            f"Batch worker drained for training in {time.monotonic() - start:.1f}s"
+            + ("" if clean else f" (not cleanly: exit {proc.returncode})")
+        )
+        return clean
+
+    def resume_batch_worker(self) -> bool:
+        """After training (the engine restored, or its restore failed: the worker then gets no
+        shards until the engine answers): start the worker drained for it again."""
+        with self._worker_lock:
+            if self._closing or not self._worker_paused or self.worker_proc is not None:
+                return False
+            self._worker_paused = False
+            return self.start_batch_worker()
+
     def trains(self) -> bool:
         """The batch pair trains; HEADY_TRAIN=1/0 (secret or environment) overrides."""
         return train_runner.may_train(self.role, self.secret(train_runner.TRAIN_ENV))
@@ -357,8 +393,12 @@ class NodeSession:
             health_timeout_s=self.health_timeout,
         )  # fmt: skip
         gpu = None if self.dry_run or self.gpu is None else self.gpu.gpu_class
+        # Batch work first: the worker drains before the engine stops, restarts after it.
+        engine = train_runner.HandOver(
+            self.train_engine, self.pause_batch_worker, self.resume_batch_worker
+        )
         runner = train_runner.FineTuneRunner(
-            gateway_url=url, credential=credential, engine=self.train_engine, gpu=gpu,
+            gateway_url=url, credential=credential, engine=engine, gpu=gpu,
             max_model_len=self.preset.max_model_len, models=self.served_names,
             work_dir=self.log_dir / f"train-node{self.node}",
             poll_s=min(self.status_interval, 10.0) if self.dry_run else 10.0,
@@ -464,6 +504,8 @@ class NodeSession:
     def stop(self) -> None:
         """Stop the tunnel and the engine (idempotent: says so only when something ran)."""
         trained = self.train_worker is not None
+        with self._worker_lock:
+            self._closing = True  # a training job ending now starts no batch worker again
         if self.train_engine is not None:
             self.train_engine.closed = True  # a job ending now starts no engine again
         if self.train_worker is not None:
@@ -473,6 +515,9 @@ class NodeSession:
         procs = [p for p in running if p is not None]
         for proc in procs:
             launcher.stop(proc, grace=10.0)
+        draining = self._draining_worker  # a train thread's drain still under way: end it
+        if draining is not None:
+            launcher.stop(draining, grace=10.0)
         self.worker_proc = self.tunnel_proc = self.engine_proc = self.image_proc = None
         self.train_worker = self.train_engine = None
         self.public_url = None

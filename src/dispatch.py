@@ -167,6 +167,7 @@ ROUTES: tuple[Row, ...] = (
         "node_results", "/api/nodes/v1/leases/{id}/results/{part}", frozenset({"PUT"}), auth="node"
     ),
     Row("node_commit", "/api/nodes/v1/leases/{id}/commit", frozenset({"POST"}), auth="node"),
+    Row("node_release", "/api/nodes/v1/leases/{id}/release", frozenset({"POST"}), auth="node"),
     # ... and training nodes (train leases `ftlease-...`), LoRA resolvers fetch adapters.
     Row(
         "node_validation",

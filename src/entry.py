@@ -482,6 +482,7 @@ _HANDLERS = {
     "node_heartbeat": jobs_shell.node_heartbeat,
     "node_results": jobs_shell.node_results,
     "node_commit": jobs_shell.node_commit,
+    "node_release": jobs_shell.node_release,
     # Fine-tuning jobs and the training nodes' calls (ft_shell.py)
     "ft_jobs": ft_shell.jobs_root,
     "ft_job": ft_shell.job_one,

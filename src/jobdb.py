@@ -331,7 +331,7 @@ async def has_open_work(db: Db, batch_id: str) -> bool:
 async def done_shards(db: Db, batch_id: str) -> list[Row]:
     return await db.all(
         "SELECT seq, out_blob, out_bytes, err_blob, err_bytes FROM work"
-        " WHERE batch_id = ? AND kind = 'lines' AND state = 'done' ORDER BY seq",
+        " WHERE batch_id = ? AND kind = 'lines' AND state = 'done' ORDER BY seq, first_line",
         (batch_id,),
     )
 
@@ -501,6 +501,47 @@ async def commit_lines(db: Db, w: Row, token: str, done: Row, batch_id: str) -> 
         ]
     )
     return changed[0] == 1
+
+
+def _back_state() -> str:
+    """Work given back goes to the queue, or straight to cancelled when its batch is ending."""
+    return (
+        "CASE WHEN (SELECT status FROM batches WHERE id = work.batch_id) IN (?, ?)"
+        " THEN 'pending' ELSE 'cancelled' END"
+    )
+
+
+async def release_all(db: Db, lease_id: str, token: str) -> bool:
+    """The whole lease back: its work leasable again at once (no wait for the lease to lapse).
+    The row keeps the lease id and token, so a later call with them is recognisably stale."""
+    changed = await db.run(
+        f"UPDATE work SET state = {_back_state()}, expires_at = NULL"
+        " WHERE lease_id = ? AND token = ? AND state = 'leased'",
+        (*ACTIVE_BATCH, lease_id, token),
+    )
+    return changed == 1
+
+
+async def release_rest(
+    db: Db, lease_id: str, token: str, new_id: str, lines: int, size: int
+) -> bool:
+    """Split a lines lease: it keeps its first `lines` lines (`size` bytes) and runs on; the
+    rest becomes a new work row (same seq, the byte range after them), leasable at once. One
+    transaction, both statements only while the lease is current and longer than the cut."""
+    cond = "lease_id = ? AND token = ? AND state = 'leased' AND n_lines > ? AND length > ?"
+    params = [lease_id, token, lines, size]
+    changed = await db.batch(
+        [
+            (
+                WORK_INSERT[:-1] + ", attempts) SELECT ?, batch_id, kind, seq,"
+                f" {_back_state()}, offset + ?, length - ?, first_line + ?, n_lines - ?,"
+                f" attempts FROM work WHERE {cond}",
+                [new_id, *ACTIVE_BATCH, size, size, lines, lines, *params],
+            ),
+            (f"UPDATE work SET n_lines = ?, length = ? WHERE {cond}", [lines, size, *params]),
+        ]
+    )
+    return changed[-1] == 1
 
 
 def _lease_current() -> str:

@@ -243,6 +243,59 @@ async def commit(
     return result
 
 
+async def release(
+    db: Db, blobs: Blobs, ids: Ids, lease_id: str, body: object, now: float
+) -> ApiResult:
+    """`POST .../leases/<id>/release` `{"token", "lines", "bytes"}`: a node handing its GPU
+    over gives back at once what it will not run, instead of letting the lease lapse.
+
+    Parts the lease uploaded before are deleted (they covered lines it no longer holds).
+    `lines: 0`: the whole lease back (its work is leasable again now) -> 200
+    {"state": "released"}. `0 < lines < n_lines` (lines work only): the lease
+    keeps its first `lines` lines, the first `bytes` bytes of its input range, and runs on (it
+    is committed as usual, over those lines); the rest is a new work item, leasable now ->
+    200 {"state": "leased", "n_lines", "bytes"}. `lines == n_lines` (and its bytes) changes
+    nothing (a retried release). A stale token -> 409 lease_lost, changing nothing. Each
+    line stays in exactly one work item, so it is committed at most once."""
+    req = _parse(body)
+    if isinstance(req, ApiResult):
+        return req
+    token = _token(req)
+    if isinstance(token, ApiResult):
+        return token
+    lines, size = req.get("lines"), req.get("bytes", 0)
+    if not _is_count(lines) or not _is_count(size):
+        return bad_body("'lines' and 'bytes' (what the lease keeps) must be counts", "lines")
+    w = await _current(db, ids, lease_id, token, now)
+    if w is None:
+        return lease_lost(lease_id)
+    n_lines, length = num(w["n_lines"]), num(w["length"])
+    if lines == 0:
+        accepted = await jobdb.release_all(db, lease_id, token)
+        state: dict[str, object] = {"state": "released"}
+    elif w["kind"] != "lines":
+        return bad_body("only a lines lease can keep part of its work; give it all back (0)")
+    elif (lines, size) == (n_lines, length):
+        return ok({"state": "leased", "n_lines": n_lines, "bytes": length})
+    elif not (lines < n_lines and 0 < size < length):  # type: ignore[operator]
+        return bad_body(
+            f"'lines' must be below the lease's {n_lines} lines and 'bytes' inside its"
+            f" {length} bytes",
+            "lines",
+        )
+    else:
+        new_id = ids.new("wrk_")
+        accepted = await jobdb.release_rest(db, lease_id, token, new_id, lines, size)  # type: ignore[arg-type]
+        state = {"state": "leased", "n_lines": lines, "bytes": size}
+    if not accepted:
+        return lease_lost(lease_id)
+    if w["kind"] == "lines":  # parts uploaded before this covered lines no longer its own
+        await blobs.delete([result_key(w, p) for p in PARTS])
+    if w["batch_status"] not in jobdb.ACTIVE_BATCH:  # cancelling: what came back is cancelled
+        await batches.after_commit(db, ids, str(w["batch_id"]), now)
+    return ok(state)
+
+
 async def _drop_parts(db: Db, blobs: Blobs, lease_id: str, token: str) -> bool:
     """A refused commit: a lines lease's parts will never be served, so delete them (found
     only while the row still carries this lease id: it is overwritten when taken over).

@@ -6,13 +6,15 @@ One lease, in order:
      heady_shared.ftlines, token lengths counted with the base's tokenizer and chat template
      against the served context: a bad file is committed as the job's error before any GPU time;
   2. resolve the hyperparameters for this card (hparams.plan) and report them in an event;
-  3. free the GPU: stop the local vLLM (EngineControl.release; why stop+restart and not vLLM's
-     sleep mode: docs/fine-tuning.md);
+  3. free the GPU: drain the node's batch worker, then stop the local vLLM
+     (EngineControl.release, HandOver; why stop+restart and not vLLM's sleep mode:
+     docs/fine-tuning.md);
   4. train (trainer.train in a thread), heartbeating meanwhile; metrics -> `metrics` events, each
      epoch's checkpoint -> PUT .../checkpoints/<step>; a heartbeat answering `cancel` or 409 stops
      training at the next step;
   5. PUT the final adapter (tar: adapter_config.json + adapter_model.safetensors), commit;
-  6. always give the GPU back to serving (EngineControl.restore), whatever happened.
+  6. always give the GPU back to serving (EngineControl.restore), whatever happened, then
+     start the batch worker again.
 
 A lease that carries `checkpoint` (the job ran before and its node died) resumes from it: the
 checkpoint tar is unpacked and training continues at its step.
@@ -106,6 +108,39 @@ class RestartEngine:
         )  # fmt: skip
         if self._stopped_at is not None:
             self.outage_s = time.monotonic() - self._stopped_at
+
+
+@dataclass
+class HandOver:
+    """The GPU handed over in order on a node that also runs batch work: `pause` drains the
+    batch worker (its running lines finish on the live engine and are committed, the rest goes
+    back to the gateway for the partner node) *before* the engine stops; after the engine's
+    restore, `resume` starts the worker again, also when the restore failed: a worker whose
+    engine does not answer reports no models, so it gets no shards, only validation work,
+    and picks shards up again by itself once the engine answers. `pause` and `resume` block
+    (process waits): they run in a thread. `engine` stays single-purpose (RestartEngine)."""
+
+    engine: EngineControl
+    pause: Callable[[], object]
+    resume: Callable[[], object]
+
+    @property
+    def outage_s(self) -> float | None:
+        return getattr(self.engine, "outage_s", None)
+
+    async def release(self) -> None:
+        await asyncio.to_thread(self.pause)
+        try:
+            await self.engine.release()
+        except BaseException:
+            await asyncio.to_thread(self.resume)  # the runner restores nothing after this
+            raise
+
+    async def restore(self) -> None:
+        try:
+            await self.engine.restore()
+        finally:
+            await asyncio.to_thread(self.resume)
 
 
 # (plan) -> (model on its device, tokenizer); trainer.load_base + AutoTokenizer on a node.

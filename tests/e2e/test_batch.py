@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -26,7 +27,7 @@ import pytest
 
 from harness.gateway import Gateway, build_config
 from heady_node import launcher
-from heady_node.batch_worker import start_process
+from heady_node.batch_worker import drain, start_process
 from heady_shared.nodeauth import node_credential
 from sim.fleet import Fleet
 from tests.e2e.conftest import API_KEY, NODE_TOKEN, fleet_bindings
@@ -502,3 +503,36 @@ def test_a_worker_killed_mid_shard_loses_no_line(gw, fleet, workers):
     # node 8 took the dead node's shards over once their leases lapsed (BATCH_LEASE_S = 4)
     for seq in seqs:
         assert f"{b.id} seq {seq}: committed" in workers.log(8), workers.log(8)
+
+
+def test_a_drained_worker_commits_its_running_lines_and_hands_the_rest_over(gw, fleet, workers):
+    client = sdk(gw)
+    fleet.set_capacity(7, max_num_seqs=4, token_s=0.05)  # node 7: 4 lines at a time
+    f = client.files.create(file=("drain.jsonl", requests(120, prefix="d")), purpose="batch")
+    b = client.batches.create(input_file_id=f.id, endpoint=CHAT, completion_window="24h")
+    # Lines in flight as many as the engine runs at once (what the node session passes):
+    # lines waiting in the engine's queue count as running for the worker too.
+    workers.procs[7] = start_process(
+        gw.url, node_credential(NODE_SECRET, 7), fleet.url(7), 7, engine_token=NODE_TOKEN,
+        log_path=workers.logs / "worker-7.log", concurrency=4,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while sum(r.path == CHAT for r in fleet.requests(7)) < 6:  # mid-shard
+        assert time.monotonic() < deadline, "node 7 never ran lines"
+        time.sleep(0.05)
+    assert drain(workers.procs.pop(7), timeout_s=30) is True  # exit 0: all committed or back
+    log7 = workers.log(7)
+    cut = re.search(rf"{b.id} seq (\d+): drained, gave back (\d+) lines, committed: (\d+)/", log7)
+    assert cut, log7
+    seq, back, kept = (int(x) for x in cut.groups())
+    ran_on_7 = sum(r.path == CHAT for r in fleet.requests(7))
+    workers.start(8)
+    done = wait_for(client, b.id, finished, timeout=90)
+    assert done.status == "completed", done
+    ids, out, _ = served(client, done)
+    assert ids == Counter(f"d-{i}" for i in range(120))  # each exactly once
+    assert all(x["response"]["status_code"] == 200 for x in out)
+    # node 7's running lines were committed by node 7 (none ran again); the rest of its shard
+    # came back as a work item of its own, which node 8 leased and committed.
+    assert ran_on_7 == kept and sum(r.path == CHAT for r in fleet.requests(8)) == 120 - kept
+    assert f"{b.id} seq {seq}: committed: {back}/{back} lines" in workers.log(8)

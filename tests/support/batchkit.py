@@ -213,6 +213,15 @@ class Gateway:
             )
         )
 
+    def release(self, lease: dict, lines: int, size: int = 0, token: str | None = None):
+        """The node gives back all (lines 0) or all but its first `lines` lines."""
+        body = {"token": token or lease["token"], "lines": lines, "bytes": size}
+        return drive(
+            work.release(
+                self.db, self.blobs, self.ids, lease["id"], json.dumps(body).encode(), self.now
+            )
+        )
+
     def validate(self, lease: dict):
         data = self.read_input(lease)
         assert isinstance(data, bytes), data

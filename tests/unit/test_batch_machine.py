@@ -1,6 +1,7 @@
 """The exactly-once proof: hypothesis drives the batch core through any interleaving of leases,
 heartbeats, clock jumps (lease lapse, the 24 h window), result uploads, commits, node death,
-cancels, cron runs and stale commits, with three nodes (two of the batch pool, one idle helper)
+cancels, cron runs, stale commits and releases (a draining node gives back its whole lease or
+all but a prefix it keeps), with three nodes (two of the batch pool, one idle helper)
 over two batches of several shards, on the real SQL (sqlite3) and a dict R2.
 
 Invariants after every step: a shard is committed at most once; request_counts are the sums
@@ -37,6 +38,13 @@ FINAL = ("completed", "failed", "cancelled", "expired")
 SETTINGS = BatchSettings(shard_lines=3, lease_s=120, heartbeat_s=30, helpers=True)
 
 
+def prefix_bytes(data: bytes, lines: int) -> int:
+    at = 0
+    for _ in range(lines):
+        at = data.index(b"\n", at) + 1
+    return at
+
+
 def ids_in(blob: bytes) -> list[str]:
     return [json.loads(line)["custom_id"] for line in blob.splitlines() if line.strip()]
 
@@ -50,7 +58,7 @@ class BatchMachine(RuleBasedStateMachine):
         self.inputs: dict[str, bytes] = {}
         self.held: dict[int, list[dict]] = {n: [] for n in NODES}
         self.dead: set[int] = set()
-        self.accepted: set[tuple[str, int]] = set()  # (batch, seq) committed
+        self.accepted: set[tuple[str, int, int]] = set()  # (batch, seq, first_line) committed
         self.lines: dict[str, Counter] = {}  # batch -> custom ids in accepted commits
         self.counts: dict[str, list[int]] = {}  # batch -> [completed, failed] accepted
 
@@ -127,7 +135,7 @@ class BatchMachine(RuleBasedStateMachine):
             assert self._snapshot() == before, "a refused commit changed state"
             event("refused commit")
             return
-        key = (lease["batch_id"], lease["seq"])
+        key = (lease["batch_id"], lease["seq"], lease["first_line"])
         assert key not in self.accepted, f"shard {key} committed twice"
         self.accepted.add(key)
         if lease["body"].get("partial"):
@@ -196,6 +204,35 @@ class BatchMachine(RuleBasedStateMachine):
         assert result.status == 409, result.body
         assert self._snapshot() == before
 
+    @precondition(_holding)
+    @rule(pick=st.integers(0, 7), keep=st.integers(0, 3))
+    def release(self, pick: int, keep: int) -> None:
+        """A draining node gives back what it will not run: the whole lease (keep 0), or all
+        but its first `keep` lines, which it then uploads and commits as usual."""
+        node, lease = self._pick(pick)
+        before = self._snapshot()
+        data = self.g.read_input(lease)
+        if not isinstance(data, bytes):
+            assert data.status == 409, data.body
+            self._drop(node, lease)
+            return
+        n = lease["n_lines"] if lease["kind"] == "lines" else 0
+        keep = min(keep, n)
+        result = self.g.release(lease, keep, prefix_bytes(data, keep))
+        if result.status == 409:
+            assert self._snapshot() == before, "a refused release changed state"
+            self._drop(node, lease)
+            return
+        assert result.status == 200, result.body
+        if keep == 0:
+            event("released whole")
+            self._drop(node, lease)
+        elif keep < n:
+            event("released the rest")
+            lease["n_lines"] = keep
+            lease.pop("body", None)  # what it ran and uploaded for all n lines is redone
+            lease.pop("ids", None)
+
     @rule(node=st.sampled_from(NODES), chance=st.integers(0, 3))
     def die(self, node: int, chance: int) -> None:
         """The node (and its worker) stops calling for good; its leases lapse."""
@@ -233,9 +270,10 @@ class BatchMachine(RuleBasedStateMachine):
             row = self.g.db.rows("SELECT * FROM batches WHERE id = ?", [batch_id])[0]
             assert [row["completed"], row["failed"]] == self.counts[batch_id]
             done = self.g.db.rows(
-                "SELECT seq FROM work WHERE batch_id = ? AND state = 'done'", [batch_id]
+                "SELECT seq, first_line FROM work WHERE batch_id = ? AND state = 'done'",
+                [batch_id],
             )
-            assert {(batch_id, d["seq"]) for d in done} == {
+            assert {(batch_id, d["seq"], d["first_line"]) for d in done} == {
                 k for k in self.accepted if k[0] == batch_id
             }
             assert max(self.lines[batch_id].values(), default=0) <= 1, "a line committed twice"

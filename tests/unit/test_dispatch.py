@@ -142,6 +142,7 @@ def test_node_routes_carry_their_own_auth():
         ("POST", "/api/nodes/v1/leases/lease_1/heartbeat", "node_heartbeat"),
         ("PUT", "/api/nodes/v1/leases/lease_1/results/output", "node_results"),
         ("POST", "/api/nodes/v1/leases/lease_1/commit", "node_commit"),
+        ("POST", "/api/nodes/v1/leases/lease_1/release", "node_release"),
         ("GET", "/api/nodes/v1/other", "jobs_unknown"),
         # fine-tuning jobs: the gateway's own, never forwarded
         ("POST", "/api/heavy/batch/v1/fine_tuning/jobs", "ft_jobs"),

@@ -271,6 +271,8 @@ KEYS = st.sampled_from(
         "errors",
         "models",
         "idle",
+        "lines",
+        "bytes",
     ]
 )
 BODY = st.one_of(
@@ -285,7 +287,7 @@ BODY = st.one_of(
     body=BODY,
     real_token=st.booleans(),
     validate=st.booleans(),
-    path=st.sampled_from(["commit", "heartbeat", "lease"]),
+    path=st.sampled_from(["commit", "heartbeat", "lease", "release"]),
 )
 def test_fuzzed_node_bodies_never_break_anything(
     body: object, real_token: bool, validate: bool, path: str
@@ -304,6 +306,8 @@ def test_fuzzed_node_bodies_never_break_anything(
         r = drive(work.commit(g.db, g.blobs, g.ids, lease["id"], raw, g.now, g.settings))
     elif path == "heartbeat":
         r = drive(work.heartbeat(g.db, lease["id"], raw, g.now, g.settings))
+    elif path == "release":
+        r = drive(work.release(g.db, g.blobs, g.ids, lease["id"], raw, g.now))
     else:
         r = drive(work.lease(g.db, g.ids, 8, True, raw, g.now, g.settings))
     assert r.status in (200, 204, 400, 409), r
