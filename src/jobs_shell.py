@@ -173,20 +173,15 @@ async def node_commit(c: Call) -> ApiResult:
     return await work.commit(c.db, c.blobs, IDS, lease_id, body, now(), c.config.batch)
 
 
-async def node_release(gw, call, config: GatewayConfig, params):
+@node_route
+async def node_release(c: Call) -> ApiResult:
     """A draining worker gives back what it will not run (work.release)."""
-
-    async def go() -> ApiResult:
-        _node(call, config)
-        body = await _body(call, config)
-        if isinstance(body, ApiResult):
-            return body
-        if finetune_nodes.is_train_lease(params["id"]):
-            return error(404, "a train lease is not released this way", "not_found")
-        db, blobs = _stores(gw)
-        return await work.release(db, blobs, _IDS, params["id"], body, _now())
-
-    return await _run(gw, call, config, go)
+    body = await c.body()
+    if isinstance(body, ApiResult):
+        return body
+    if finetune_nodes.is_train_lease(c.params["id"]):
+        return error(404, "a train lease is not released this way", "not_found")
+    return await work.release(c.db, c.blobs, IDS, c.params["id"], body, now())
 
 
 # ---- /api/status and the cron -------------------------------------------------------------------
