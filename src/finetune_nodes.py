@@ -340,6 +340,22 @@ def _step(raw: str) -> int | ApiResult:
     return int(raw)
 
 
+async def _upload_context(
+    db: Db, lease_id: str, token: str | None, content_length: str | None, ft: FtSettings
+) -> Row | ApiResult:
+    """The lease and job an upload (checkpoint or adapter) belongs to, or the refusal: a bad
+    length, a lost lease, a job that is no longer running."""
+    refused = _length(content_length, ft)
+    if refused is not None:
+        return refused
+    ctx = await _context(db, lease_id, token)
+    if isinstance(ctx, ApiResult):
+        return ctx
+    if ctx["job_status"] not in ACTIVE_JOB:
+        return job_not_running(ctx["job_status"])
+    return ctx
+
+
 async def checkpoint_target(
     db: Db,
     lease_id: str,
@@ -353,14 +369,9 @@ async def checkpoint_target(
     n = _step(step)
     if isinstance(n, ApiResult):
         return n
-    refused = _length(content_length, ft)
-    if refused is not None:
-        return refused
-    ctx = await _context(db, lease_id, token)
+    ctx = await _upload_context(db, lease_id, token, content_length, ft)
     if isinstance(ctx, ApiResult):
         return ctx
-    if ctx["job_status"] not in ACTIVE_JOB:
-        return job_not_running(ctx["job_status"])
     return checkpoint_key(str(ctx["job_id"]), n, lease_id)
 
 
@@ -441,14 +452,9 @@ async def adapter_target(
 ) -> str | ApiResult:
     """`PUT .../leases/<id>/adapter` (token header; body: the adapter tar, vLLM's form): the
     R2 key the shell streams it into (then answers {"bytes": n}); the commit names it."""
-    refused = _length(content_length, ft)
-    if refused is not None:
-        return refused
-    ctx = await _context(db, lease_id, token)
+    ctx = await _upload_context(db, lease_id, token, content_length, ft)
     if isinstance(ctx, ApiResult):
         return ctx
-    if ctx["job_status"] not in ACTIVE_JOB:
-        return job_not_running(ctx["job_status"])
     return adapter_key(str(ctx["job_id"]), lease_id)
 
 

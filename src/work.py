@@ -57,6 +57,15 @@ def _token(req: dict[str, object]) -> str | ApiResult:
     return token
 
 
+def _with_token(body: object) -> tuple[dict[str, object], str] | ApiResult:
+    """A node call's JSON body and the lease token it must carry."""
+    req = _parse(body)
+    if isinstance(req, ApiResult):
+        return req
+    token = _token(req)
+    return token if isinstance(token, ApiResult) else (req, token)
+
+
 def result_key(w: Row, part: str) -> str:
     """The R2 key of one lease's output or error part: named by the lease, so a taken-over
     lease's objects never mix with its successor's."""
@@ -167,12 +176,10 @@ async def heartbeat(
     """`POST .../leases/<id>/heartbeat` `{"token"}` -> 200 {"expires_at", "cancel"}: the
     lease runs `lease_s` from now; `cancel` tells the node its batch is being cancelled
     (commit what is finished, with partial: true)."""
-    req = _parse(body)
-    if isinstance(req, ApiResult):
-        return req
-    token = _token(req)
-    if isinstance(token, ApiResult):
-        return token
+    got = _with_token(body)
+    if isinstance(got, ApiResult):
+        return got
+    _, token = got
     row = await jobdb.extend_lease(db, lease_id, token, now, now + settings.lease_s)
     if row is None:
         return lease_lost(lease_id)
@@ -223,12 +230,10 @@ async def commit(
 ) -> ApiResult:
     """`POST .../leases/<id>/commit`: the lease's work -> done, once. 200 {"state": "done"},
     409 lease_lost (a lines lease's uploaded parts are then deleted), 400 malformed."""
-    req = _parse(body)
-    if isinstance(req, ApiResult):
-        return req
-    token = _token(req)
-    if isinstance(token, ApiResult):
-        return token
+    got = _with_token(body)
+    if isinstance(got, ApiResult):
+        return got
+    req, token = got
     w = await _current(db, ids, lease_id, token, now)
     if w is None:
         if await _drop_parts(db, blobs, lease_id, token):
@@ -257,12 +262,10 @@ async def release(
     200 {"state": "leased", "n_lines", "bytes"}. `lines == n_lines` (and its bytes) changes
     nothing (a retried release). A stale token -> 409 lease_lost, changing nothing. Each
     line stays in exactly one work item, so it is committed at most once."""
-    req = _parse(body)
-    if isinstance(req, ApiResult):
-        return req
-    token = _token(req)
-    if isinstance(token, ApiResult):
-        return token
+    got = _with_token(body)
+    if isinstance(got, ApiResult):
+        return got
+    req, token = got
     lines, size = req.get("lines"), req.get("bytes", 0)
     if not _is_count(lines) or not _is_count(size):
         return bad_body("'lines' and 'bytes' (what the lease keeps) must be counts", "lines")
