@@ -19,6 +19,7 @@ import js
 from pyodide.ffi import JsProxy, create_proxy, to_js
 
 from services import Background
+from storage import LIST_LIMIT, Listing
 
 BLOBS_BINDING = "FILES"
 DB_BINDING = "JOBS_DB"
@@ -102,6 +103,16 @@ class R2Blobs:
     async def delete(self, keys: Sequence[str]) -> None:
         if keys:
             await self.bucket.delete(to_js(list(keys)))
+
+    async def list(self, prefix: str, after: str | None = None, limit: int = LIST_LIMIT) -> Listing:
+        # R2ListOptions: `prefix`, `limit` (<= 1,000), `startAfter` (keys <= it are skipped:
+        # a resume point that stays valid across cron runs, unlike an opaque cursor); the
+        # answer's `truncated` alone says more follow (pages may be short).
+        options: dict[str, object] = {"prefix": prefix, "limit": max(1, min(limit, LIST_LIMIT))}
+        if after is not None:
+            options["startAfter"] = after
+        got = await self.bucket.list(_obj(options))
+        return Listing(tuple(str(o.key) for o in got.objects), bool(got.truncated))
 
     # ---- shell helpers: bodies that never enter Python ----------------------------------
 
