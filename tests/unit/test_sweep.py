@@ -396,3 +396,77 @@ def test_every_sweep_statement_uses_an_index() -> None:
         plan = [r[3] for r in g.db.conn.execute("EXPLAIN QUERY PLAN " + sql, seen[sql])]
         scans = [p for p in plan if p.startswith("SCAN") and "VIRTUAL TABLE" not in p]
         assert not scans, (sql, plan)
+
+
+JOB_STATUSES = ("validating_files", "running", "succeeded", "failed", "cancelled")
+job_spec = st.fixed_dictionaries(
+    {
+        "status": st.sampled_from(JOB_STATUSES),
+        "ended": st.integers(0, 5000),
+        "lease_until": st.none() | st.integers(0, 6000),
+        "steps": st.lists(st.integers(1, 5), max_size=5, unique=True),
+        "lost": st.lists(st.sampled_from(["ckpt/7/l2.tar", "adapter/l1.tar"]), unique=True),
+        "adapter": st.booleans(),
+    }
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    specs=st.lists(job_spec, min_size=1, max_size=4),
+    now=st.integers(0, 8000),
+    grace=st.sampled_from([0, 120]),
+    runs=st.integers(1, 3),
+)
+def test_the_sweep_never_deletes_a_jobs_referenced_key_nor_touches_an_unsettled_job(
+    specs, now, grace, runs
+) -> None:
+    db, blobs = SqliteDb(), MemoryBlobs()
+    made = []
+    for i, spec in enumerate(specs):
+        jid = f"ftjob-{i:024x}"
+        final = spec["status"] in ("succeeded", "failed", "cancelled")
+        db.conn.execute(
+            "INSERT INTO ft_jobs (id, owner, model, training_file, status, hyperparameters,"
+            " method, seed, created_at, finished_at) VALUES (?, ?, ?, 'file-x', ?, '{}', '{}',"
+            " 1, 0, ?)",
+            (jid, ME, BASE, spec["status"], spec["ended"] if final else None),
+        )
+        if spec["lease_until"] is not None:
+            db.conn.execute(
+                "INSERT INTO work (id, batch_id, kind, seq, state, offset, length, first_line,"
+                " n_lines, expires_at) VALUES (?, ?, 'train', 0, 'leased', 0, 1, 0, 0, ?)",
+                (f"wrk_{i}", jid, spec["lease_until"]),
+            )
+        referenced = set()
+        for step in spec["steps"]:
+            key = f"ft/{jid}/ckpt/{step}/l1.tar"
+            db.conn.execute(
+                "INSERT INTO ft_checkpoints (id, job_id, step_number, metrics,"
+                " fine_tuned_model_checkpoint, blob, bytes, created_at)"
+                " VALUES (?, ?, ?, '{}', 'x', ?, 1, 0)",
+                (f"ftckpt-{i}-{step}", jid, step, key),
+            )
+            referenced.add(key)
+        if spec["adapter"]:
+            key = f"ft/{jid}/adapter/l3.tar"
+            db.conn.execute(
+                "INSERT INTO ft_adapters (name, owner, job_id, base, slug, blob, bytes,"
+                " created_at) VALUES (?, ?, ?, ?, ?, ?, 1, 0)",
+                (f"ft:{jid}", ME, jid, BASE, f"slug-{i}", key),
+            )
+            referenced.add(key)
+        keys = referenced | {f"ft/{jid}/{k}" for k in spec["lost"]}
+        for k in keys:
+            drive(blobs.put(k, b"x"))
+        t = Target(jid, spec["status"], float(spec["ended"]) if final else None, None)
+        if spec["lease_until"] is not None:
+            t = Target(t.id, t.status, t.ended_at, float(spec["lease_until"]))
+        made.append((t, referenced, keys))
+    for _ in range(runs):
+        drive(sweep.sweep(db, blobs, JOBS, float(now), float(grace), Budget(lists=3, page=2)))
+    left = set(blobs.objects)
+    for t, referenced, keys in made:
+        assert referenced <= left, t
+        if not due(JOBS, t, now, grace):
+            assert keys <= left, t
