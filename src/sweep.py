@@ -9,10 +9,10 @@ commit) leaves objects no row will ever name: never served, and until this sweep
 Why deleting them is safe:
 - Only final targets are swept (batches completed/failed/expired/cancelled, jobs
   succeeded/failed/cancelled), and a final target gains no reference: every write that names
-  an object (a shard's commit, a batch's close, a checkpoint record, a job's success) is
-  conditional in D1 on the batch or job being active, or on its lease being current, which no
-  lease of a final target is for long (a cancelled job's node hears `cancel` on its next
-  heartbeat; its checkpoint records are refused meanwhile). So "unreferenced now" means
+  an object is conditional in D1 on a target that is not final (a shard's commit needs a
+  current lease of a batch still running or cancelling and inside its window; a batch's close
+  is the move to final itself; a checkpoint record and a job's success need an active job,
+  so a cancelled job's still-live lease can name nothing). So "unreferenced now" means
   "unreferenced for good", whatever happens after the listing.
 - What is referenced is read from D1 for the target's whole prefix and never deleted
   (`doomed` is the one decision; a hypothesis property checks it).
