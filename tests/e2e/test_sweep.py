@@ -18,11 +18,13 @@ import pytest
 
 from harness.gateway import Gateway, build_config
 from heady_shared.nodeauth import node_credential
+from sim.fleet import NODE_MODELS
 from sweep import MIN_GRACE_S
 from tests.e2e.conftest import API_KEY, fleet_bindings
 
 NODE_SECRET = "e2e-sweep-node-secret-9a8b7c"
 LEASE_S = 2
+FT_LEASE_S = 5  # the setting's lower bound
 LINES = 6
 CHAT = "/v1/chat/completions"
 
@@ -35,6 +37,8 @@ def gw(fleet) -> Iterator[Gateway]:
         SHARD_LINES="100",
         BATCH_LEASE_S=str(LEASE_S),
         BATCH_HEARTBEAT_S="1",
+        FT_LEASE_S=str(FT_LEASE_S),
+        FT_HEARTBEAT_S="1",
     )
     with Gateway(build_config(bindings=bindings)) as g:
         yield g
@@ -49,10 +53,17 @@ class Node:
             timeout=30, headers={"authorization": f"Bearer {node_credential(NODE_SECRET, n)}"}
         )
 
-    def lease(self) -> dict:
-        r = self.http.post(self.base, json={"models": ["batch"], "idle": False})
+    def lease(self, **body) -> dict:
+        r = self.http.post(self.base, json={"models": ["batch"], "idle": False, **body})
         assert r.status_code == 200, r.text
         return r.json()["lease"]
+
+    def upload(self, lease: dict, path: str, data: bytes) -> httpx.Response:
+        return self.http.put(
+            f"{self.base}/{lease['id']}/{path}",
+            content=data,
+            headers={"x-heady-lease-token": lease["token"]},
+        )
 
     def input(self, lease: dict) -> bytes:
         r = self.http.get(
@@ -109,10 +120,21 @@ def stored(gw: Gateway, key: str, length: int) -> bytes | None:
     return r.content if r.status_code == 200 and len(r.content) == length else None
 
 
+def probes(gw: Gateway) -> list[dict]:
+    return [x for x in gw.log_records() if x.get("msg") == "probe"]
+
+
 def cron(gw: Gateway) -> dict:
+    """One cron tick; its log line (the runtime's output arrives a moment after the answer)."""
+    before = len(probes(gw))
     gw.scheduled()
-    (probe,) = [x for x in gw.log_records() if x.get("msg") == "probe"][-1:]
-    assert "batches_sweep_error" not in probe, probe
+    deadline = time.monotonic() + 10
+    while len(probes(gw)) == before:
+        assert time.monotonic() < deadline, "no probe log line"
+        time.sleep(0.05)
+    probe = probes(gw)[-1]
+    assert "batches_sweep_error" not in probe and "ft_sweep_error" not in probe, probe
+    assert isinstance(probe["batches_swept"], dict) and isinstance(probe["ft_swept"], dict)
     return probe
 
 
@@ -171,3 +193,52 @@ def test_a_taken_over_leases_part_is_swept_after_the_batch_completes(gw):
     # swept once: a later run does not list its prefix again
     probe = cron(gw)
     assert probe["batches_swept"] == {"targets": 0, "deleted": 0, "lists": 0}
+
+
+def test_a_lost_training_leases_adapter_is_swept_after_the_job_is_cancelled(gw):
+    client = openai.OpenAI(
+        base_url=f"{gw.url}/api/heavy/batch/v1", api_key=API_KEY, max_retries=0, timeout=30
+    )
+    base = NODE_MODELS[7]
+    data = b"".join(
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "user", "content": f"q{i}"},
+                    {"role": "assistant", "content": "a"},
+                ]
+            }
+        ).encode()
+        + b"\n"
+        for i in range(4)
+    )
+    fid = client.files.create(file=("train.jsonl", data), purpose="fine-tune").id
+    job = client.fine_tuning.jobs.create(model=base, training_file=fid)
+    node7, node8 = Node(gw, 7), Node(gw, 8)
+    train = {"models": [base], "idle": True, "kinds": ["train"]}
+
+    first = node7.lease(**train)
+    assert first["job_id"] == job.id
+    ckpt = b"checkpoint step 5 " * 8
+    assert node7.upload(first, "checkpoints/5", ckpt).status_code == 200
+    lost = b"an adapter its node never committed"
+    assert node7.upload(first, "adapter", lost).status_code == 200
+    lost_key = f"ft/{job.id}/adapter/{first['id']}.tar"
+    ckpt_key = f"ft/{job.id}/ckpt/5/{first['id']}.tar"
+    assert stored(gw, lost_key, len(lost)) == lost
+
+    time.sleep(FT_LEASE_S + 0.5)  # node 7 died; node 8 takes the job over, then it is cancelled
+    second = node8.lease(**train)
+    assert second["job_id"] == job.id and second["resume_from"]["step_number"] == 5
+    assert client.fine_tuning.jobs.cancel(job.id).status == "cancelled"
+    done = node8.commit(second, {"ok": False, "cancelled": True})
+    assert done.status_code == 200, done.text
+
+    time.sleep(FT_LEASE_S + MIN_GRACE_S + 1)
+    probe = cron(gw)
+    assert probe["ft_swept"]["targets"] >= 1 and probe["ft_swept"]["deleted"] >= 1
+    assert stored(gw, lost_key, len(lost)) is None
+    # the recorded checkpoint stays (listed checkpoints stay servable whatever the status)
+    assert stored(gw, ckpt_key, len(ckpt)) == ckpt
+    [c] = client.fine_tuning.jobs.checkpoints.list(job.id).data
+    assert c.step_number == 5
