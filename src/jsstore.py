@@ -105,9 +105,11 @@ class R2Blobs:
             await self.bucket.delete(to_js(list(keys)))
 
     async def list(self, prefix: str, after: str | None = None, limit: int = LIST_LIMIT) -> Listing:
-        # R2ListOptions: `prefix`, `limit` (<= 1,000), `startAfter` (keys <= it are skipped:
-        # a resume point that stays valid across cron runs, unlike an opaque cursor); the
-        # answer's `truncated` alone says more follow (pages may be short).
+        # R2ListOptions (developers.cloudflare.com/r2/api/workers/workers-api-reference/
+        # #r2listoptions): `prefix`, `limit` (<= 1,000); keys come in lexicographic order and
+        # only `truncated` says more follow (a page may be short). `startAfter` (in
+        # @cloudflare/workers-types' R2ListOptions; keys <= it are skipped) resumes after a
+        # key we store in D1, which stays valid across cron runs, unlike an opaque cursor.
         options: dict[str, object] = {"prefix": prefix, "limit": max(1, min(limit, LIST_LIMIT))}
         if after is not None:
             options["startAfter"] = after

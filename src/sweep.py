@@ -27,7 +27,9 @@ Why deleting them is safe:
 Bounded per cron run (`Budget`): a few targets, a few list calls (R2 Class A operations; the
 deletes are free), a page of at most 1,000 keys each; progress is kept in D1 (`sweep_marks`,
 migrations/0003_sweep.sql), so each target is swept once, oldest first, resuming mid-prefix in
-the next run when its listing is long. Costs in docs/budgets.md.
+the next run when its listing is long. Costs in docs/budgets.md. The mark is an end time:
+a target whose final write landed more than MIN_GRACE_S after the clock it stamped would be
+passed over (left unswept, never wrongly swept).
 """
 
 from __future__ import annotations
