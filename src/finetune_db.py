@@ -470,3 +470,32 @@ async def status_rows(db: Db, owner: str, now: float) -> tuple[list[Row], Row]:
         (*ACTIVE_JOB, now),
     )
     return mine, summary or {"active": 0, "nodes": None}
+
+
+# ------------------------------------------------------------- storage sweep (sweep.py)
+
+
+async def jobs_to_sweep(
+    db: Db, ended_at: int, after_id: str, cutoff: float, limit: int
+) -> list[Row]:
+    """Final jobs after (ended_at, after_id) that finished by `cutoff`, oldest first, with
+    the latest expiry of any lease their train work holds (`leases_until`)."""
+    return await db.all(
+        "SELECT id, status, finished_at AS ended_at,"
+        " (SELECT max(expires_at) FROM work w WHERE w.batch_id = j.id) AS leases_until"
+        " FROM ft_jobs j WHERE finished_at IS NOT NULL AND finished_at BETWEEN ? AND ?"
+        " AND (finished_at > ? OR id > ?) ORDER BY finished_at, id LIMIT ?",
+        (ended_at, cutoff, ended_at, after_id, limit),
+    )
+
+
+async def job_blob_keys(db: Db, job_id: str) -> list[str]:
+    """Every R2 key a row names under a job: its checkpoints, its adapter, its results file."""
+    rows = await db.all(
+        "SELECT blob AS k FROM ft_checkpoints WHERE job_id = ?"
+        " UNION SELECT blob FROM ft_adapters WHERE job_id = ?"
+        " UNION SELECT f.blob FROM ft_jobs j, json_each(j.result_files) r"
+        " JOIN files f ON f.id = r.value WHERE j.id = ?",
+        (job_id, job_id, job_id),
+    )
+    return [str(r["k"]) for r in rows if r["k"] is not None]

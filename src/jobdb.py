@@ -658,3 +658,59 @@ async def lease_holders(db: Db, batch_ids: Sequence[str], now: float) -> list[Ro
         " AND expires_at >= ? ORDER BY batch_id, seq",
         [*batch_ids, now],
     )
+
+
+# ------------------------------------------------------------- storage sweep (sweep.py)
+
+# A batch's end time: the one final timestamp it has. The same expression as the index
+# batches_ended (migrations/0003_sweep.sql), so SQLite finds the rows by it.
+BATCH_ENDED = "coalesce(completed_at, failed_at, expired_at, cancelled_at)"
+
+
+async def sweep_mark(db: Db, kind: str) -> Row | None:
+    """The sweep's bookkeeping for `kind` ('batch' or 'ft'); None before its first run."""
+    rows = await db.all("SELECT * FROM sweep_marks WHERE kind = ?", (kind,))
+    return rows[0] if rows else None
+
+
+async def save_sweep_mark(
+    db: Db, kind: str, ended_at: int, target_id: str, head_id: str | None, after: str | None
+) -> None:
+    """Move the mark forward (never back: a slower overlapping cron run cannot undo a faster
+    one's progress)."""
+    await db.run(
+        "INSERT INTO sweep_marks (kind, ended_at, id, head_id, resume_after)"
+        " VALUES (?, ?, ?, ?, ?) ON CONFLICT (kind) DO UPDATE SET ended_at = excluded.ended_at,"
+        " id = excluded.id, head_id = excluded.head_id, resume_after = excluded.resume_after"
+        " WHERE (excluded.ended_at, excluded.id) >= (sweep_marks.ended_at, sweep_marks.id)",
+        (kind, ended_at, target_id, head_id, after),
+    )
+
+
+async def batches_to_sweep(
+    db: Db, ended_at: int, after_id: str, cutoff: float, limit: int
+) -> list[Row]:
+    """Final batches after (ended_at, after_id) that ended by `cutoff`, oldest first, with
+    the latest expiry of any lease their work rows hold (`leases_until`)."""
+    e = BATCH_ENDED
+    return await db.all(
+        f"SELECT id, status, {e} AS ended_at,"
+        " (SELECT max(expires_at) FROM work w WHERE w.batch_id = b.id) AS leases_until"
+        f" FROM batches b WHERE {e} BETWEEN ? AND ? AND ({e} > ? OR id > ?)"
+        f" ORDER BY {e}, id LIMIT ?",
+        (ended_at, cutoff, ended_at, after_id, limit),
+    )
+
+
+async def batch_blob_keys(db: Db, batch_id: str) -> list[str]:
+    """Every R2 key a row names under a batch: its shards' committed parts and the parts of
+    its output and error files."""
+    rows = await db.all(
+        "SELECT out_blob AS k FROM work WHERE batch_id = ? AND out_blob IS NOT NULL"
+        " UNION SELECT err_blob FROM work WHERE batch_id = ? AND err_blob IS NOT NULL"
+        " UNION SELECT json_extract(p.value, '$[0]') FROM files f, json_each(f.parts) p"
+        " WHERE f.id IN (SELECT output_file_id FROM batches WHERE id = ?"
+        " UNION SELECT error_file_id FROM batches WHERE id = ?)",
+        (batch_id, batch_id, batch_id, batch_id),
+    )
+    return [str(r["k"]) for r in rows if r["k"] is not None]

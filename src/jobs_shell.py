@@ -15,6 +15,7 @@ from __future__ import annotations
 import batches
 import files
 import finetune_nodes
+import sweep
 import work
 from api_shell import IDS, Call, answer, client_route, node_route, now, owner_of, stores
 from config import GatewayConfig
@@ -200,11 +201,18 @@ async def status_batches(gw, call, config: GatewayConfig) -> dict | None:
 
 async def cron(gw) -> dict[str, object]:
     """The cron's batch work (bounded per run by the core): expiry, cancels settling,
-    closes whose write was lost, purges of deleted files' blobs."""
+    closes whose write was lost, purges of deleted files' blobs; then the sweep of final
+    batches' unreferenced R2 objects (sweep.sweep)."""
     try:
         db, blobs = stores(gw)
-        return {"batches_moved": await batches.expire_due(db, blobs, IDS, now())}
+        out: dict[str, object] = {"batches_moved": await batches.expire_due(db, blobs, IDS, now())}
     except MissingBinding:
         return {"batches_moved": None}
     except Exception as exc:  # the probes' log line still goes out
         return {"batches_error": str(exc)[:200]}
+    try:
+        grace = sweep.grace_for(gw._config().batch.lease_s)
+        out["batches_swept"] = (await sweep.sweep(db, blobs, sweep.BATCHES, now(), grace)).log()
+    except Exception as exc:  # a failed sweep is retried by the next run, from its mark
+        out["batches_sweep_error"] = str(exc)[:200]
+    return out

@@ -19,6 +19,7 @@ import js
 from pyodide.ffi import JsProxy, create_proxy, to_js
 
 from services import Background
+from storage import LIST_LIMIT, Listing
 
 BLOBS_BINDING = "FILES"
 DB_BINDING = "JOBS_DB"
@@ -102,6 +103,18 @@ class R2Blobs:
     async def delete(self, keys: Sequence[str]) -> None:
         if keys:
             await self.bucket.delete(to_js(list(keys)))
+
+    async def list(self, prefix: str, after: str | None = None, limit: int = LIST_LIMIT) -> Listing:
+        # R2ListOptions (developers.cloudflare.com/r2/api/workers/workers-api-reference/
+        # #r2listoptions): `prefix`, `limit` (<= 1,000); keys come in lexicographic order and
+        # only `truncated` says more follow (a page may be short). `startAfter` (in
+        # @cloudflare/workers-types' R2ListOptions; keys <= it are skipped) resumes after a
+        # key we store in D1, which stays valid across cron runs, unlike an opaque cursor.
+        options: dict[str, object] = {"prefix": prefix, "limit": max(1, min(limit, LIST_LIMIT))}
+        if after is not None:
+            options["startAfter"] = after
+        got = await self.bucket.list(_obj(options))
+        return Listing(tuple(str(o.key) for o in got.objects), bool(got.truncated))
 
     # ---- shell helpers: bodies that never enter Python ----------------------------------
 

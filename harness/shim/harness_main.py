@@ -137,6 +137,8 @@ async def _storage(env, key: str):
         "put_str": await blobs.put(key + ".s", "caf\u00e9", content_type="text/plain"),
         "bytes_back": list(await blobs.get_range(key + ".b", 0, 7)),
     }
+    pages = [await blobs.list(key, limit=2), await blobs.list(key, after=key + ".b")]
+    out["listed"] = [[list(p.keys), p.truncated] for p in pages]  # R2Blobs.list paging
     await blobs.delete([key, key + ".b", key + ".s"])
     out["after_delete"] = [await blobs.size(k) for k in (key, key + ".b", key + ".s")]
 

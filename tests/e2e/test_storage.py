@@ -65,6 +65,7 @@ def test_r2_and_d1_adapters(gateway: Gateway):
     assert out["put_bytes"] == 7 and out["bytes_back"] == list(b"\x00\xffbytes")
     assert out["put_str"] == len("café".encode())
     assert out["after_delete"] == [None, None, None]
+    assert out["listed"] == [[[key, key + ".b"], True], [[key + ".s"], False]]
 
     assert out["batch"] == [1, 1, 2]
     assert out["returning"] == [{"id": "a", "n": 11, "note": None}]

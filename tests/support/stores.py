@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from jobdb import Ids
+from storage import LIST_LIMIT, Listing
 
 MIGRATIONS = Path(__file__).resolve().parents[2] / "migrations"
 D1_MAX_PARAMS = 100
@@ -69,6 +70,7 @@ class MemoryBlobs:
 
     def __init__(self) -> None:
         self.objects: dict[str, bytes] = {}
+        self.lists = 0  # list calls made (R2 Class A operations)
 
     async def put(
         self,
@@ -95,6 +97,14 @@ class MemoryBlobs:
     async def delete(self, keys: Sequence[str]) -> None:
         for key in keys:
             self.objects.pop(key, None)
+
+    async def list(self, prefix: str, after: str | None = None, limit: int = LIST_LIMIT) -> Listing:
+        assert 1 <= limit <= LIST_LIMIT, limit
+        self.lists += 1
+        keys = sorted(
+            k for k in self.objects if k.startswith(prefix) and (after is None or k > after)
+        )
+        return Listing(tuple(keys[:limit]), len(keys) > limit)
 
     async def read_parts(self, parts: Sequence[tuple[str, int, int]]) -> bytes:
         """What the shell streams for a plan of parts (a missing object is a test failure)."""
