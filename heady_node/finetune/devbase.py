@@ -117,5 +117,5 @@ def load(plan: TrainPlan) -> tuple[Any, Any]:
     )
     tok = make_tokenizer()
     model = make_model(len(tok))
-    model.config.name_or_path = plan.served_base  # stands in under that name (peft reads it)
+    model.name_or_path = plan.served_base  # as from_pretrained sets it (peft reads it)
     return model, tok
