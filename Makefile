@@ -89,7 +89,8 @@ $(TORCH_MARKER): requirements-torch.txt
 	touch $@
 
 # -o addopts: the main run's addopts ignore tests/torch (it needs this venv); here it is the point.
-test-torch: torch-install
+# `install` too: tests/torch start workerd and the simulated fleet (the main 3.12 venv).
+test-torch: install torch-install
 	HF_HUB_OFFLINE=1 $(TORCH_VENV)/bin/python -m pytest -q -p no:cacheprovider -o addopts=-ra tests/torch
 
 # Debian's Chromium and its driver for the status page's browser test (no browser download at

@@ -81,13 +81,16 @@ def start(
     dev_vars: Path | None = ROOT / ".dev.vars",
     settings: Mapping[str, str] | None = None,
     trainer_times: Mapping[str, float] | None = None,
+    fleet_python: Path | None = None,
 ) -> DevCluster:
     """Start the simulated cluster and the gateway as `make dev` does (port 0: a free one).
     `settings`: gateway vars over .dev.vars' and the defaults; `trainer_times`: the trainers'
-    drain_s / poll_s / poll_max_s (sim.fleet.TrainerSpec)."""
+    drain_s / poll_s / poll_max_s (sim.fleet.TrainerSpec); `fleet_python`: the fleet's
+    interpreter (default this one: make dev runs in the project's 3.12 venv)."""
     node_token = secrets.token_hex(16)
     node_secret = secrets.token_hex(32)  # NODE_SECRET: the nodes' credentials derive from it
-    fleet = FleetProcess(api_key=node_token, capacity=BATCH_CAPACITY).start()
+    fleet = FleetProcess(api_key=node_token, capacity=BATCH_CAPACITY, python=fleet_python)
+    fleet.start()
     gw: Gateway | None = None
     try:
         # Local settings from .dev.vars (timeouts, CORS, ROUTES...) apply, but the endpoints,

@@ -929,8 +929,11 @@ class FleetProcess:
         start_timeout: float = 30.0,
         cwd: str | os.PathLike[str] | None = None,
         stderr: int | None = None,
+        python: str | os.PathLike[str] | None = None,
     ) -> None:
-        self._argv = [sys.executable, "-m", "sim.fleet", "--exit-on-stdin-eof"]
+        """``python``: the interpreter that runs the fleet and its batch workers (default this
+        one; the simulator needs 3.12: another venv's caller names the project's)."""
+        self._argv = [str(python or sys.executable), "-m", "sim.fleet", "--exit-on-stdin-eof"]
         self._argv += ["--control-port", "0", "--count", str(count), "--host", host]
         self._argv += ["--base-port", str(base_port)]
         if api_key is not None:
@@ -959,9 +962,10 @@ class FleetProcess:
         if self.proc is not None:
             return self
         env = dict(os.environ)
-        # The child imports `sim` from this checkout whatever the caller's cwd or venv.
+        # The child imports `sim` (and heady_shared, src/) from this checkout whatever the
+        # caller's cwd or venv (the torch venv has no editable install of the project).
         env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(self._cwd), env.get("PYTHONPATH", "")) if p
+            p for p in (str(self._cwd), str(self._cwd / "src"), env.get("PYTHONPATH", "")) if p
         )
         self.proc = subprocess.Popen(
             self._argv,

@@ -31,7 +31,16 @@ from heady_node.finetune.hparams import TrainPlan
 
 log = logging.getLogger("heady_node.finetune")
 
-__all__ = ["CHATML", "SEED", "SPECIALS", "load", "load_tokenizer", "make_model", "make_tokenizer"]
+__all__ = [
+    "CHATML",
+    "SEED",
+    "SPECIALS",
+    "load",
+    "load_tokenizer",
+    "make_model",
+    "make_tokenizer",
+    "warm",
+]
 
 SEED = 0
 PAD, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
@@ -119,3 +128,10 @@ def load(plan: TrainPlan) -> tuple[Any, Any]:
     model = make_model(len(tok))
     model.name_or_path = plan.served_base  # as from_pretrained sets it (peft reads it)
     return model, tok
+
+
+def warm() -> None:
+    """Import torch and transformers and build the stand-in once, before the first lease: ~10 s
+    of imports on a shared CPU that would otherwise fall between a job's validation and its
+    training, while the node is still serving (the runner imports them lazily)."""
+    make_model(len(make_tokenizer()))

@@ -629,6 +629,7 @@ def build(
         from heady_node.finetune import devbase
 
         dev = {"loader": devbase.load, "tokenizer_loader": devbase.load_tokenizer}
+        devbase.warm()  # the imports now, not inside the first job
     return FineTuneRunner(
         gateway_url=gateway,
         credential=credential,
