@@ -629,7 +629,6 @@ def build(
         from heady_node.finetune import devbase
 
         dev = {"loader": devbase.load, "tokenizer_loader": devbase.load_tokenizer}
-        devbase.warm()  # the imports now, not inside the first job
     return FineTuneRunner(
         gateway_url=gateway,
         credential=credential,
@@ -650,6 +649,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO, format="%(asctime)s train-worker: %(message)s", stream=sys.stderr
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)
+
+    from heady_node.finetune import devbase
+
+    if runner.loader is devbase.load:  # --dev-base: its imports now, not inside the first job
+        threading.Thread(target=devbase.warm, name="dev-base-warm", daemon=True).start()
 
     async def run() -> None:
         stop = asyncio.Event()

@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from heady_node.finetune import runner
 from heady_shared import capabilities as caps
 from heady_shared.ftnames import slug
 from heady_shared.nodeauth import node_of
@@ -104,6 +105,15 @@ def test_the_trainer_command_is_the_cpu_stand_in_with_the_fleet_hand_over() -> N
         TrainerSpec.parse(
             {"gateway_url": "http://127.0.0.1:9", "node_secret": "s", "python": "p", "poll_s": 0}
         )
+
+
+def test_the_dev_base_is_refused_anywhere_but_the_cpu(capsys: pytest.CaptureFixture) -> None:
+    argv = ["--gateway", "http://127.0.0.1:9", "--model", "m", "--dev-base", "--gpu", "t4"]
+    with pytest.raises(SystemExit) as exit_:
+        runner.build(argv, {runner.CREDENTIAL_ENV: "c"})
+    assert exit_.value.code == 2 and "--dev-base trains on the CPU only" in capsys.readouterr().err
+    plain = runner.build(argv[:4], {runner.CREDENTIAL_ENV: "c"})  # no flags: no sim parts
+    assert isinstance(plain.engine, runner.NoEngine) and plain.loader is runner.default_loader
 
 
 def test_lora_trainers_and_the_engine_hand_over(gateway: _Recorder, tmp_path: Path) -> None:
