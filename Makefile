@@ -49,7 +49,7 @@ tools/node22/node_modules/.installed: tools/node22/package.json tools/node22/pac
 	$(PY) -c "from harness.gateway import ensure_sdk; ensure_sdk()"
 	touch $@
 
-# TRAIN=0 make dev: no torch venv and no trainers (fine-tuning jobs then stay queued).
+# TRAIN=0 make dev: no torch venv and no trainers (fine-tuning jobs then never start).
 TRAIN ?= 1
 dev: install $(if $(filter 0,$(TRAIN)),,torch-install)
 	PORT=$(PORT) HEADY_DEV_TRAIN=$(TRAIN) $(PY) -m harness.dev

@@ -14,8 +14,8 @@ vLLM's semantics and heady_node's real resolver fetching them from this gateway
 (`.venv-torch`, Python 3.11: `make torch-install`), which trains a TINY RANDOM STAND-IN on the
 CPU under the served base's name (`heady_node.finetune.devbase`: the simulated cluster's trainer,
 never a real node's), taking its node's engine down for the job and back up after. Without that
-venv (or with `--no-train` / HEADY_DEV_TRAIN=0) fine-tuning jobs stay queued. Everything stops
-on Ctrl-C.
+venv (or with `--no-train` / HEADY_DEV_TRAIN=0) fine-tuning jobs never start (they wait in
+`validating_files`). Everything stops on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     else:
         training = (
-            f"  trainers: NONE ({cluster.no_train_reason}): fine-tuning jobs will stay queued.\n"
+            f"  trainers: NONE ({cluster.no_train_reason}): fine-tuning jobs will not start.\n"
             "            Fix: `make torch-install` (or `make dev` without TRAIN=0), then restart."
         )
     print(
@@ -172,10 +172,10 @@ Break a node and watch the failover (x-heady-node / x-heady-attempts headers):
   curl -s -X POST {control}/nodes/1 -d '{{"mode":"refuse"}}'
   curl -s -X POST {control}/reset
 Batch API (openai SDK, base_url {url}/api/heavy/batch/v1): see docs/batch.md "Try it offline".
-Fine-tuning (openai SDK): the README's "Fine-tuning" snippet with base_url {url}, key {DEV_KEY}:
-  Qwen/Qwen2.5-7B-Instruct-AWQ trains on node 8 and is served by nodes 1 and 8 (reasoning,
-  batch); Qwen/Qwen2.5-3B-Instruct trains on node 7 and is served there (batch route).
-  Node 8's engine is down while it trains (curl {control}/trainers).
+Fine-tuning (openai SDK): paste the README's "Fine-tuning" snippet (GW = {url}):
+  Qwen/Qwen2.5-7B-Instruct-AWQ trains on node 8 and is then served by nodes 1 and 8;
+  Qwen/Qwen2.5-3B-Instruct trains on node 7 and is served there. A node is down while it
+  trains (curl -s {control}/trainers); docs/fine-tuning.md "The dev cluster".
 Kill a batch node with its worker (and trainer) mid-batch, then bring them back:
   curl -s -X POST {control}/nodes/7/kill
   curl -s -X POST {control}/nodes/7/revive
