@@ -49,9 +49,15 @@ tools/node22/node_modules/.installed: tools/node22/package.json tools/node22/pac
 	$(PY) -c "from harness.gateway import ensure_sdk; ensure_sdk()"
 	touch $@
 
-# TRAIN=0 make dev: no torch venv and no trainers (fine-tuning jobs then never start).
+# The fine-tuning trainers beside nodes 7-8 run in the torch venv (docs/fine-tuning.md, "The dev
+# cluster"). If it cannot be installed (no Python 3.11) the cluster still starts, without them,
+# and says so. TRAIN=0 make dev: no torch venv and no trainers (fine-tuning jobs never start).
 TRAIN ?= 1
-dev: install $(if $(filter 0,$(TRAIN)),,torch-install)
+dev: install
+ifneq ($(TRAIN),0)
+	@$(MAKE) --no-print-directory torch-install || echo "make dev: the torch venv is not" \
+	  "installed (above): no trainers, fine-tuning jobs will not start. TRAIN=0 skips this step."
+endif
 	PORT=$(PORT) HEADY_DEV_TRAIN=$(TRAIN) $(PY) -m harness.dev
 
 gateway: install

@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from harness import dev
 from heady_node.finetune import runner
 from heady_shared import capabilities as caps
 from heady_shared.ftnames import slug
@@ -114,6 +115,16 @@ def test_the_dev_base_is_refused_anywhere_but_the_cpu(capsys: pytest.CaptureFixt
     assert exit_.value.code == 2 and "--dev-base trains on the CPU only" in capsys.readouterr().err
     plain = runner.build(argv[:4], {runner.CREDENTIAL_ENV: "c"})  # no flags: no sim parts
     assert isinstance(plain.engine, runner.NoEngine) and plain.loader is runner.default_loader
+
+
+def test_make_dev_finds_the_torch_venv_only_once_installed(tmp_path: Path) -> None:
+    venv = tmp_path / ".venv-torch"
+    assert dev.torch_python(venv)[0] is None and "no torch venv" in dev.torch_python(venv)[1]
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").write_text("")
+    assert "incomplete" in dev.torch_python(venv)[1]  # make torch-install writes it last
+    (venv / ".installed-0123abcd").write_text("")
+    assert dev.torch_python(venv) == (venv / "bin" / "python", "")
 
 
 def test_lora_trainers_and_the_engine_hand_over(gateway: _Recorder, tmp_path: Path) -> None:
