@@ -18,12 +18,13 @@ export WRANGLER_SEND_METRICS := false
 
 help:
 	@echo "make dev       simulated 8-node cluster + gateway on http://127.0.0.1:$(PORT)"
+	@echo "               (fine-tuning on the CPU: installs .venv-torch; TRAIN=0 make dev skips it)"
 	@echo "make gateway   gateway only, secrets/vars from .dev.vars (like wrangler dev)"
 	@echo "make test      everything CI runs (lint, unit, e2e in workerd, browser, node/CLI, bench smoke, deploy dry-run)"
 	@echo "make bench     benchmarks: gateway vs direct, bare JS, bare Python -> bench/results.md"
 	@echo "make deploy-check   npx wrangler deploy --dry-run (bundles the real deploy offline)"
 	@echo "make test-browser   the status page in headless Chromium (installs Debian's chromium)"
-	@echo "make test-torch     tests/torch (image engine on the CPU) in .venv-torch (Python 3.11)"
+	@echo "make test-torch     tests/torch (image engine, fine-tuning on the CPU) in .venv-torch (Python 3.11)"
 
 install: $(VENV)/.installed node_modules/.installed tools/node22/node_modules/.installed .harness/.sdk
 
@@ -48,8 +49,16 @@ tools/node22/node_modules/.installed: tools/node22/package.json tools/node22/pac
 	$(PY) -c "from harness.gateway import ensure_sdk; ensure_sdk()"
 	touch $@
 
+# The fine-tuning trainers beside nodes 7-8 run in the torch venv (docs/fine-tuning.md, "The dev
+# cluster"). If it cannot be installed (no Python 3.11) the cluster still starts, without them,
+# and says so. TRAIN=0 make dev: no torch venv and no trainers (fine-tuning jobs never start).
+TRAIN ?= 1
 dev: install
-	PORT=$(PORT) $(PY) -m harness.dev
+ifneq ($(TRAIN),0)
+	@$(MAKE) --no-print-directory torch-install || echo "make dev: the torch venv is not" \
+	  "installed (above): no trainers, fine-tuning jobs will not start. TRAIN=0 skips this step."
+endif
+	PORT=$(PORT) HEADY_DEV_TRAIN=$(TRAIN) $(PY) -m harness.dev
 
 gateway: install
 	PORT=$(PORT) $(PY) -m harness.gateway
@@ -66,12 +75,12 @@ test-py313: $(VENV)/.installed
 	.venv313/bin/python -m pip install --quiet --disable-pip-version-check pytest==9.2.0 hypothesis==6.170.17 pytest-timeout==2.4.0 httpx==0.28.1 openai==3.57.0
 	.venv313/bin/python -m pytest -q -p no:cacheprovider tests/unit
 
-# The torch venv: Python 3.11, because the CPU-only torch wheel this project pins (2.13.0+cpu,
-# ~190 MB) is the one the machines keep for 3.11; plain `pip install torch` pulls gigabytes of
-# CUDA wheels. One pin list (requirements-torch.txt) for every torch test (image engine now,
-# fine-tuning later). The marker is named after the pin list's hash, so editing a pin
-# reinstalls and nothing else does. First install ~1.5 min with warm pip caches; tests ~75 s CPU.
-PY311 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.11.*/bin/python3.11) $(shell command -v python3.11))
+# The torch venv (.venv-torch): Python 3.11, because the CPU-only torch wheel this project pins
+# (2.13.0+cpu, ~190 MB) is the one the machines keep for 3.11; plain `pip install torch` pulls
+# gigabytes of CUDA wheels. One pin list (requirements-torch.txt) for everything that needs torch:
+# tests/torch (image engine, fine-tuning) and `make dev`'s trainers (the fine-tuning runner beside
+# nodes 7-8). The marker is named after the pin list's hash, so editing a pin reinstalls and
+# nothing else does. First install ~1.5 min with warm pip caches.
 TORCH_VENV := .venv-torch
 TORCH_PINS_HASH = $(shell sha256sum requirements-torch.txt | cut -c1-16)
 TORCH_MARKER = $(TORCH_VENV)/.installed-$(TORCH_PINS_HASH)
@@ -86,7 +95,8 @@ $(TORCH_MARKER): requirements-torch.txt
 	touch $@
 
 # -o addopts: the main run's addopts ignore tests/torch (it needs this venv); here it is the point.
-test-torch: torch-install
+# `install` too: tests/torch start workerd and the simulated fleet (the main 3.12 venv).
+test-torch: install torch-install
 	HF_HUB_OFFLINE=1 $(TORCH_VENV)/bin/python -m pytest -q -p no:cacheprovider -o addopts=-ra tests/torch
 
 # Debian's Chromium and its driver for the status page's browser test (no browser download at
@@ -130,20 +140,6 @@ bench: install
 CHAOS_S ?= 60
 chaos: install
 	$(PY) -m bench.run --sections chaos,batch-chaos --chaos-seconds $(CHAOS_S)
-
-# The torch venv (.venv-torch, Python 3.11) for the CPU tests that need torch (tests/torch:
-# fine-tuning, image engine): exactly requirements-torch.txt. The main venv never collects them.
-TORCH_VENV := .venv-torch
-.PHONY: torch-install test-torch
-torch-install: $(TORCH_VENV)/.installed
-$(TORCH_VENV)/.installed: requirements-torch.txt
-	@test -n "$(PY311)" || { echo "Python 3.11 not found (pyenv install 3.11.7)"; exit 1; }
-	test -x $(TORCH_VENV)/bin/python || $(PY311) -m venv $(TORCH_VENV)
-	$(TORCH_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-torch.txt
-	touch $@
-
-test-torch: torch-install
-	HF_HUB_OFFLINE=1 $(TORCH_VENV)/bin/python -m pytest -q -p no:cacheprovider -o addopts=-ra tests/torch
 
 clean:
 	rm -rf .harness .venv .venv313 .venv-torch node_modules tools/node22/node_modules dist

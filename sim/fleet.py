@@ -21,6 +21,19 @@ its simulated engine. The fleet owns them: ``kill(n)`` (``POST /nodes/{n}/kill``
 and its worker down together (the worker's process group SIGKILLed, the node refusing
 connections: a Colab VM that died), ``revive(n)`` (``POST /nodes/{n}/revive``) brings both
 back, ``reset()`` revives every dead worker too, ``stop()`` stops them.
+
+Fine-tuning (``make dev``): ``serve_lora(gateway_url, node_secret)`` (``POST /lora``) gives every
+node whose preset serves LoRA (``heady_node.presets.served_capabilities``: the text roles) vLLM's
+LoRA semantics (``sim.node.lora``) with heady_node's real resolver fetching adapters from the
+gateway under the node's credential, and has it report ``lora``. ``start_trainers(gateway_url,
+node_secret, python)`` (``POST /trainers``) runs the real fine-tuning runner
+(``heady_node.finetune.runner --gpu cpu --dev-base``, in the torch venv's ``python``) beside nodes
+7-8: it trains a tiny random stand-in under the served base's name and hands the engine over
+through this control API (``POST /nodes/{n}/engine/stop``: the node's batch worker drained, then
+the engine down, refusing connections as a stopped vLLM; ``.../engine/start``: engine up with no
+adapter loaded, worker started again). ``kill``/``revive`` take the trainer down and up with its
+node; ``reset()`` revives dead trainers and leaves a node that is training down (its trainer
+holds the GPU; the trainer brings it back).
 """
 
 from __future__ import annotations
@@ -46,13 +59,16 @@ from types import TracebackType
 from typing import Any, Self, TypeVar
 
 from heady_node import batch_worker, launcher
+from heady_node.finetune.runner import CREDENTIAL_ENV as TRAIN_CREDENTIAL_ENV
 from heady_node.gpu import GPU_CLASSES
 from heady_node.presets import Preset, preset_for, served_capabilities, served_model_names
+from heady_shared import capabilities as caps
 from heady_shared.nodeauth import node_credential
 from heady_shared.routes import DEFAULT_POOLS, NODE_COUNT, role_of
 from sim.node import DEFAULT_MODEL, Capacity, Node, RecordedRequest, parse_mode
 from sim.node.capacity import UNLIMITED, parse_capacity
 from sim.node.images import ImageSim, image_sim_for
+from sim.node.lora import LoraRegistry, gateway_resolver
 from sim.node.record import HISTORY
 from sim.server import HTTPServer, Request, Response
 
@@ -63,10 +79,15 @@ __all__ = [
     "Fleet",
     "FleetProcess",
     "FleetProcessError",
+    "TrainerSpec",
     "WorkerSpec",
     "default_served_names",
+    "lora_nodes",
     "main",
+    "trainer_argv",
 ]
+
+ROOT = Path(__file__).resolve().parents[1]  # the checkout: the trainers import heady_node from it
 
 
 # The GPU each node of the default fleet stands in for: a T4 on odd nodes, an L4 on even ones,
@@ -105,9 +126,17 @@ BATCH_CAPACITY: dict[int, Capacity] = {
 def default_capabilities(n: int) -> tuple[str, ...]:
     """What vLLM serves on node ``n`` as the node side starts it (chat; image input on the
     vision pair): ``heady_node.presets.served_capabilities``, less ``lora``: a simulated node
-    serves adapters only once a test gives it a LoRA registry (and sets the capability)."""
-    caps = served_capabilities(_preset(n)) if n in NODE_GPUS else ("chat",)
-    return tuple(c for c in caps if c != "lora")
+    serves adapters only once it has a LoRA registry (``Fleet.serve_lora``, or a test's)."""
+    have = served_capabilities(_preset(n)) if n in NODE_GPUS else (caps.CHAT,)
+    return tuple(c for c in have if c != caps.LORA)
+
+
+def lora_nodes(count: int = NODE_COUNT) -> tuple[int, ...]:
+    """The nodes whose preset starts vLLM with --enable-lora (the text roles)."""
+    return tuple(
+        n for n in range(1, count + 1)
+        if n in NODE_GPUS and caps.LORA in served_capabilities(_preset(n))
+    )  # fmt: skip
 
 
 def default_images(n: int, seconds_per_image: float | None = None) -> ImageSim | None:
@@ -154,9 +183,76 @@ class WorkerSpec:
         return cls(url, secret, tuple(nodes), Path(log_dir) if log_dir else None)
 
 
+@dataclass(frozen=True, slots=True)
+class TrainerSpec:
+    """The fleet's trainers (make dev): the real fine-tuning runner beside each of ``nodes``
+    with the node's credential, run by ``python`` (the torch venv's interpreter, Python 3.11).
+    ``drain_s``: how long the hand-over waits for the node's batch worker to drain; ``poll_s``
+    / ``poll_max_s``: the runner's wait between empty asks (doubling up to the max)."""
+
+    gateway_url: str
+    node_secret: str
+    python: str
+    nodes: tuple[int, ...] = BATCH_NODES
+    log_dir: Path | None = None  # trainer-<n>.log and train-node<n>/ each; None: a temp dir
+    drain_s: float = 60.0
+    poll_s: float = 2.0
+    poll_max_s: float = 10.0
+
+    @classmethod
+    def parse(cls, body: Mapping[str, Any]) -> TrainerSpec:
+        """From the control API's JSON; raises ValueError with a readable message."""
+        w = WorkerSpec.parse({k: body[k] for k in body if k in ("gateway_url", "node_secret",
+                                                                "nodes", "log_dir")})  # fmt: skip
+        python = body.get("python")
+        if not isinstance(python, str) or not python:
+            raise ValueError("'python' must be the path of the torch venv's interpreter")
+        times = {}
+        for key in ("drain_s", "poll_s", "poll_max_s"):
+            if key in body:
+                v = body[key]
+                if not isinstance(v, int | float) or isinstance(v, bool) or not v > 0:
+                    raise ValueError(f"'{key}' must be a positive number")
+                times[key] = float(v)
+        return cls(w.gateway_url, w.node_secret, python, w.nodes, w.log_dir, **times)
+
+
+def trainer_argv(
+    spec: TrainerSpec, node: int, names: Sequence[str], control_url: str, work_dir: Path
+) -> list[str]:
+    """The runner's command for node ``node`` (the credential goes through the environment):
+    the CPU, the dev stand-in base, the node's served names as the models it trains for, its
+    preset's context, the fleet's control API for the engine hand-over."""
+    argv = [spec.python, "-m", "heady_node.finetune.runner", "--gateway", spec.gateway_url]
+    for name in names:
+        argv += ["--model", name]
+    argv += ["--gpu", "cpu", "--dev-base", "--max-model-len", str(_preset(node).max_model_len)]
+    argv += ["--engine-control", f"{control_url}/nodes/{node}", "--work-dir", str(work_dir)]
+    argv += ["--poll", repr(spec.poll_s), "--poll-max", repr(spec.poll_max_s)]
+    return argv
+
+
+def _drain_worker(proc: subprocess.Popen[bytes], timeout_s: float) -> bool:
+    """Let node's batch worker finish what it holds and exit before its engine goes down
+    (``heady_node.batch_worker.drain``): True if it did within ``timeout_s``."""
+    drain = getattr(batch_worker, "drain", None)
+    if drain is not None:
+        return bool(drain(proc, timeout_s))
+    # FALLBACK until heady_node.batch_worker.drain lands (written in parallel): SIGTERM and
+    # wait. A SIGTERMed worker abandons its shards (their leases expire and are re-leased):
+    # not a drain, only the same process lifecycle. Remove once drain() is there.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return False
+    return True
+
+
 T = TypeVar("T")
 _JSON = ("content-type", "application/json")
-_NODE_PATH = re.compile(r"^/nodes/(\d+)(/requests|/kill|/revive)?$")
+_NODE_PATH = re.compile(r"^/nodes/(\d+)(/requests|/kill|/revive|/engine/stop|/engine/start)?$")
 
 
 class Fleet:
@@ -211,6 +307,10 @@ class Fleet:
         self._spec: WorkerSpec | None = None
         self._workers: dict[int, subprocess.Popen[bytes]] = {}
         self._workers_lock = threading.Lock()
+        self._lora_nodes: tuple[int, ...] = ()  # serve_lora's: they report `lora` after reset
+        self._tspec: TrainerSpec | None = None
+        self._trainers: dict[int, subprocess.Popen[bytes]] = {}
+        self._training: set[int] = set()  # engine handed over to the trainer (engine/stop)
         self._control_port = control_port
         self._control: HTTPServer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -252,7 +352,9 @@ class Fleet:
             await self._control.start()
 
     def stop(self) -> None:
-        """Stop the batch workers, close every socket and join the loop thread (idempotent)."""
+        """Stop the trainers and batch workers, close every socket and join the loop thread
+        (idempotent)."""
+        self.stop_trainers()
         self.stop_workers()
         loop, thread = self._loop, self._thread
         if loop is None or thread is None:
@@ -378,8 +480,160 @@ class Fleet:
         for n, node in self.nodes.items():
             await node.reset()
             node.set_served_names(self._served.get(n) or default_served_names(n))
+            if n in self._lora_nodes:
+                self._set_capabilities(node, [*default_capabilities(n), caps.LORA])
+            if n in self._training:  # its trainer holds the GPU and brings the engine back
+                await node.set_mode("refuse")
         for n in self._spec.nodes if self._spec else ():
-            self._start_worker(n, replace=False)
+            if n not in self._training:
+                self._start_worker(n, replace=False)
+        for n in self._tspec.nodes if self._tspec else ():
+            self._start_trainer(n, replace=False)
+
+    # -- fine-tuning: LoRA serving and trainers -----------------------------------------------
+    def serve_lora(
+        self,
+        gateway_url: str,
+        node_secret: str,
+        cache_dir: str | os.PathLike[str] | None = None,
+    ) -> dict[str, Any]:
+        """vLLM's LoRA serving on every node whose preset has it (``lora_nodes``): a registry
+        with heady_node's real resolver (adapters fetched from ``gateway_url`` with the node's
+        credential into ``<cache_dir>/node<n>``; None: a temporary directory), reported as
+        the ``lora`` capability. Returns ``{node: base}``."""
+        cache = None if cache_dir is None else str(cache_dir)
+        return self._call(self._serve_lora_here(gateway_url, node_secret, cache))
+
+    async def _serve_lora_here(
+        self, gateway_url: str, node_secret: str, cache_dir: str | None
+    ) -> dict[str, Any]:
+        batch_worker.check_gateway_url(gateway_url)
+        if not node_secret:
+            raise ValueError("'node_secret' must be a non-empty string")
+        root = Path(cache_dir) if cache_dir else Path(tempfile.mkdtemp(prefix="heady-sim-lora-"))
+        nodes = lora_nodes(self.count)
+        for n in nodes:
+            node = self.nodes[n]
+            cred = node_credential(node_secret, n)
+            resolver = gateway_resolver(gateway_url, cred, root / f"node{n}")
+            node.loras = LoraRegistry(node.model, [resolver])
+            self._set_capabilities(node, [*default_capabilities(n), caps.LORA])
+        self._lora_nodes = nodes
+        return {str(n): self.nodes[n].model for n in nodes}
+
+    def start_trainers(
+        self,
+        gateway_url: str,
+        node_secret: str,
+        python: str | os.PathLike[str],
+        nodes: Sequence[int] = BATCH_NODES,
+        log_dir: str | os.PathLike[str] | None = None,
+        **times: float,
+    ) -> dict[str, Any]:
+        """Run the fine-tuning runner beside each of ``nodes`` (replacing any running; see
+        ``TrainerSpec`` for ``times``); needs the control API (the engine hand-over goes
+        through it). Returns ``trainers()``."""
+        logs = Path(log_dir) if log_dir else None
+        spec = TrainerSpec(gateway_url, node_secret, str(python), tuple(nodes), logs, **times)
+        return self._use_trainers(spec)
+
+    def _use_trainers(self, spec: TrainerSpec) -> dict[str, Any]:
+        batch_worker.check_gateway_url(spec.gateway_url)
+        for n in spec.nodes:
+            self.node(n)
+        if self.control_url is None:
+            raise ValueError("trainers need the fleet's control API (control_port)")
+        if not os.access(spec.python, os.X_OK):
+            raise ValueError(f"no Python at {spec.python!r} (make torch-install)")
+        self.stop_trainers()
+        if spec.log_dir is None:
+            tmp = Path(tempfile.mkdtemp(prefix="heady-sim-trainers-"))
+            spec = TrainerSpec(spec.gateway_url, spec.node_secret, spec.python, spec.nodes, tmp,
+                               spec.drain_s, spec.poll_s, spec.poll_max_s)  # fmt: skip
+        self._tspec = spec
+        for n in spec.nodes:
+            self._start_trainer(n)
+        return self.trainers()
+
+    def _start_trainer(self, n: int, *, replace: bool = True) -> None:
+        spec, control = self._tspec, self.control_url
+        if spec is None or n not in spec.nodes or control is None:
+            return
+        assert spec.log_dir is not None
+        with self._workers_lock:
+            old = self._trainers.get(n)
+            if old is not None and old.poll() is None:
+                if not replace:
+                    return
+                _kill_group(old)
+            argv = trainer_argv(spec, n, default_served_names(n), control,
+                                spec.log_dir / f"train-node{n}")  # fmt: skip
+            env = {
+                TRAIN_CREDENTIAL_ENV: node_credential(spec.node_secret, n),
+                # heady_node and heady_shared from this checkout, whatever the venv.
+                "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]),
+                "PYTHONUNBUFFERED": "1",
+                "HF_HUB_OFFLINE": "1",  # the stand-in is built in memory: never the hub
+                "TRANSFORMERS_OFFLINE": "1",
+                "TOKENIZERS_PARALLELISM": "false",
+                "OMP_NUM_THREADS": "1",  # a tiny model: threads only contend with the fleet
+            }
+            self._trainers[n] = launcher.spawn(
+                argv, log_path=spec.log_dir / f"trainer-{n}.log", env=env
+            )
+
+    def trainers(self) -> dict[str, Any]:
+        """Per node with a trainer: its pid, whether it runs, whether its node is handed over
+        to it (engine down for training), its log file."""
+        spec = self._tspec
+        with self._workers_lock:
+            return {
+                str(n): {
+                    "pid": proc.pid,
+                    "alive": proc.poll() is None,
+                    "training": n in self._training,
+                    "log": str(spec.log_dir / f"trainer-{n}.log")
+                    if spec and spec.log_dir
+                    else None,
+                }
+                for n, proc in sorted(self._trainers.items())
+            }
+
+    def stop_trainers(self) -> None:
+        """SIGTERM every trainer (a job in training runs on until the grace ends: its lease
+        then expires and the job is resumed from its last checkpoint)."""
+        with self._workers_lock:
+            procs, self._trainers = list(self._trainers.values()), {}
+        for proc in procs:
+            launcher.stop(proc, grace=5.0)
+
+    async def _engine_stop(self, node: Node) -> dict[str, Any]:
+        """The trainer frees the GPU: the node's batch worker drains (its shards finished and
+        committed, or handed back), then the engine stops serving."""
+        n = node.number
+        self._training.add(n)
+        with self._workers_lock:
+            proc = self._workers.get(n)
+        drained = None
+        if proc is not None and proc.poll() is None:
+            drain_s = self._tspec.drain_s if self._tspec else 60.0
+            drained = await asyncio.to_thread(_drain_worker, proc, drain_s)
+            if not drained:
+                await asyncio.to_thread(_kill_group, proc)
+        await node.set_mode("refuse")
+        return {**node.state(), "training": True, "drained": drained}
+
+    async def _engine_start(self, node: Node) -> dict[str, Any]:
+        """Training is over: the engine serves again (a fresh vLLM: no adapter loaded yet, the
+        resolver's cache on disk kept) and the batch worker starts again."""
+        n = node.number
+        if n in self._training:
+            self._training.discard(n)
+            if node.loras is not None:
+                node.loras.reset()
+            await node.set_mode("healthy")
+            self._start_worker(n)
+        return {**node.state(), "training": False}
 
     # -- batch workers (subprocesses, one per node of the spec) -------------------------------
     def start_workers(
@@ -469,16 +723,28 @@ class Fleet:
 
     async def _kill(self, node: Node) -> dict[str, Any]:
         with self._workers_lock:
-            proc = self._workers.get(node.number)
-        if proc is not None:
-            _kill_group(proc)
+            procs = [p.get(node.number) for p in (self._workers, self._trainers)]
+        for proc in procs:
+            if proc is not None:
+                _kill_group(proc)
+        self._training.discard(node.number)  # the VM died: nothing is training on it now
         await node.set_mode("refuse")
-        return {**node.state(), "worker": self.workers().get(str(node.number))}
+        return self._with_procs(node)
 
     async def _revive(self, node: Node) -> dict[str, Any]:
+        self._training.discard(node.number)
+        if node.loras is not None:
+            node.loras.reset()  # a new VM: its vLLM has loaded no adapter yet
         await node.set_mode("healthy")
         self._start_worker(node.number)
-        return {**node.state(), "worker": self.workers().get(str(node.number))}
+        self._start_trainer(node.number)
+        return self._with_procs(node)
+
+    def _with_procs(self, node: Node) -> dict[str, Any]:
+        out = {**node.state(), "worker": self.workers().get(str(node.number))}
+        if self._tspec is not None:
+            out["trainer"] = self.trainers().get(str(node.number))
+        return out
 
     def state(self) -> dict[str, Any]:
         return {str(n): node.state() for n, node in self.nodes.items()}
@@ -507,6 +773,23 @@ class Fleet:
             return 200, self.workers()
         if path == "/workers" and method == "POST":
             return 200, self._use_workers(WorkerSpec.parse(_json_object(req.body)))
+        if path == "/trainers" and method == "GET":
+            return 200, self.trainers()
+        if path == "/trainers" and method == "POST":
+            spec = TrainerSpec.parse(_json_object(req.body))
+            return 200, await asyncio.to_thread(self._use_trainers, spec)
+        if path == "/lora" and method == "POST":
+            body = _json_object(req.body)
+            url, secret, cache = (
+                body.get("gateway_url"),
+                body.get("node_secret"),
+                body.get("cache_dir"),
+            )
+            if not isinstance(url, str) or not isinstance(secret, str) or not secret:
+                raise ValueError("'gateway_url' and 'node_secret' must be non-empty strings")
+            if cache is not None and not isinstance(cache, str):
+                raise ValueError("'cache_dir' must be a string")
+            return 200, await self._serve_lora_here(url, secret, cache)
         match = _NODE_PATH.match(path)
         if match is None:
             return 404, {"error": f"no route {method} {path}"}
@@ -514,11 +797,16 @@ class Fleet:
         if n not in self.nodes:
             return 404, {"error": f"no node {n}; nodes are 1..{self.count}"}
         node = self.nodes[n]
-        if match.group(2) in ("/kill", "/revive"):
+        actions = {
+            "/kill": self._kill,
+            "/revive": self._revive,
+            "/engine/stop": self._engine_stop,
+            "/engine/start": self._engine_start,
+        }
+        if match.group(2) in actions:
             if method != "POST":
                 return 405, {"error": f"method {method} not allowed on {path}"}
-            act = self._kill if match.group(2) == "/kill" else self._revive
-            return 200, await act(node)
+            return 200, await actions[match.group(2)](node)
         if match.group(2):  # /nodes/{n}/requests
             if method == "GET":
                 return 200, [r.to_dict() for r in node.requests()]
@@ -641,8 +929,11 @@ class FleetProcess:
         start_timeout: float = 30.0,
         cwd: str | os.PathLike[str] | None = None,
         stderr: int | None = None,
+        python: str | os.PathLike[str] | None = None,
     ) -> None:
-        self._argv = [sys.executable, "-m", "sim.fleet", "--exit-on-stdin-eof"]
+        """``python``: the interpreter that runs the fleet and its batch workers (default this
+        one; the simulator needs 3.12: another venv's caller names the project's)."""
+        self._argv = [str(python or sys.executable), "-m", "sim.fleet", "--exit-on-stdin-eof"]
         self._argv += ["--control-port", "0", "--count", str(count), "--host", host]
         self._argv += ["--base-port", str(base_port)]
         if api_key is not None:
@@ -665,14 +956,16 @@ class FleetProcess:
         self.proc: subprocess.Popen[str] | None = None
         self.urls: dict[int, str] = {}
         self.control_url = ""
+        self.call_timeout = 120.0  # engine/stop waits for a batch worker's drain
 
     def start(self) -> Self:
         if self.proc is not None:
             return self
         env = dict(os.environ)
-        # The child imports `sim` from this checkout whatever the caller's cwd or venv.
+        # The child imports `sim` (and heady_shared, src/) from this checkout whatever the
+        # caller's cwd or venv (the torch venv has no editable install of the project).
         env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(self._cwd), env.get("PYTHONPATH", "")) if p
+            p for p in (str(self._cwd), str(self._cwd / "src"), env.get("PYTHONPATH", "")) if p
         )
         self.proc = subprocess.Popen(
             self._argv,
@@ -795,6 +1088,53 @@ class FleetProcess:
     def workers(self) -> dict[str, Any]:
         return self._call("GET", "/workers")
 
+    def serve_lora(
+        self,
+        gateway_url: str,
+        node_secret: str,
+        cache_dir: str | os.PathLike[str] | None = None,
+    ) -> dict[str, Any]:
+        """LoRA serving with the real resolver on the text nodes (``Fleet.serve_lora``);
+        returns ``{node: base}``."""
+        body = {"gateway_url": gateway_url, "node_secret": node_secret}
+        if cache_dir is not None:
+            body["cache_dir"] = str(cache_dir)
+        return self._call("POST", "/lora", body)
+
+    def start_trainers(
+        self,
+        gateway_url: str,
+        node_secret: str,
+        python: str | os.PathLike[str],
+        nodes: Sequence[int] = BATCH_NODES,
+        log_dir: str | os.PathLike[str] | None = None,
+        **times: float,
+    ) -> dict[str, Any]:
+        """The fleet process runs the fine-tuning runner beside each of ``nodes``
+        (``Fleet.start_trainers``); returns ``trainers()``."""
+        body: dict[str, Any] = {
+            "gateway_url": gateway_url,
+            "node_secret": node_secret,
+            "python": str(python),
+            "nodes": list(nodes),
+            **times,
+        }
+        if log_dir is not None:
+            body["log_dir"] = str(log_dir)
+        return self._call("POST", "/trainers", body)
+
+    def trainers(self) -> dict[str, Any]:
+        return self._call("GET", "/trainers")
+
+    def engine_stop(self, n: int) -> dict[str, Any]:
+        """What a trainer asks before training (``POST /nodes/{n}/engine/stop``)."""
+        self.url(n)
+        return self._call("POST", f"/nodes/{n}/engine/stop", {})
+
+    def engine_start(self, n: int) -> dict[str, Any]:
+        self.url(n)
+        return self._call("POST", f"/nodes/{n}/engine/start", {})
+
     def kill(self, n: int) -> dict[str, Any]:
         """Node ``n`` and its batch worker die together (``Fleet.kill``); the node's state."""
         self.url(n)
@@ -817,7 +1157,7 @@ class FleetProcess:
         req = urllib.request.Request(self.control_url + path, data=data, method=method)
         req.add_header("content-type", "application/json")
         try:
-            with urllib.request.urlopen(req, timeout=30) as r:
+            with urllib.request.urlopen(req, timeout=self.call_timeout) as r:
                 return json.loads(r.read())
         except urllib.error.HTTPError as e:
             detail = e.read().decode("utf-8", "replace")

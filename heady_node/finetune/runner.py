@@ -23,7 +23,10 @@ Who runs it: the node session (heady_node.session) on nodes that may train (the 
 HEADY_TRAIN=1/0), in a thread of its own process (TrainThread) with a RestartEngine over the
 session's own engine, so stopping and restarting vLLM for training stays under the session's
 eye. `python -m heady_node.finetune.runner` / `heady-node train-worker` runs it alone on a host
-whose GPU nothing else uses (NoEngine: there is no engine to free).
+whose GPU nothing else uses (NoEngine: there is no engine to free). `make dev` (sim.fleet) runs
+it with `--gpu cpu --dev-base --engine-control <fleet>/nodes/<n>` beside the simulated batch pair:
+a tiny random stand-in trained under the served base's name (heady_node.finetune.devbase) and
+the sim engine taken down and up by the fleet (FleetEngine); never on a real node.
 """
 
 from __future__ import annotations
@@ -245,6 +248,7 @@ class FineTuneRunner:
     work_dir: Path | None = None
     log_every: int = 10
     poll_s: float = 10.0  # wait between asks that found no work (run's default)
+    poll_max_s: float = 120.0  # ... doubling up to this (main's)
     gw: httpx.AsyncClient = field(init=False)
 
     def __post_init__(self) -> None:
@@ -528,6 +532,35 @@ class NoEngine:
         return None
 
 
+class FleetEngine:
+    """SIMULATED CLUSTER ONLY (`make dev`, sim.fleet): the engine hand-over asked of the fleet's
+    control API for this node (`<control>/nodes/<n>`). release: the fleet drains the node's
+    batch worker, then takes its simulated engine down (it refuses connections, as a stopped
+    vLLM behind its tunnel); restore: engine up, worker started again. A real node stops and
+    restarts vLLM itself (RestartEngine)."""
+
+    def __init__(self, node_url: str, timeout_s: float = 300.0) -> None:
+        self.node_url = node_url.rstrip("/")
+        self.timeout_s = timeout_s  # the fleet waits for the worker's drain before answering
+        self.outage_s: float | None = None
+        self._stopped_at: float | None = None
+
+    async def _post(self, action: str) -> None:
+        async with httpx.AsyncClient(timeout=self.timeout_s) as c:
+            resp = await c.post(f"{self.node_url}/engine/{action}", json={})
+        if resp.status_code != 200:
+            raise RuntimeError(f"fleet answered HTTP {resp.status_code} to engine/{action}")
+
+    async def release(self) -> None:
+        await self._post("stop")
+        self._stopped_at = time.monotonic()
+
+    async def restore(self) -> None:
+        await self._post("start")
+        if self._stopped_at is not None:
+            self.outage_s = time.monotonic() - self._stopped_at
+
+
 class TrainThread:
     """The runner's loop in a thread of the node session's process: the session's keep-alive
     loop stays in charge; `stop` lets a running job reach its end only within `timeout`."""
@@ -581,6 +614,22 @@ def _parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--work-dir", type=Path, default=None, help="scratch space for a job")
     p.add_argument("--poll", type=float, default=10.0, help="seconds between empty asks")
+    p.add_argument(
+        "--poll-max", type=float, default=120.0,
+        help="the longest wait between empty asks (the wait doubles from --poll up to it)",
+    )  # fmt: skip
+    # The simulated cluster's trainer (make dev: sim.fleet starts it beside nodes 7-8).
+    p.add_argument(
+        "--dev-base", action="store_true",
+        help="SIMULATED CLUSTER ONLY, never on a real node: train a tiny random stand-in "
+        "(heady_node.finetune.devbase) under the served base's name; needs --gpu cpu",
+    )  # fmt: skip
+    p.add_argument(
+        "--engine-control", default=None, metavar="URL",
+        help="SIMULATED CLUSTER ONLY: the fleet's control API for this node "
+        "(http://host:port/nodes/N), asked to take the node's engine down and up around "
+        "each job (FleetEngine); default: no engine to free",
+    )  # fmt: skip
     return p
 
 
@@ -599,7 +648,9 @@ def build(
         *([] if args.gateway else [f"--gateway (or ${GATEWAY_ENV}) is required"]),
         *([] if credential else [f"${CREDENTIAL_ENV} is not set"]),
         *([] if args.max_model_len > 0 else ["--max-model-len must be positive"]),
-    ]
+        *(["--dev-base trains on the CPU only: give --gpu cpu"]
+          if args.dev_base and args.gpu != "cpu" else []),
+    ]  # fmt: skip
     gateway = args.gateway or ""
     try:
         if args.gateway:
@@ -608,15 +659,22 @@ def build(
         problems.append(str(exc))
     if problems:
         parser.error("; ".join(problems))
+    dev: dict[str, Any] = {}
+    if args.dev_base:
+        from heady_node.finetune import devbase
+
+        dev = {"loader": devbase.load, "tokenizer_loader": devbase.load_tokenizer}
     return FineTuneRunner(
         gateway_url=gateway,
         credential=credential,
-        engine=NoEngine(),
+        engine=FleetEngine(args.engine_control) if args.engine_control else NoEngine(),
         gpu=None if args.gpu == "cpu" else GPU_CLASSES[args.gpu],
         max_model_len=args.max_model_len,
         models=tuple(args.model),
         work_dir=args.work_dir,
         poll_s=args.poll,
+        poll_max_s=max(args.poll, args.poll_max),
+        **dev,
     )
 
 
@@ -627,6 +685,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
+    from heady_node.finetune import devbase
+
+    if runner.loader is devbase.load:  # --dev-base: its imports now, not inside the first job
+        threading.Thread(target=devbase.warm, name="dev-base-warm", daemon=True).start()
+
     async def run() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -634,7 +697,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             loop.add_signal_handler(sig, stop.set)
         log.info("leasing train jobs from %s for %s", runner.gateway_url, ", ".join(runner.models))
         try:
-            await runner.run(stop, poll_s=runner.poll_s)
+            await runner.run(stop, poll_s=runner.poll_s, poll_max_s=runner.poll_max_s)
         finally:
             await runner.aclose()
 
