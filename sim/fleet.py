@@ -235,19 +235,7 @@ def trainer_argv(
 def _drain_worker(proc: subprocess.Popen[bytes], timeout_s: float) -> bool:
     """Let node's batch worker finish what it holds and exit before its engine goes down
     (``heady_node.batch_worker.drain``): True if it did within ``timeout_s``."""
-    drain = getattr(batch_worker, "drain", None)
-    if drain is not None:
-        return bool(drain(proc, timeout_s))
-    # FALLBACK until heady_node.batch_worker.drain lands (written in parallel): SIGTERM and
-    # wait. A SIGTERMed worker abandons its shards (their leases expire and are re-leased):
-    # not a drain, only the same process lifecycle. Remove once drain() is there.
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        return False
-    return True
+    return batch_worker.drain(proc, timeout_s)
 
 
 T = TypeVar("T")
