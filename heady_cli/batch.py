@@ -517,8 +517,9 @@ def parse_metadata(pairs: Sequence[str]) -> dict[str, str] | None:
     return out or None
 
 
-def cmd_submit(args: argparse.Namespace) -> int:
-    path = Path(args.file)
+def input_file(name: str, what: str) -> tuple[Path, int]:
+    """A local JSONL file to upload and its size; `what` says what its lines should be."""
+    path = Path(name)
     try:
         size = path.stat().st_size
     except OSError as exc:
@@ -526,7 +527,12 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if not path.is_file():
         raise CliError(f"{path} is not a file")
     if size == 0:
-        raise CliError(f"{path} is empty: a batch input is JSONL, one request per line")
+        raise CliError(f"{path} is empty: {what}")
+    return path, size
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    path, size = input_file(args.file, "a batch input is JSONL, one request per line")
     metadata = parse_metadata(args.metadata or [])
     api = api_from_args(args)
     try:
