@@ -352,6 +352,13 @@ def to_stderr(*lines: str) -> None:
 # --- watch -------------------------------------------------------------------------------
 
 
+def clock_fields(
+    elapsed: float | None, rate: float | None, eta: float | None, ended: bool
+) -> dict[str, Any]:
+    """The task fields ClockColumn reads: the last poll's numbers and when they were polled."""
+    return {"elapsed": elapsed, "rate": rate, "eta": eta, "polled": _monotonic(), "ended": ended}
+
+
 class ClockColumn(ProgressColumn):
     """elapsed · rate · ETA, ticking between polls from the last poll's numbers."""
 
@@ -398,9 +405,9 @@ class LiveDisplay:
         fields = {
             "status": view.status,
             "failed": f"{view.failed} failed" if view.failed else "",
-            "elapsed": elapsed, "rate": rate, "eta": eta, "note": note[:60],
-            "polled": _monotonic(), "ended": view.terminal,
-        }  # fmt: skip
+            "note": note[:60],
+            **clock_fields(elapsed, rate, eta, view.terminal),
+        }
         total = view.total or None  # None: a pulsing bar while validating
         if self.task is None:
             self.progress.console.print(
