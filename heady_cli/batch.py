@@ -647,9 +647,9 @@ def iter_list(api: Api, path: str, limit: int | None) -> Iterable[dict[str, Any]
     seen = 0
     while limit is None or seen < limit:
         page = 100 if limit is None else min(100, limit - seen)
-        params: dict[str, Any] = {"limit": page}
-        if after:
-            params["after"] = after
+        # The SDK's order (`after`, then `limit`), so the URL is the one it sends.
+        params: dict[str, Any] = {"after": after} if after else {}
+        params["limit"] = page
         data = api.request_json("GET", path, params=params)
         items = [b for b in data.get("data") or [] if isinstance(b, dict)]
         for item in items[: None if limit is None else limit - seen]:

@@ -167,8 +167,8 @@ def parse_event(obj: object) -> EventView | None:
 
 def event_line(e: EventView, full_date: bool = False) -> str:
     """`08:01:02 Training started`; a warn/error event says its level: `... error: ...`."""
-    when = "--:--:--" if e.created_at is None else fmt_when(e.created_at)
-    when = when if full_date else when[11:19]
+    stamp = fmt_when(e.created_at)  # `2027-01-15 08:00:00Z`, or `-` when unknown
+    when = "--:--:--" if e.created_at is None else stamp if full_date else stamp[11:19]
     level = "" if e.level == "info" else f"{e.level}: "
     return f"{when} {level}{' '.join(e.message.split())[:300]}"
 
@@ -360,9 +360,8 @@ def new_events(api: Api, job_id: str, last_shown: str | None) -> tuple[list[Even
     found: list[EventView] = []
     after: str | None = None
     for n in range(MAX_EVENT_PAGES if last_shown else 1):
-        params: dict[str, Any] = {"limit": EVENTS_FIRST if n == 0 else EVENTS_PAGE}
-        if after:
-            params["after"] = after
+        params: dict[str, Any] = {"after": after} if after else {}
+        params["limit"] = EVENTS_FIRST if n == 0 else EVENTS_PAGE
         data = api.request_json("GET", path, params=params)
         page = [e for e in map(parse_event, data.get("data") or []) if e is not None]
         fresh, reached = unseen(page, last_shown)
