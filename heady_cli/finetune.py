@@ -376,7 +376,8 @@ class LiveDisplay:
     """A rich progress bar (step/total, losses, elapsed · rate · ETA) on a terminal, with the
     job's message events printed above it (stderr: stdout stays for ids and the model)."""
 
-    def __init__(self, console: Console) -> None:
+    def __init__(self, console: Console, job_id: str) -> None:
+        self.job_id, self.headed = job_id, False
         self.progress = Progress(
             TextColumn("[bold]{task.fields[status]}"),
             BarColumn(bar_width=None),
@@ -396,7 +397,17 @@ class LiveDisplay:
     def __exit__(self, *exc: object) -> None:
         self.progress.__exit__(None, None, None)
 
+    def _header(self) -> None:
+        # Printed with the first thing to show (an event or the bar), not before: a watch
+        # that fails at once (a 404) shows the error only.
+        if not self.headed:
+            self.headed = True
+            self.progress.console.print(
+                f"[bold]{escape(self.job_id)}[/] (Ctrl-C stops watching; the job keeps running)"
+            )
+
     def event(self, line: str) -> None:
+        self._header()
         self.progress.console.print(Text(line), soft_wrap=True)
 
     def show(
@@ -420,10 +431,8 @@ class LiveDisplay:
             **clock_fields(elapsed, rate, eta, job.terminal),
         }
         done = p.step or 0
+        self._header()
         if self.task is None:
-            self.progress.console.print(
-                f"[bold]{job.id}[/] (Ctrl-C stops watching; the job keeps running)"
-            )
             self.task = self.progress.add_task(
                 job.id, total=p.total_steps, completed=done, **fields
             )
@@ -466,9 +475,9 @@ class LineDisplay:
             print(line, file=self.file, flush=True)
 
 
-def make_display() -> LiveDisplay | LineDisplay:
+def make_display(job_id: str) -> LiveDisplay | LineDisplay:
     console = stderr_console()
-    return LiveDisplay(console) if console.is_terminal else LineDisplay(sys.stderr)
+    return LiveDisplay(console, job_id) if console.is_terminal else LineDisplay(sys.stderr)
 
 
 def watch(
@@ -537,7 +546,7 @@ def outcome(job: JobView, p: TrainProgress, server_now: float) -> tuple[list[str
 
 def _watch_and_report(api: Api, job_id: str) -> int:
     try:
-        job, progress = watch(api, job_id, make_display())
+        job, progress = watch(api, job_id, make_display(job_id))
     except KeyboardInterrupt:
         to_stderr(
             f"heady: stopped watching; job {job_id} keeps running on the gateway.",

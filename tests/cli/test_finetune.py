@@ -473,10 +473,11 @@ def test_watch_rich_bar_shows_steps_losses_rate_and_eta(
     sink = io.StringIO()
     console = Console(file=sink, force_terminal=True, color_system=None, width=160)
     api = batch.Api(GW, KEY, "batch", 5.0)
-    job, progress = finetune.watch(api, JID, finetune.LiveDisplay(console))
+    job, progress = finetune.watch(api, JID, finetune.LiveDisplay(console, JID))
     assert job.status == "succeeded" and progress.step == 12
     text = sink.getvalue()
-    assert "08:00:30 Training [started]" in text  # an event: not rich markup
+    header = f"{JID} (Ctrl-C stops watching; the job keeps running)\n"
+    assert text.index(header) < text.index("08:00:30 Training [started]")  # not rich markup
     assert JID in text and "running" in text and "5/12" in text
     assert "loss 1.5000 · val 2.7500" in text and "1:20 elapsed · 0.1/s · ETA 1:10" in text
     # ended: its own run's rate (steps 1 -> 12 over 110 s), the time to finished_at
