@@ -92,7 +92,6 @@ class JobView:
     status: str
     model: str = ""
     fine_tuned_model: str | None = None
-    suffix: str | None = None
     created_at: float | None = None
     finished_at: float | None = None
     trained_tokens: int | None = None
@@ -116,12 +115,7 @@ def parse_job(data: object) -> JobView:
         id=data["id"],
         status=status,
         model=str(data.get("model") or ""),
-        fine_tuned_model=data["fine_tuned_model"]
-        if isinstance(data.get("fine_tuned_model"), str)
-        else None,
-        suffix=data["user_provided_suffix"]
-        if isinstance(data.get("user_provided_suffix"), str)
-        else None,
+        fine_tuned_model=model if isinstance(model := data.get("fine_tuned_model"), str) else None,
         created_at=_ts(data.get("created_at")),
         finished_at=_ts(data.get("finished_at")),
         trained_tokens=_count(data.get("trained_tokens")),
