@@ -194,10 +194,10 @@ def eta_s(view: BatchView, rate: float | None) -> float | None:
     return max(0, view.total - view.done) / rate
 
 
-def next_interval(current: float, status_changed: bool) -> float:
-    """1 s, then backing off to POLL_MAX_S (each poll is a Worker request on the daily plan);
+def next_interval(current: float, status_changed: bool, max_s: float = POLL_MAX_S) -> float:
+    """1 s, then backing off to `max_s` (each poll is a Worker request on the daily plan);
     back to 1 s when the status moves, since the next step (finalizing -> completed) is near."""
-    return POLL_MIN_S if status_changed else min(POLL_MAX_S, current * POLL_BACKOFF)
+    return POLL_MIN_S if status_changed else min(max_s, current * POLL_BACKOFF)
 
 
 def fmt_duration(seconds: float | None) -> str:
@@ -215,13 +215,17 @@ def fmt_rate(rate: float | None, unit: str = " lines") -> str:
 
 
 def clock_text(
-    elapsed: float | None, rate: float | None, eta: float | None, compact: bool = False
+    elapsed: float | None,
+    rate: float | None,
+    eta: float | None,
+    compact: bool = False,
+    unit: str = " lines",
 ) -> str:
     """`elapsed 0:20 · 4.0 lines/s · ETA 0:15`; compact (the live bar on 80 columns):
     `0:20 elapsed · 4.0/s · ETA 0:15`."""
     if compact:
         return f"{fmt_duration(elapsed)} elapsed · {fmt_rate(rate, '')} · ETA {fmt_duration(eta)}"
-    return f"elapsed {fmt_duration(elapsed)} · {fmt_rate(rate)} · ETA {fmt_duration(eta)}"
+    return f"elapsed {fmt_duration(elapsed)} · {fmt_rate(rate, unit)} · ETA {fmt_duration(eta)}"
 
 
 def progress_text(view: BatchView) -> str:
@@ -306,14 +310,14 @@ class Api:
             raise CliError(f"gateway answered a JSON {type(data).__name__}, not an object")
         return data
 
-    def upload(self, path: Path) -> dict[str, Any]:
+    def upload(self, path: Path, purpose: str = "batch") -> dict[str, Any]:
         """multipart/form-data as the openai SDK sends it: `purpose` then `file` (the file part
         last, octet-stream); httpx streams the file from disk with a Content-Length."""
         timeout = httpx.Timeout(self.timeout, read=max(self.timeout, 120.0))
         with path.open("rb") as fh:
             files = {"file": (path.name, fh, "application/octet-stream")}
             return self.request_json(
-                "POST", "/files", data={"purpose": "batch"}, files=files, timeout=timeout
+                "POST", "/files", data={"purpose": purpose}, files=files, timeout=timeout
             )
 
     def batch(self, batch_id: str) -> BatchView:
@@ -335,12 +339,12 @@ class Api:
         return n, lines
 
 
-def _api(args: argparse.Namespace) -> Api:
+def api_from_args(args: argparse.Namespace) -> Api:
     base, key = resolve_gateway(args.gateway, args.key, args.dev_vars)
     return Api(base, key, args.role, args.timeout)
 
 
-def _err(*lines: str) -> None:
+def to_stderr(*lines: str) -> None:
     for line in lines:
         print(line, file=sys.stderr)
 
@@ -348,7 +352,14 @@ def _err(*lines: str) -> None:
 # --- watch -------------------------------------------------------------------------------
 
 
-class _Clock(ProgressColumn):
+def clock_fields(
+    elapsed: float | None, rate: float | None, eta: float | None, ended: bool
+) -> dict[str, Any]:
+    """The task fields ClockColumn reads: the last poll's numbers and when they were polled."""
+    return {"elapsed": elapsed, "rate": rate, "eta": eta, "polled": _monotonic(), "ended": ended}
+
+
+class ClockColumn(ProgressColumn):
     """elapsed · rate · ETA, ticking between polls from the last poll's numbers."""
 
     def render(self, task: Any) -> Text:
@@ -369,7 +380,7 @@ class LiveDisplay:
             BarColumn(bar_width=None),
             MofNCompleteColumn(),
             TextColumn("[red]{task.fields[failed]}"),
-            _Clock(table_column=Column(no_wrap=True)),
+            ClockColumn(table_column=Column(no_wrap=True)),
             TextColumn("[yellow]{task.fields[note]}"),
             console=console,
             expand=True,
@@ -394,9 +405,9 @@ class LiveDisplay:
         fields = {
             "status": view.status,
             "failed": f"{view.failed} failed" if view.failed else "",
-            "elapsed": elapsed, "rate": rate, "eta": eta, "note": note[:60],
-            "polled": _monotonic(), "ended": view.terminal,
-        }  # fmt: skip
+            "note": note[:60],
+            **clock_fields(elapsed, rate, eta, view.terminal),
+        }
         total = view.total or None  # None: a pulsing bar while validating
         if self.task is None:
             self.progress.console.print(
@@ -435,13 +446,13 @@ class LineDisplay:
             print("  ".join(parts + ([note] if note else [])), file=self.file, flush=True)
 
 
-def _stderr_console() -> Console:
+def stderr_console() -> Console:
     width = None if sys.stderr.isatty() else max(shutil.get_terminal_size((140, 24)).columns, 140)
     return Console(file=sys.stderr, width=width, highlight=False)
 
 
 def make_display() -> LiveDisplay | LineDisplay:
-    console = _stderr_console()
+    console = stderr_console()
     return LiveDisplay(console) if console.is_terminal else LineDisplay(sys.stderr)
 
 
@@ -461,7 +472,7 @@ def watch(api: Api, batch_id: str, display: LiveDisplay | LineDisplay) -> BatchV
                     raise
                 note = f"retrying: {exc}"
                 if view is None:  # nothing to draw yet: say so once, on stderr
-                    _err(f"heady: {note}")
+                    to_stderr(f"heady: {note}")
             if view is not None:
                 now = api.server_now()
                 if not note:
@@ -480,7 +491,7 @@ def _watch_and_report(api: Api, batch_id: str) -> int:
     try:
         view = watch(api, batch_id, make_display())
     except KeyboardInterrupt:
-        _err(
+        to_stderr(
             f"heady: stopped watching; batch {batch_id} keeps running on the gateway.",
             f"  resume: heady batch watch {batch_id}",
             f"  cancel: heady batch cancel {batch_id}",
@@ -491,7 +502,7 @@ def _watch_and_report(api: Api, batch_id: str) -> int:
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
-    api = _api(args)
+    api = api_from_args(args)
     try:
         return _watch_and_report(api, checked_id(args.id, "batch"))
     finally:
@@ -501,7 +512,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
 # --- submit / results / list / cancel ----------------------------------------------------
 
 
-def _metadata(pairs: Sequence[str]) -> dict[str, str] | None:
+def parse_metadata(pairs: Sequence[str]) -> dict[str, str] | None:
     out: dict[str, str] = {}
     for pair in pairs:
         k, sep, v = pair.partition("=")
@@ -513,8 +524,9 @@ def _metadata(pairs: Sequence[str]) -> dict[str, str] | None:
     return out or None
 
 
-def cmd_submit(args: argparse.Namespace) -> int:
-    path = Path(args.file)
+def input_file(name: str, what: str) -> tuple[Path, int]:
+    """A local JSONL file to upload and its size; `what` says what its lines should be."""
+    path = Path(name)
     try:
         size = path.stat().st_size
     except OSError as exc:
@@ -522,11 +534,16 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if not path.is_file():
         raise CliError(f"{path} is not a file")
     if size == 0:
-        raise CliError(f"{path} is empty: a batch input is JSONL, one request per line")
-    metadata = _metadata(args.metadata or [])
-    api = _api(args)
+        raise CliError(f"{path} is empty: {what}")
+    return path, size
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    path, size = input_file(args.file, "a batch input is JSONL, one request per line")
+    metadata = parse_metadata(args.metadata or [])
+    api = api_from_args(args)
     try:
-        _err(f"uploading {path.name} ({size:,} bytes) to {api.root}/files ...")
+        to_stderr(f"uploading {path.name} ({size:,} bytes) to {api.root}/files ...")
         file_id = checked_id(api.upload(path).get("id"), "file")
         body: dict[str, Any] = {
             "input_file_id": file_id,
@@ -542,13 +559,13 @@ def cmd_submit(args: argparse.Namespace) -> int:
             try:
                 api.request_json("DELETE", f"/files/{file_id}")
             except CliError:
-                _err(f"heady: note: uploaded file {file_id} was kept")
+                to_stderr(f"heady: note: uploaded file {file_id} was kept")
             raise
         print(view.id, flush=True)
-        _err(f"batch {view.id} created ({view.status}) from {file_id}")
+        to_stderr(f"batch {view.id} created ({view.status}) from {file_id}")
         if args.watch:
             return _watch_and_report(api, view.id)
-        _err(f"  watch: heady batch watch {view.id}")
+        to_stderr(f"  watch: heady batch watch {view.id}")
         return EXIT_OK
     finally:
         api.close()
@@ -585,7 +602,7 @@ def _to_file(target: str, fetch: Callable[[BinaryIO], tuple[int, int]]) -> tuple
 
 
 def cmd_results(args: argparse.Namespace) -> int:
-    api = _api(args)
+    api = api_from_args(args)
     try:
         view = api.batch(checked_id(args.id, "batch"))
         if not view.terminal:
@@ -607,32 +624,33 @@ def cmd_results(args: argparse.Namespace) -> int:
             if file_id is None:
                 if target and target != "-":
                     _to_file(target, lambda _fh: (0, 0))
-                _err(f"batch {view.id} has no {kind} file ({view.status}); {where} left empty")
+                to_stderr(f"batch {view.id} has no {kind} file ({view.status}); {where} left empty")
                 continue
             if target:
                 n, lines = _to_file(target, lambda fh, fid=file_id: api.download(fid, fh))
             else:
                 n, lines = api.download(file_id, sys.stdout.buffer)
                 sys.stdout.buffer.flush()
-            _err(f"{kind}: {lines:,} lines, {n:,} bytes from {file_id} -> {where}")
+            to_stderr(f"{kind}: {lines:,} lines, {n:,} bytes from {file_id} -> {where}")
         if view.error_file_id and not args.errors:
-            _err(f"{view.failed} failed lines are in {view.error_file_id}: add --errors FILE")
+            to_stderr(f"{view.failed} failed lines are in {view.error_file_id}: add --errors FILE")
         return EXIT_OK
     finally:
         api.close()
 
 
-def iter_batches(api: Api, limit: int | None) -> Iterable[dict[str, Any]]:
-    """Every batch, newest first, following the cursor (`after` = the last id, until
-    `has_more` is false) as the SDK's SyncCursorPage does; at most `limit` when given."""
+def iter_list(api: Api, path: str, limit: int | None) -> Iterable[dict[str, Any]]:
+    """Every item of a list endpoint (`/batches`, `/fine_tuning/jobs`, a job's events...),
+    newest first, following the cursor (`after` = the last id, until `has_more` is false) as
+    the SDK's SyncCursorPage does; at most `limit` when given."""
     after: str | None = None
     seen = 0
     while limit is None or seen < limit:
         page = 100 if limit is None else min(100, limit - seen)
-        params: dict[str, Any] = {"limit": page}
-        if after:
-            params["after"] = after
-        data = api.request_json("GET", "/batches", params=params)
+        # The SDK's order (`after`, then `limit`), so the URL is the one it sends.
+        params: dict[str, Any] = {"after": after} if after else {}
+        params["limit"] = page
+        data = api.request_json("GET", path, params=params)
         items = [b for b in data.get("data") or [] if isinstance(b, dict)]
         for item in items[: None if limit is None else limit - seen]:
             seen += 1
@@ -645,16 +663,16 @@ def iter_batches(api: Api, limit: int | None) -> Iterable[dict[str, Any]]:
         after = last
 
 
-def _when(ts: float | None) -> str:
+def fmt_when(ts: float | None) -> str:
     if ts is None:
         return "-"
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    api = _api(args)
+    api = api_from_args(args)
     try:
-        items = list(iter_batches(api, None if args.all else args.limit))
+        items = list(iter_list(api, "/batches", None if args.all else args.limit))
     finally:
         api.close()
     if args.json:
@@ -667,7 +685,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         v = parse_batch(item)
         table.add_row(
             v.id, v.status, progress_text(v), v.endpoint or "-", v.model or "-",
-            _when(v.created_at), v.output_file_id or "-", v.error_file_id or "-",
+            fmt_when(v.created_at), v.output_file_id or "-", v.error_file_id or "-",
         )  # fmt: skip
     width = None if sys.stdout.isatty() else max(shutil.get_terminal_size((160, 24)).columns, 160)
     Console(width=width, highlight=False).print(table)
@@ -675,7 +693,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    api = _api(args)
+    api = api_from_args(args)
     try:
         path = f"/batches/{checked_id(args.id, 'batch')}/cancel"
         view = parse_batch(api.request_json("POST", path))
@@ -683,27 +701,33 @@ def cmd_cancel(args: argparse.Namespace) -> int:
         api.close()
     print(f"batch {view.id} {view.status} ({progress_text(view)} done); partial output is kept")
     if not view.terminal:
-        _err(f"  follow it: heady batch watch {view.id}")
+        to_stderr(f"  follow it: heady batch watch {view.id}")
     return EXIT_OK
 
 
 # --- argparse ----------------------------------------------------------------------------
 
 
-def _positive(text: str) -> int:
+def positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"not a positive integer: {text!r}")
     return int(text)
 
 
-def add_parser(sub: Any) -> None:
-    """`heady batch ...`: called once from heady_cli.main.build_parser."""
+def common_options() -> argparse.ArgumentParser:
+    """The gateway options every `heady batch` / `heady ft` command takes (a parent parser)."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--gateway", help="gateway base URL (or HEADY_GATEWAY_URL)")
     common.add_argument("--key", help="client key (prefer GATEWAY_API_KEY in the environment)")
     common.add_argument("--dev-vars", help="file with HEADY_GATEWAY_URL / GATEWAY_API_KEY")
     common.add_argument("--role", default="batch", help="the gateway pool: /api/heavy/<role>/v1")
     common.add_argument("--timeout", type=float, default=30.0, help="seconds per request (30)")
+    return common
+
+
+def add_parser(sub: Any) -> None:
+    """`heady batch ...`: called once from heady_cli.main.build_parser."""
+    common = common_options()
 
     b = sub.add_parser("batch", help="OpenAI-compatible batches on the gateway (submit, watch...)")
     bs = b.add_subparsers(dest="batch_command", required=True)
@@ -728,7 +752,7 @@ def add_parser(sub: Any) -> None:
     r.set_defaults(func=cmd_results)
 
     ls = bs.add_parser("list", parents=[common], help="your batches, newest first")
-    ls.add_argument("--limit", type=_positive, default=20, help="how many (20)")
+    ls.add_argument("--limit", type=positive_int, default=20, help="how many (20)")
     ls.add_argument("--all", action="store_true", help="every batch (follows all pages)")
     ls.add_argument("--json", action="store_true", help="the Batch objects as JSON")
     ls.set_defaults(func=cmd_list)

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn
 from rich.table import Table
 
-from heady_cli import batch, gateway, probe, secrets
+from heady_cli import batch, finetune, gateway, probe, secrets
 from heady_cli.config import CliError, endpoints, load_vars, mask_url, resolve_gateway
 from heady_shared.routes import ENDPOINT_PREFIX, NODE_COUNT
 
@@ -217,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.set_defaults(func=cmd_status)
 
     batch.add_parser(sub)  # heady batch submit|watch|results|list|cancel (heady_cli/batch.py)
+    finetune.add_parser(sub)  # heady finetune|ft create|watch|list|events|checkpoints|cancel
     return p
 
 
