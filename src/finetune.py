@@ -13,7 +13,6 @@ status, so no write is needed when a node disappears. See docs/fine-tuning-jobs.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -29,7 +28,6 @@ from storage import Blobs, Db
 
 MAX_BATCH_SIZE, MAX_EPOCHS, MAX_SEED = 256, 50, 2_147_483_647
 HP_KEYS = ("batch_size", "learning_rate_multiplier", "n_epochs")
-SUFFIX = re.compile(r"^[a-z0-9_-]{1,64}$")
 JOBS_LIMIT, EVENTS_LIMIT, CHECKPOINTS_LIMIT, LIMIT_MAX = 20, 20, 10, 100
 # What a node's LoRA resolver gets for an adapter: the files vLLM loads (heady_node's
 # finetune.adapter CONFIG and WEIGHTS; its resolver refuses any other member).
@@ -282,8 +280,8 @@ async def create_job(
     if isinstance(hp, ApiResult):
         return hp
     suffix = req.get("suffix")
-    if suffix is not None and not (isinstance(suffix, str) and SUFFIX.match(suffix)):
-        return _bad("suffix must be 1 to 64 characters of a-z, 0-9, '-' and '_'", "suffix")
+    if suffix is not None and not (isinstance(suffix, str) and ftnames.SUFFIX.match(suffix)):
+        return _bad(ftnames.SUFFIX_RULE, "suffix")
     seed = req.get("seed")
     if seed is not None and not (_is_int(seed) and 0 <= seed <= MAX_SEED):  # type: ignore[operator]
         return _bad(f"seed must be an integer from 0 to {MAX_SEED}", "seed")

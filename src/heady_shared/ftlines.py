@@ -34,10 +34,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
+from heady_shared import ftnames
 from heady_shared.batchlines import LineError, is_blank
 
 ROLES = frozenset({"system", "user", "assistant", "tool"})
@@ -210,7 +210,6 @@ MAX_EPOCHS = 50
 MAX_BATCH = 256
 MAX_SEED = 2_147_483_647
 # Our suffixes end up inside `ft:<base>:<org>:<suffix>:<id>`: no `:` (the separator) or `/`.
-SUFFIX = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 METADATA_PAIRS, METADATA_KEY, METADATA_VALUE = 16, 64, 512  # OpenAI's metadata limits
 
 
@@ -307,10 +306,8 @@ def check_job_request(body: object) -> JobRequest:
     if validation is not None and (not isinstance(validation, str) or not validation):
         raise HyperparameterError("validation_file", "validation_file must be a file id")
     suffix = body.get("suffix")
-    if suffix is not None and not (isinstance(suffix, str) and SUFFIX.match(suffix)):
-        raise HyperparameterError(
-            "suffix", "suffix must be 1-64 characters of letters, digits, '.', '_' or '-'"
-        )
+    if suffix is not None and not (isinstance(suffix, str) and ftnames.SUFFIX.match(suffix)):
+        raise HyperparameterError("suffix", ftnames.SUFFIX_RULE)
     seed = body.get("seed")
     if seed is not None and not (_int(seed) and 0 <= seed <= MAX_SEED):
         raise HyperparameterError("seed", f"seed must be an integer 0-{MAX_SEED}")

@@ -28,6 +28,9 @@ CKPT_TAG = "ckpt-step-"
 MAX_STEP = 10**9  # a checkpoint's step: at most 10 digits, so a checkpoint slug fits
 _DIGEST_HEX = 20  # 80 bits of SHA-256: collisions are out of reach
 _READABLE_MAX = SLUG_MAX - len(SLUG_PREFIX) - 1 - _DIGEST_HEX  # 40
+# A job's `suffix` (part of its model name): one rule for the gateway and the CLI's local check.
+SUFFIX = re.compile(r"^[a-z0-9_-]{1,64}$")
+SUFFIX_RULE = "suffix must be 1 to 64 characters of a-z, 0-9, '-' and '_'"
 _UNSAFE = re.compile(r"[^A-Za-z0-9-]+")
 _SLUG = re.compile(rf"^{SLUG_PREFIX}[A-Za-z0-9_-]{{0,{_READABLE_MAX}}}-[0-9a-f]{{{_DIGEST_HEX}}}$")
 _STEP = re.compile(r"^(0|[1-9][0-9]{0,9})$")

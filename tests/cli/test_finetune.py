@@ -267,7 +267,8 @@ def test_create_lists_the_problems_of_a_file_with_many(
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--suffix", "a:b"], "--suffix: suffix must be 1-64 characters"),
+        (["--suffix", "a:b"], "--suffix: suffix must be 1 to 64 characters of a-z"),
+        (["--suffix", "My.Model"], "--suffix: suffix must be 1 to 64 characters of a-z"),
         (["--lr-multiplier", "0"], "--lr-multiplier: learning_rate_multiplier must be"),
         (["--lr-multiplier", "nan"], "--lr-multiplier: learning_rate_multiplier must be"),
         (["--epochs", "51"], "--epochs: n_epochs must be 'auto' or an integer 1-50"),
