@@ -1,30 +1,38 @@
-"""LoRA training on OpenAI chat examples: peft over transformers, a plain torch loop.
+"""LoRA training on OpenAI chat examples: peft over transformers, driven by trl's SFTTrainer.
 
-Why not trl's SFTTrainer: per-turn assistant `weight` (OpenAI's format) is not something its
-`assistant_only_loss` expresses (that needs `{% generation %}` markers in the template and trains
-every assistant turn), the loop below is ~150 lines we control (loss normalisation across
-gradient accumulation, metrics, checkpoint and resume semantics), and it saves importing
-trl + datasets on every job (measured in docs/fine-tuning.md).
+trl 1.16's SFTTrainer takes an already tokenized dataset: rows of `input_ids` plus `labels` (or
+`assistant_masks`) are used as given, so OpenAI's per-turn assistant `weight` is honoured by
+handing it our own labels (heady_node.finetune.chatmask) rather than trl's `assistant_only_loss`
+(which needs `{% generation %}` markers in the template and trains every assistant turn).
+`skip_prepare_dataset` keeps trl from re-truncating or dropping all-masked rows (the step count
+stays hparams.total_steps).
 
-The loop:
-  * every example is rendered with the tokenizer's chat template; labels are -100 except on
-    assistant turns with weight 1 (heady_node.finetune.chatmask);
-  * each epoch visits the examples in an order drawn from `seed + epoch` (so a resumed job sees
-    the same order as the one it replaces), in optimizer steps of `batch_size` examples, each
-    step made of micro batches of `micro_batch`; the loss is the mean over the *step's* trained
-    tokens (summed over its micro batches), so accumulation does not change the maths;
-  * AdamW, linear warmup (warmup_ratio) then linear decay to 0, gradient clipping;
+What trl/transformers do, with the settings of `sft_config`:
+  * each epoch visits the examples in an order drawn from `seed` and the epoch (accelerate's
+    seedable sampler), in optimizer steps of `batch_size` examples = micro batches of
+    `micro_batch` x `grad_accum`; the loss is the summed token loss over the *step's* trained
+    tokens (Trainer counts the labels != -100 of all the step's micro batches,
+    `num_items_in_batch`, and trl divides by it), so accumulation does not change the maths;
+  * AdamW, linear warmup (warmup_ratio of the steps, from lr 0) then linear decay to 0, gradient
+    clipping; fp16/bf16 mixed precision by the plan (fp16 with a gradient scaler);
+  * trl saves, logs, evaluates and reports nothing itself.
+
+What the callbacks here do:
   * every `log_every` steps and at each epoch's end: a metrics record (step, train loss and
-    token accuracy since the last record; with a validation file, valid_loss/accuracy over its
-    first VALID_SAMPLE examples, and full_valid_loss/accuracy over all of it at epoch ends);
+    token accuracy summed over the micro batches since the last record; with a validation file,
+    valid_loss/accuracy over its first VALID_SAMPLE examples, and full_valid_loss/accuracy over
+    all of it at epoch ends: `evaluate` below, with the same labels);
   * at the end of each epoch: a checkpoint directory (the adapter as vLLM loads it + state.json;
     optimizer.pt kept locally only) handed to `on_checkpoint`;
+  * `should_stop` after every step (cancel / lease lost): training ends there, no adapter;
   * at the end: the final adapter, checked with check_vllm_compatible.
 
-Resume: `resume_from` a checkpoint directory restores the adapter weights and the step/epoch
-counters (and the optimizer and schedule when its optimizer.pt is there: same node). A partner
-node resuming from an uploaded checkpoint gets no optimizer.pt: Adam's moments restart from zero
-and the schedule continues at the saved step (documented; a few noisier steps, no lost epochs).
+Resume: `resume_from` a checkpoint directory is laid out as a transformers checkpoint (adapter +
+trainer_state.json at the saved step, + optimizer/scheduler state when this node kept its
+optimizer.pt) and handed to `Trainer.train(resume_from_checkpoint=...)`, which restores the
+weights and skips the epochs already trained. A partner node resuming from an uploaded
+checkpoint gets no optimizer.pt: Adam's moments restart from zero and the schedule continues at
+the saved step (documented; a few noisier steps, no lost epochs).
 """
 
 from __future__ import annotations
@@ -39,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 
 from heady_node.finetune import adapter as adapter_rules
@@ -230,7 +238,7 @@ def sft_config(plan: TrainPlan, n_examples: int, work_dir: Path, *, cpu: bool) -
         fp16=plan.precision == "fp16",  # cards below compute capability 8.0 (hparams.plan)
         use_cpu=cpu,
         # load_base turns it on for real models; the tiny CPU test models go without.
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
         # Rows are already tokenized and labelled by chatmask (weight-0 turns are -100):
         # no re-tokenizing, no truncation (encode did it), no dropping of all-masked rows
         # (trl's prepare step would drop them and change the step count the job reported).
@@ -403,9 +411,13 @@ def _hf_checkpoint(ckpt: Path, out: Path, plan: TrainPlan, start: Mapping[str, A
     d.mkdir()
     for name in (adapter_rules.CONFIG, adapter_rules.WEIGHTS):
         shutil.copyfile(ckpt / name, d / name)
-    TrainerState(global_step=start["step"], epoch=float(start["epoch"]),
-                 num_train_epochs=plan.epochs,
-                 train_batch_size=plan.micro_batch).save_to_json(str(d / "trainer_state.json"))  # fmt: skip
+    state = TrainerState(
+        global_step=start["step"],
+        epoch=float(start["epoch"]),
+        num_train_epochs=plan.epochs,
+        train_batch_size=plan.micro_batch,
+    )
+    state.save_to_json(str(d / "trainer_state.json"))
     if start["optimizer"]:
         saved = torch.load(ckpt.parent / f"{OPTIMIZER}.{start['step']}", weights_only=True)
         torch.save(saved["optimizer"], d / "optimizer.pt")
