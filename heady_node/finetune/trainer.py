@@ -271,6 +271,7 @@ def train(
     """Train a LoRA adapter on `model` (a transformers causal LM, already on its device)."""
     from datasets import Dataset
     from transformers import TrainerCallback
+    from transformers.trainer_callback import PrinterCallback
     from trl import SFTTrainer
 
     cb = callbacks or Callbacks()
@@ -366,6 +367,7 @@ def train(
         processing_class=tokenizer,
         callbacks=[Hooks()],
     )
+    sft.remove_callback(PrinterCallback)  # it prints the run's summary dict to stdout
     for p in model.parameters():  # trl casts a quantised base's LoRA to bf16: fp16 cards
         if p.requires_grad and p.dtype != torch.float32:  # have no bf16 AMP; fp32 masters
             p.data = p.data.float()
