@@ -23,6 +23,11 @@ VLLM_VERSION = "0.33.0"
 # vLLM so it runs on vLLM's torch (diffusers needs no torch of its own); vLLM already brings
 # transformers, safetensors, Pillow, starlette/uvicorn and python-multipart.
 DIFFUSERS_VERSION = "0.42.1"
+# Fine-tuning on the batch pair (heady_node.finetune.trainer), in the same resolve so training
+# runs on vLLM's torch and transformers: the pins of requirements-torch.txt (the CPU tests) plus
+# bitsandbytes for 4-bit QLoRA where the base does not fit the card in 16 bits. Listed before
+# vLLM on the command line; uv resolves them together.
+FINETUNE_PINS = ("peft==0.21.2", "trl==1.16.0", "datasets==5.2.0", "bitsandbytes==0.50.2")
 MIN_DRIVER_MAJOR = 525
 BLACKWELL_COMPUTE_CAPABILITY = 10.0
 BLACKWELL_MIN_CUDA = (12, 8)
@@ -108,6 +113,7 @@ def install_commands(
             "pip",
             "install",
             *target,
+            *FINETUNE_PINS,
             f"vllm=={VLLM_VERSION}",
             f"diffusers=={DIFFUSERS_VERSION}",
             "--torch-backend=auto",

@@ -32,7 +32,8 @@ def test_install_commands_pin_vllm_and_use_uv_torch_backend_auto(monkeypatch) ->
     assert cmds[0] == ["/usr/bin/python3", "-m", "pip", "install", "--quiet", "uv"]
     assert cmds[1] == [
         "/usr/bin/python3", "-m", "uv", "pip", "install", "--python", "/usr/bin/python3",
-        "--system", "vllm==0.33.0", "diffusers==0.42.1", "--torch-backend=auto",
+        "--system", "peft==0.21.2", "trl==1.16.0", "datasets==5.2.0", "bitsandbytes==0.50.2",
+        "vllm==0.33.0", "diffusers==0.42.1", "--torch-backend=auto",
     ]  # fmt: skip
     assert cmds[2] == ["vllm", "download-kernels"]
     assert cmds[3][:3] == ["curl", "-fsSLo", "/opt/bin/cloudflared"]
