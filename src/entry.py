@@ -29,7 +29,7 @@ import status_page
 from body import BodyError
 from config import GatewayConfig, load_config
 from dispatch import ROUTES, Match, Row, resolve
-from errors import error_body
+from errors import error_body, sse_error_event
 from exchange import Exchange
 from forward import Budget, ForwardResult, cut, forward, retry_after
 from headers import (
@@ -385,6 +385,9 @@ class Default(WorkerEntrypoint):
         idle_s = config.timeouts.stream_idle_s if sse else 0.0
         abort = result.head.abort  # the node fetch's AbortController (jsio.Upstream.head)
         relay = jsio.Relay(stream, config.stream_relay, idle_s, abort.abort.bind(abort))
+        if idle_s > 0 and not relay.native:
+            began = _clock()
+            relay.on_stall = lambda: self._stall_ended(relay, n, ex, began)
         # Not in waitUntil: the response's own pump keeps the request alive while the body
         # flows, and when the client leaves the runtime tears the request down at once —
         # which cancels the node's fetch. waitUntil would keep both alive for nobody.
@@ -406,6 +409,8 @@ class Default(WorkerEntrypoint):
             await relay.piped
         except Exception as exc:
             relay.stop()
+            if relay.on_stall is not None and relay.idle:
+                return  # ended at the stall itself (_stall_ended)
             writer = relay.writable.getWriter()
             writable = writer.desiredSize is not None
             # The client went away: its signal (production) or, for a guarded relay, its
@@ -430,6 +435,20 @@ class Default(WorkerEntrypoint):
         # Not awaited: the close settles only once the client has read everything, by when
         # the request may be over and this task would never resume (bench/README.md).
         relay.writable.getWriter().close().catch(jsio.IGNORE)
+
+    def _stall_ended(self, relay, n: int, ex: Exchange, started: float) -> None:
+        """A guarded event stream whose node went silent: the final `upstream_idle` event and
+        the end go out through the relay's own controller at once (jsio.Relay.on_stall); the
+        cut is logged and the node marked unless the client had already left."""
+        relay.stop()
+        if not relay.end_stalled(sse_error_event(ex.rid, "upstream_idle")):
+            return
+        io, sync = self._io(), _ISO.sync
+        ms = (_clock() - started) * 1000
+        ex.attempts = [*ex.attempts, cut(n, sync, _clock(), ms, "upstream_idle")]
+        ex.error = "the node sent nothing for STREAM_IDLE_S"
+        _log(ex.log_line())  # the request's second line: how its body ended
+        sync.maybe_flush(io)
 
     # ---- cron ---------------------------------------------------------------------------
 

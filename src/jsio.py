@@ -7,9 +7,10 @@ end-to-end suite.
 """
 
 import time
+from collections.abc import Callable
 
 import js
-from pyodide.ffi import create_proxy, to_js
+from pyodide.ffi import create_once_callable, create_proxy, to_js
 
 import capability
 from attempt import Head
@@ -63,13 +64,23 @@ class Relay:
 
     def __init__(self, node_body, mode: str, idle_s: float = 0.0, abort=None) -> None:
         native = mode == "native"
-        stream = js.IdentityTransformStream.new() if native else js.TransformStream.new()
+        self._controller = None  # a guarded relay's TransformStream controller (its start)
+        if native:
+            stream = js.IdentityTransformStream.new()
+        else:
+            start = create_once_callable(self._started)
+            stream = js.TransformStream.new(js_obj({"start": start}))
         self.native = native
         self.writable = stream.writable
         self.readable = stream.readable
         self.idle = False
         self._watch: IdleWatch | None = None
         options = _PIPE_OPTIONS
+        # Called at a stall, after the aborts (the shell sets it for a guarded event stream):
+        # the pipe itself may notice its abort only when the silent node writes again
+        # (workerd checks the signal between reads), which can be never, so the client's
+        # stream is ended from here, not when the pipe settles.
+        self.on_stall: Callable[[], None] | None = None
         if idle_s > 0 and abort is not None:
             node_body, branch = node_body.tee()
             # A stall ends the pipe itself too (its signal), not only the node fetch: an
@@ -82,10 +93,30 @@ class Relay:
         self.piped = node_body.pipeTo(stream.writable, options)
         self.piped.catch(IGNORE)  # awaited by the shell; a torn-down request must not log it
 
+    def _started(self, controller) -> None:
+        self._controller = controller
+
     def _stalled(self) -> None:
         self.idle = True
         self._abort()
         self._pipe.abort()
+        if self.on_stall is not None:
+            self.on_stall()
+
+    def end_stalled(self, event: str) -> bool:
+        """A guarded relay after a stall: `event` (the final error event) and the end, put
+        on the client's side through the transform's own controller, so they do not wait for
+        the pipe to let go of the writable side. False when that side is gone (the client
+        left) or this is no guarded relay."""
+        c = self._controller
+        if c is None:
+            return False
+        try:
+            c.enqueue(js.TextEncoder.new().encode(event))
+            c.terminate()
+        except Exception:  # TypeError: the readable side is closed or errored (client left)
+            return False
+        return True
 
     def stop(self) -> None:
         if self._watch is not None:
