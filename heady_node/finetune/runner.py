@@ -248,6 +248,8 @@ class FineTuneRunner:
     work_dir: Path | None = None
     log_every: int = 10
     poll_s: float = 10.0  # wait between asks that found no work (run's default)
+    # What is really trained when it is not plan.train_repo (--dev-base): named in the events.
+    stand_in: str | None = None
     poll_max_s: float = 120.0  # ... doubling up to this (main's)
     gw: httpx.AsyncClient = field(init=False)
 
@@ -365,8 +367,9 @@ class FineTuneRunner:
             resume = tmp / "resume" / "ckpt"
             unpack_checkpoint(await self._get(lease, lease.checkpoint), resume)
         steps = hparams.total_steps(plan, len(train_set))
+        trained = self.stand_in or plan.train_repo
         await self._events(lease, [message_event(
-            f"Files validated: {len(train_set)} examples; training {plan.train_repo} "
+            f"Files validated: {len(train_set)} examples; training {trained} "
             f"(served as {plan.served_base}) for {plan.epochs} epochs, batch {plan.batch_size} "
             f"({plan.micro_batch} x {plan.grad_accum}), lr {plan.learning_rate:.2e}, "
             f"{plan.precision}{', 4-bit QLoRA' if plan.load_in_4bit else ''}, {steps} steps"
@@ -663,7 +666,11 @@ def build(
     if args.dev_base:
         from heady_node.finetune import devbase
 
-        dev = {"loader": devbase.load, "tokenizer_loader": devbase.load_tokenizer}
+        dev = {
+            "loader": devbase.load,
+            "tokenizer_loader": devbase.load_tokenizer,
+            "stand_in": "the dev cluster's tiny random stand-in (heady_node.finetune.devbase)",
+        }
     return FineTuneRunner(
         gateway_url=gateway,
         credential=credential,

@@ -103,6 +103,8 @@ def test_the_readme_fine_tuning_snippet_completes_under_make_dev(
         events = c.fine_tuning.jobs.list_events(j.id, limit=100).data
         losses = [e.data["train_loss"] for e in reversed(events) if e.type == "metrics"]
         assert losses and all(x > 0 for x in losses)
+        validated = [e.message for e in events if e.message.startswith("Files validated")]
+        assert validated and "tiny random stand-in" in validated[0], validated  # said, not hidden
         assert [cp.step_number for cp in c.fine_tuning.jobs.checkpoints.list(j.id).data] == [20, 10]
 
         # Node 8 trained it: its engine was handed over and came back with a new batch worker.
