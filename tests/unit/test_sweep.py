@@ -305,6 +305,17 @@ def _insert(db: SqliteDb, i: int, spec: dict) -> tuple[str, set[str], list[str]]
     return bid, named | set(in_file), keys
 
 
+def _made(db: SqliteDb, blobs: MemoryBlobs, specs: list[dict]) -> list[tuple]:
+    """Each spec's batch inserted (`_insert`) and all its keys put: (id, spec, referenced, keys)."""
+    made = []
+    for i, spec in enumerate(specs):
+        bid, referenced, keys = _insert(db, i, spec)
+        for k in keys:
+            drive(blobs.put(k, b"x"))
+        made.append((bid, spec, referenced, keys))
+    return made
+
+
 @settings(max_examples=150, deadline=None)
 @given(
     specs=st.lists(batch_spec, min_size=1, max_size=5),
@@ -325,12 +336,7 @@ def test_the_sweep_never_deletes_a_referenced_key_nor_touches_an_unsettled_batch
     outside = ["u/000000000000000000000001", "b/batch_zzz/w/1/a.out", "ft/ftjob-1/x.tar"]
     for k in outside:
         drive(blobs.put(k, b"x"))
-    made = []
-    for i, spec in enumerate(specs):
-        bid, referenced, keys = _insert(db, i, spec)
-        for k in keys:
-            drive(blobs.put(k, b"x"))
-        made.append((bid, spec, referenced, keys))
+    made = _made(db, blobs, specs)
     for _ in range(runs):
         done = drive(sweep.sweep(db, blobs, BATCHES, float(now), float(grace), budget))
         assert done.lists <= budget.lists and done.targets <= budget.targets
@@ -352,12 +358,7 @@ def test_the_sweep_never_deletes_a_referenced_key_nor_touches_an_unsettled_batch
 @given(specs=st.lists(batch_spec, min_size=1, max_size=4), grace=st.sampled_from([0, 120]))
 def test_with_budget_enough_every_settled_batch_ends_clean(specs, grace) -> None:
     db, blobs = SqliteDb(), MemoryBlobs()
-    made = []
-    for i, spec in enumerate(specs):
-        bid, referenced, keys = _insert(db, i, spec)
-        for k in keys:
-            drive(blobs.put(k, b"x"))
-        made.append((bid, spec, referenced, keys))
+    made = _made(db, blobs, specs)
     now = 10**6  # everything final is settled
     for _ in range(len(specs) + 1):
         drive(sweep.sweep(db, blobs, BATCHES, float(now), float(grace), Budget(lists=3, page=2)))
