@@ -578,11 +578,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         try:
             view = parse_batch(api.request_json("POST", "/batches", json=body))
         except CliError:
-            # The upload was for this batch only: don't leave it behind (best effort).
-            try:
-                api.request_json("DELETE", f"/files/{file_id}")
-            except CliError:
-                to_stderr(f"heady: note: uploaded file {file_id} was kept")
+            drop_uploads(api, [file_id])  # the upload was for this batch only
             raise
         print(view.id, flush=True)
         to_stderr(f"batch {view.id} created ({view.status}) from {file_id}")
@@ -592,6 +588,16 @@ def cmd_submit(args: argparse.Namespace) -> int:
         return EXIT_OK
     finally:
         api.close()
+
+
+def drop_uploads(api: Api, file_ids: Iterable[str]) -> None:
+    """Files uploaded for a create that failed: deleted, not left behind (best effort; a
+    note says which were kept)."""
+    for file_id in file_ids:
+        try:
+            api.request_json("DELETE", f"/files/{file_id}")
+        except CliError:
+            to_stderr(f"heady: note: uploaded file {file_id} was kept")
 
 
 def _to_file(target: str, fetch: Callable[[BinaryIO], tuple[int, int]]) -> tuple[int, int]:

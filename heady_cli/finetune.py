@@ -41,6 +41,7 @@ from heady_cli.batch import (
     clock_fields,
     clock_text,
     common_options,
+    drop_uploads,
     fmt_duration,
     fmt_when,
     input_file,
@@ -570,12 +571,7 @@ def cmd_create(args: argparse.Namespace) -> int:
             body = _body(args, uploaded[0], validation)
             job = parse_job(api.request_json("POST", "/fine_tuning/jobs", json=body))
         except CliError:
-            # The uploads were for this job only: don't leave them behind (best effort).
-            for file_id in uploaded:
-                try:
-                    api.request_json("DELETE", f"/files/{file_id}")
-                except CliError:
-                    to_stderr(f"heady: note: uploaded file {file_id} was kept")
+            drop_uploads(api, uploaded)  # the uploads were for this job only
             raise
         print(job.id, flush=True)
         to_stderr(f"job {job.id} created ({job.status}) for {job.model} from {uploaded[0]}")
