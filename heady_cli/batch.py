@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Self
 
 import httpx
 from rich.console import Console
@@ -370,29 +370,71 @@ class ClockColumn(ProgressColumn):
         return Text(clock_text(elapsed, f.get("rate"), eta, compact=True), style="cyan")
 
 
-class LiveDisplay:
-    """A rich progress bar on a terminal (stderr, so stdout stays for ids and data)."""
+class LiveBar:
+    """The rich progress bar both watches draw on a terminal (stderr, so stdout stays for ids
+    and data): status, bar, n/m, one column of the watch's own, the clock, a note."""
 
-    def __init__(self, console: Console) -> None:
+    def __init__(self, console: Console, own: ProgressColumn) -> None:
         # The id goes in a header line: on 80 columns the bar row keeps only what moves.
         self.progress = Progress(
             TextColumn("[bold]{task.fields[status]}"),
             BarColumn(bar_width=None),
             MofNCompleteColumn(),
-            TextColumn("[red]{task.fields[failed]}"),
+            own,
             ClockColumn(table_column=Column(no_wrap=True)),
             TextColumn("[yellow]{task.fields[note]}"),
             console=console,
             expand=True,
         )
         self.task: Any = None
+        self.headed = False
 
-    def __enter__(self) -> LiveDisplay:
+    def __enter__(self) -> Self:
         self.progress.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.progress.__exit__(None, None, None)
+
+    def header(self, markup: str) -> None:
+        """The header line, printed once: with the first thing shown, not before."""
+        if not self.headed:
+            self.headed = True
+            self.progress.console.print(markup)
+
+    def draw(self, name: str, total: int | None, completed: int, fields: dict[str, Any]) -> None:
+        if self.task is None:
+            self.task = self.progress.add_task(name, total=total, completed=completed, **fields)
+        else:
+            self.progress.update(self.task, total=total, completed=completed, **fields)
+        self.progress.refresh()
+
+
+class LineBase:
+    """Not a terminal (CI, a log file): a watch prints one plain line whenever something moved."""
+
+    def __init__(self, file: Any) -> None:
+        self.file, self.last = file, None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def moved(self, key: object) -> bool:
+        """Whether `key` (what the line would show) differs from the last line's."""
+        if key == self.last:
+            return False
+        self.last = key
+        return True
+
+
+class LiveDisplay(LiveBar):
+    """`heady batch watch`'s bar: failed lines in red."""
+
+    def __init__(self, console: Console) -> None:
+        super().__init__(console, TextColumn("[red]{task.fields[failed]}"))
 
     def show(
         self,
@@ -409,28 +451,11 @@ class LiveDisplay:
             **clock_fields(elapsed, rate, eta, view.terminal),
         }
         total = view.total or None  # None: a pulsing bar while validating
-        if self.task is None:
-            self.progress.console.print(
-                f"[bold]{view.id}[/] (Ctrl-C stops watching; the batch keeps running)"
-            )
-            self.task = self.progress.add_task(view.id, total=total, completed=view.done, **fields)
-        else:
-            self.progress.update(self.task, total=total, completed=view.done, **fields)
-        self.progress.refresh()
+        self.header(f"[bold]{view.id}[/] (Ctrl-C stops watching; the batch keeps running)")
+        self.draw(view.id, total, view.done, fields)
 
 
-class LineDisplay:
-    """Not a terminal (CI, a log file): one plain line whenever something moved."""
-
-    def __init__(self, file: Any) -> None:
-        self.file, self.last = file, None
-
-    def __enter__(self) -> LineDisplay:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        pass
-
+class LineDisplay(LineBase):
     def show(
         self,
         view: BatchView,
@@ -439,9 +464,7 @@ class LineDisplay:
         eta: float | None,
         note: str = "",
     ) -> None:
-        key = (view.status, view.done, view.total, note)
-        if key != self.last:
-            self.last = key
+        if self.moved((view.status, view.done, view.total, note)):
             parts = [view.id, view.status, progress_text(view), clock_text(elapsed, rate, eta)]
             print("  ".join(parts + ([note] if note else [])), file=self.file, flush=True)
 
@@ -555,11 +578,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         try:
             view = parse_batch(api.request_json("POST", "/batches", json=body))
         except CliError:
-            # The upload was for this batch only: don't leave it behind (best effort).
-            try:
-                api.request_json("DELETE", f"/files/{file_id}")
-            except CliError:
-                to_stderr(f"heady: note: uploaded file {file_id} was kept")
+            drop_uploads(api, [file_id])  # the upload was for this batch only
             raise
         print(view.id, flush=True)
         to_stderr(f"batch {view.id} created ({view.status}) from {file_id}")
@@ -569,6 +588,16 @@ def cmd_submit(args: argparse.Namespace) -> int:
         return EXIT_OK
     finally:
         api.close()
+
+
+def drop_uploads(api: Api, file_ids: Iterable[str]) -> None:
+    """Files uploaded for a create that failed: deleted, not left behind (best effort; a
+    note says which were kept)."""
+    for file_id in file_ids:
+        try:
+            api.request_json("DELETE", f"/files/{file_id}")
+        except CliError:
+            to_stderr(f"heady: note: uploaded file {file_id} was kept")
 
 
 def _to_file(target: str, fetch: Callable[[BinaryIO], tuple[int, int]]) -> tuple[int, int]:

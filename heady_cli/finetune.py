@@ -22,8 +22,8 @@ from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-from rich.table import Column, Table
+from rich.progress import TextColumn
+from rich.table import Table
 from rich.text import Text
 
 from heady_cli.batch import (
@@ -34,12 +34,14 @@ from heady_cli.batch import (
     POLL_MIN_S,
     Api,
     ApiError,
-    ClockColumn,
+    LineBase,
+    LiveBar,
     api_from_args,
     checked_id,
     clock_fields,
     clock_text,
     common_options,
+    drop_uploads,
     fmt_duration,
     fmt_when,
     input_file,
@@ -366,39 +368,20 @@ def new_events(api: Api, job_id: str, last_shown: str | None) -> tuple[list[Even
     return found[::-1], bool(last_shown)
 
 
-class LiveDisplay:
+class LiveDisplay(LiveBar):
     """A rich progress bar (step/total, losses, elapsed · rate · ETA) on a terminal, with the
     job's message events printed above it (stderr: stdout stays for ids and the model)."""
 
     def __init__(self, console: Console, job_id: str) -> None:
-        self.job_id, self.headed = job_id, False
-        self.progress = Progress(
-            TextColumn("[bold]{task.fields[status]}"),
-            BarColumn(bar_width=None),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[loss]}"),
-            ClockColumn(table_column=Column(no_wrap=True)),
-            TextColumn("[yellow]{task.fields[note]}"),
-            console=console,
-            expand=True,
-        )
-        self.task: Any = None
-
-    def __enter__(self) -> LiveDisplay:
-        self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.progress.__exit__(None, None, None)
+        super().__init__(console, TextColumn("{task.fields[loss]}"))
+        self.job_id = job_id
 
     def _header(self) -> None:
         # Printed with the first thing to show (an event or the bar), not before: a watch
         # that fails at once (a 404) shows the error only.
-        if not self.headed:
-            self.headed = True
-            self.progress.console.print(
-                f"[bold]{escape(self.job_id)}[/] (Ctrl-C stops watching; the job keeps running)"
-            )
+        self.header(
+            f"[bold]{escape(self.job_id)}[/] (Ctrl-C stops watching; the job keeps running)"
+        )
 
     def event(self, line: str) -> None:
         self._header()
@@ -426,27 +409,12 @@ class LiveDisplay:
         }
         done = p.step or 0
         self._header()
-        if self.task is None:
-            self.task = self.progress.add_task(
-                job.id, total=p.total_steps, completed=done, **fields
-            )
-        else:
-            self.progress.update(self.task, total=p.total_steps, completed=done, **fields)
-        self.progress.refresh()
+        self.draw(job.id, p.total_steps, done, fields)
 
 
-class LineDisplay:
+class LineDisplay(LineBase):
     """Not a terminal (CI, a log file): one plain line whenever something moved, and each
     message event as its own line."""
-
-    def __init__(self, file: Any) -> None:
-        self.file, self.last = file, None
-
-    def __enter__(self) -> LineDisplay:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        pass
 
     def event(self, line: str) -> None:
         print(line, file=self.file, flush=True)
@@ -460,9 +428,7 @@ class LineDisplay:
         eta: float | None,
         note: str = "",
     ) -> None:
-        key = (job.status, p.step, p.total_steps, p.train_loss, p.valid_loss, note)
-        if key != self.last:
-            self.last = key
+        if self.moved((job.status, p.step, p.total_steps, p.train_loss, p.valid_loss, note)):
             parts = [job.id, job.status, step_text(p), loss_text(p)]
             parts.append(clock_text(elapsed, rate, eta, unit=" steps"))
             line = "  ".join([x for x in parts if x] + ([note] if note else []))
@@ -605,12 +571,7 @@ def cmd_create(args: argparse.Namespace) -> int:
             body = _body(args, uploaded[0], validation)
             job = parse_job(api.request_json("POST", "/fine_tuning/jobs", json=body))
         except CliError:
-            # The uploads were for this job only: don't leave them behind (best effort).
-            for file_id in uploaded:
-                try:
-                    api.request_json("DELETE", f"/files/{file_id}")
-                except CliError:
-                    to_stderr(f"heady: note: uploaded file {file_id} was kept")
+            drop_uploads(api, uploaded)  # the uploads were for this job only
             raise
         print(job.id, flush=True)
         to_stderr(f"job {job.id} created ({job.status}) for {job.model} from {uploaded[0]}")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -22,6 +21,7 @@ from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
 
 import status_page as sp
+from tests.support.local import serving
 
 KEY = "batches-page-key"
 NOW = int(time.time())
@@ -110,19 +110,23 @@ def server() -> Iterator[_Status]:
     # before the test runs): the page measures "lease until ... (in 100 s)" against it.
     clock = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(NOW))
     srv.body = {"nodes": NODES, "routes": ROUTES, "gateway": {"version": "test", "time": clock}}
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
+    with serving(srv):
+        yield srv
 
 
 def _wait(d: WebDriver, what: str, cond: Any, timeout: float = sp.POLL_MS / 1000 + 5) -> Any:
     return WebDriverWait(d, timeout, poll_frequency=0.1).until(lambda _d: cond(), message=what)
 
 
-def _shown(d: WebDriver) -> bool:
-    return d.execute_script("return !document.getElementById('batches').hidden")
+def _shown(d: WebDriver, section: str = "batches") -> bool:
+    return d.execute_script(f"return !document.getElementById('{section}').hidden")
+
+
+def _sign_in(d: WebDriver, server: _Status) -> None:
+    """The page of `server` opened with the key entered, its eight node tiles drawn."""
+    d.get(f"http://127.0.0.1:{server.server_address[1]}/")
+    d.switch_to.active_element.send_keys(KEY + Keys.ENTER)
+    _wait(d, "eight tiles", lambda: len(d.find_elements("css selector", "#roles .tile")) == 8)
 
 
 @pytest.mark.timeout(120)
@@ -130,9 +134,7 @@ def test_batches_section_shows_progress_status_and_shard_holders(
     browser: WebDriver, server: _Status
 ) -> None:
     d = browser
-    d.get(f"http://127.0.0.1:{server.server_address[1]}/")
-    d.switch_to.active_element.send_keys(KEY + Keys.ENTER)
-    _wait(d, "eight tiles", lambda: len(d.find_elements("css selector", "#roles .tile")) == 8)
+    _sign_in(d, server)
     assert not _shown(d)  # no `batches` field (a gateway before issue 16): no section
 
     server.body = {**server.body, "batches": {"running": 3, "mine": [VALIDATING, RUNNING]}}
@@ -239,23 +241,17 @@ return [...document.querySelectorAll('#ft-list .batch')].map(b => ({
 """
 
 
-def _ft_shown(d: WebDriver) -> bool:
-    return d.execute_script("return !document.getElementById('ft').hidden")
-
-
 @pytest.mark.timeout(120)
 def test_fine_tuning_section_shows_steps_loss_holder_and_outcomes(
     browser: WebDriver, server: _Status
 ) -> None:
     d = browser
-    d.get(f"http://127.0.0.1:{server.server_address[1]}/")
-    d.switch_to.active_element.send_keys(KEY + Keys.ENTER)
-    _wait(d, "eight tiles", lambda: len(d.find_elements("css selector", "#roles .tile")) == 8)
-    assert not _ft_shown(d)  # no `fine_tuning` field (a gateway before issue 19): no section
+    _sign_in(d, server)
+    assert not _shown(d, "ft")  # no `fine_tuning` field (a gateway before issue 19): no section
 
     mine = [WAITING, TRAINING, DONE, FAILED]  # active newest first, then finished
     server.body = {**server.body, "fine_tuning": {"active": 3, "nodes": [7], "mine": mine}}
-    _wait(d, "the fine-tuning section", lambda: _ft_shown(d))
+    _wait(d, "the fine-tuning section", lambda: _shown(d, "ft"))
     count = d.find_element("id", "ft-count").text
     assert count == "2 active for this key, 3 in all; training on node 7"
     waiting, training, done, failed = d.execute_script(JOBS_JS)
@@ -297,4 +293,4 @@ def test_fine_tuning_section_shows_steps_loss_holder_and_outcomes(
         == "0 active for this key, 1 in all; training on node 8"
     )
     server.body = {**server.body, "fine_tuning": {"active": 0, "nodes": [], "mine": []}}
-    _wait(d, "the section hidden", lambda: not _ft_shown(d))
+    _wait(d, "the section hidden", lambda: not _shown(d, "ft"))

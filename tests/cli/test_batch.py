@@ -15,15 +15,13 @@ from rich.console import Console
 
 from heady_cli import batch
 from heady_cli.main import main
+from tests.cli.conftest import GW, KEY, T0, FakeClock, cli_env, oai_error
 
-GW = "https://gw.example.com"
-KEY = "client-key-SECRET"
 ROOT = f"{GW}/api/heavy/batch/v1"
 BID = "batch_0123456789abcdef01234567"
 FID = "file-aaaaaaaaaaaaaaaaaaaaaaaa"
 OUT = "file-bbbbbbbbbbbbbbbbbbbbbbbb"
 ERR = "file-cccccccccccccccccccccccc"
-T0 = 1_800_000_000.0
 LINES = b"".join(
     json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions",
                 "body": {"model": "m", "messages": [{"role": "user", "content": "hi"}]}}).encode()
@@ -48,34 +46,9 @@ def batch_obj(status: str, total: int = 0, completed: int = 0, failed: int = 0, 
     return obj
 
 
-class FakeClock:
-    """One clock for sleep, wall time and monotonic time: sleeping advances it."""
-
-    def __init__(self, start: float) -> None:
-        self.t, self.sleeps = start, []
-
-    def sleep(self, s: float) -> None:
-        self.sleeps.append(s)
-        self.t += s
-
-
 @pytest.fixture(autouse=True)
 def env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> FakeClock:
-    for key in ["GATEWAY_API_KEY", "GATEWAY_API_KEYS", "HEADY_GATEWAY_URL"]:
-        monkeypatch.delenv(key, raising=False)
-    monkeypatch.setenv("HEADY_GATEWAY_URL", GW)
-    monkeypatch.setenv("GATEWAY_API_KEY", KEY)
-    monkeypatch.chdir(tmp_path)
-    clock = FakeClock(T0 + 20)
-    monkeypatch.setattr(batch, "_sleep", clock.sleep)
-    monkeypatch.setattr(batch, "_now", lambda: clock.t)
-    monkeypatch.setattr(batch, "_monotonic", lambda: clock.t)
-    return clock
-
-
-def oai_error(message: str, code: str | None, rid: str | None) -> dict:
-    err = {"message": message, "type": "invalid_request_error", "code": code, "request_id": rid}
-    return {"error": err}
+    return cli_env(monkeypatch, tmp_path, batch)
 
 
 def one_error_line(err: str) -> str:

@@ -16,9 +16,8 @@ from rich.console import Console
 
 from heady_cli import batch, finetune
 from heady_cli.main import main
+from tests.cli.conftest import GW, KEY, T0, FakeClock, cli_env, oai_error
 
-GW = "https://gw.example.com"
-KEY = "client-key-SECRET"
 ROOT = f"{GW}/api/heavy/batch/v1"
 JID = "ftjob-0123456789abcdef01234567"
 JOB_URL = f"{ROOT}/fine_tuning/jobs/{JID}"
@@ -26,7 +25,6 @@ EVENTS = re.compile(rf"{re.escape(JOB_URL)}/events\?.*")
 TRAIN, VALID = "file-aaaaaaaaaaaaaaaaaaaaaaaa", "file-bbbbbbbbbbbbbbbbbbbbbbbb"
 BASE = "Qwen/Qwen2.5-1.5B-Instruct"
 MODEL = f"ft:{BASE}:heady:support:0123456789abcdef01234567"
-T0 = 1_800_000_000.0
 
 
 def example(i: int) -> dict:
@@ -78,34 +76,9 @@ def page(items: list[dict], has_more: bool = False) -> dict:
     return {"object": "list", "data": items, "has_more": has_more}
 
 
-class FakeClock:
-    """One clock for sleep, wall time and monotonic time: sleeping advances it."""
-
-    def __init__(self, start: float) -> None:
-        self.t, self.sleeps = start, []
-
-    def sleep(self, s: float) -> None:
-        self.sleeps.append(s)
-        self.t += s
-
-
 @pytest.fixture(autouse=True)
 def env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> FakeClock:
-    for key in ["GATEWAY_API_KEY", "GATEWAY_API_KEYS", "HEADY_GATEWAY_URL"]:
-        monkeypatch.delenv(key, raising=False)
-    monkeypatch.setenv("HEADY_GATEWAY_URL", GW)
-    monkeypatch.setenv("GATEWAY_API_KEY", KEY)
-    monkeypatch.chdir(tmp_path)
-    clock = FakeClock(T0 + 20)
-    monkeypatch.setattr(finetune, "_sleep", clock.sleep)
-    monkeypatch.setattr(batch, "_now", lambda: clock.t)
-    monkeypatch.setattr(batch, "_monotonic", lambda: clock.t)
-    return clock
-
-
-def oai_error(message: str, code: str | None, rid: str | None) -> dict:
-    err = {"message": message, "type": "invalid_request_error", "code": code, "request_id": rid}
-    return {"error": err}
+    return cli_env(monkeypatch, tmp_path, finetune)
 
 
 def one_error_line(err: str) -> str:

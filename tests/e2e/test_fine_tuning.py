@@ -18,6 +18,7 @@ import struct
 import tarfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -147,6 +148,38 @@ def chats(fleet: Fleet) -> list[int]:
     return [n for n in range(1, 9) for r in fleet.requests(n) if r.path == "/v1/chat/completions"]
 
 
+@contextmanager
+def lora_on_the_batch_pair(gw: Gateway, fleet: Fleet, cache: Path) -> Iterator[None]:
+    """vLLM with --enable-lora on the batch pair (the sim's LoRA registry, whose resolver is
+    heady_node's: it fetches the adapter from the gateway by the slug vLLM is asked for and
+    checks it against the served base), reported as the `lora` capability; the cron learns it.
+    After the block the fleet is plain again, and the cron knows it."""
+    try:
+        for n in (7, 8):
+            cred = node_credential(NODE_SECRET, n)
+            resolver = gateway_resolver(gw.url, cred, cache / f"lora-{n}")
+            fleet.node(n).loras = LoraRegistry(BASE, [resolver])
+            fleet.set_capabilities(n, [caps.CHAT, caps.LORA])
+        learn(gw)
+        yield
+    finally:
+        for n in (7, 8):
+            fleet.node(n).loras = None
+        fleet.reset()
+        learn(gw)
+
+
+def served_lora(fleet: Fleet, client: openai.OpenAI, ask: dict, name: str) -> int:
+    """`ask` answered by one of the batch pair, the node it names: vLLM echoes the LoRA it
+    served, and was sent the slug `name`, never the ft: name."""
+    answer = client.chat.completions.with_raw_response.create(**ask)
+    served_by = int(answer.headers["x-heady-node"])
+    assert served_by in (7, 8) and answer.parse().model == name
+    sent = [r for r in fleet.requests(served_by) if r.path == "/v1/chat/completions"]
+    assert json.loads(sent[-1].body)["model"] == name
+    return served_by
+
+
 def upload(client: openai.OpenAI, data: bytes) -> str:
     return client.files.create(file=("heady.jsonl", data), purpose="fine-tune").id
 
@@ -268,33 +301,15 @@ def test_a_job_trains_is_listed_and_its_model_is_served_to_its_key_only(
     assert BASE in none_yet.value.message
     assert not chats(fleet)
 
-    # vLLM with --enable-lora on the batch pair (the sim's LoRA registry, whose resolver is
-    # heady_node's: it fetches the adapter from the gateway by the slug vLLM is asked for and
-    # checks it against the served base), reported as the `lora` capability; the cron learns it.
-    try:
-        for n in (7, 8):
-            cred = node_credential(NODE_SECRET, n)
-            resolver = gateway_resolver(gw.url, cred, tmp_path / f"lora-{n}")
-            fleet.node(n).loras = LoraRegistry(BASE, [resolver])
-            fleet.set_capabilities(n, [caps.CHAT, caps.LORA])
-        learn(gw)
-        answer = mine.chat.completions.with_raw_response.create(**ask)
-        served_by = int(answer.headers["x-heady-node"])
-        assert served_by in (7, 8)  # by the model's base, though the role is `reasoning`
-        assert answer.parse().model == name  # vLLM echoes the LoRA it served
-        sent = [r for r in fleet.requests(served_by) if r.path == "/v1/chat/completions"]
-        assert json.loads(sent[-1].body)["model"] == name  # the slug, never the ft: name
+    with lora_on_the_batch_pair(gw, fleet, tmp_path):
+        # Served by the batch pair: by the model's base, though the role is `reasoning`.
+        served_by = served_lora(fleet, mine, ask, name)
         loaded = fleet.node(served_by).loras.loaded
         assert loaded == {name: str(tmp_path / f"lora-{served_by}" / name)}
         assert (tmp_path / f"lora-{served_by}" / name / "adapter_config.json").is_file()
         # Still the caller's only.
         with pytest.raises(openai.NotFoundError):
             other.chat.completions.create(**ask)
-    finally:
-        for n in (7, 8):
-            fleet.node(n).loras = None
-        fleet.reset()
-        learn(gw)
 
 
 def test_jobs_list_pages_filters_and_cancel(gw: Gateway) -> None:
@@ -418,18 +433,8 @@ def test_a_running_jobs_checkpoint_is_served_to_its_key_by_a_nodes_resolver(
     assert none_yet.value.status_code == 503 and none_yet.value.type == "no_capable_node"
     assert not chats(fleet)
 
-    try:
-        for n in (7, 8):
-            cred = node_credential(NODE_SECRET, n)
-            resolver = gateway_resolver(gw.url, cred, tmp_path / f"lora-{n}")
-            fleet.node(n).loras = LoraRegistry(BASE, [resolver])
-            fleet.set_capabilities(n, [caps.CHAT, caps.LORA])
-        learn(gw)
-        answer = mine.chat.completions.with_raw_response.create(**ask)
-        served_by = int(answer.headers["x-heady-node"])
-        assert served_by in (7, 8) and answer.parse().model == name
-        sent = [r for r in fleet.requests(served_by) if r.path == "/v1/chat/completions"]
-        assert json.loads(sent[-1].body)["model"] == name
+    with lora_on_the_batch_pair(gw, fleet, tmp_path):
+        served_by = served_lora(fleet, mine, ask, name)
         cached = tmp_path / f"lora-{served_by}" / name
         assert fleet.node(served_by).loras.loaded == {name: str(cached)}
         assert sorted(p.name for p in cached.iterdir()) == sorted(files)  # no state.json
@@ -443,8 +448,3 @@ def test_a_running_jobs_checkpoint_is_served_to_its_key_by_a_nodes_resolver(
         assert beat.json()["cancel"] is True
         stop = {"token": tok, "ok": False, "cancelled": True}
         assert nc.post(f"{LEASES}/{lid}/commit", json=stop).status_code == 200
-    finally:
-        for n in (7, 8):
-            fleet.node(n).loras = None
-        fleet.reset()
-        learn(gw)

@@ -9,11 +9,8 @@ tests/torch/test_dev_fine_tuning.py; the runners here run in this venv and find 
 from __future__ import annotations
 
 import json
-import os
 import sys
-import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -26,6 +23,7 @@ from heady_shared import capabilities as caps
 from heady_shared.ftnames import slug
 from heady_shared.nodeauth import node_of
 from sim.fleet import NODE_MODELS, FleetProcess, FleetProcessError, TrainerSpec, trainer_argv
+from tests.support.local import alive, serving, wait_for
 
 SECRET = "s3cret-for-training-tests"
 FT = f"ft:{NODE_MODELS[1]}:heady:x:0123456789abcdef01234567"
@@ -66,26 +64,8 @@ class _Handler(BaseHTTPRequestHandler):
 def gateway() -> Iterator[_Recorder]:
     server = _Recorder(("127.0.0.1", 0), _Handler)
     server.asks, server.adapters = [], []
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
-
-
-def _wait_for(check: Callable[[], bool], timeout: float = 30.0) -> None:
-    end = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < end, "condition not reached in time"
-        time.sleep(0.05)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+    with serving(server):
+        yield server
 
 
 def _trainer_asks(server: _Recorder) -> set[int | None]:
@@ -148,7 +128,7 @@ def test_lora_trainers_and_the_engine_hand_over(gateway: _Recorder, tmp_path: Pa
         trainers = fleet.start_trainers(url, SECRET, sys.executable, log_dir=tmp_path, poll_s=0.2)
         assert sorted(trainers) == ["7", "8"] and all(t["alive"] for t in trainers.values())
         # Each runner asks for train work as its own node, with its engine's served names.
-        _wait_for(lambda: _trainer_asks(gateway) == {7, 8})
+        wait_for(lambda: _trainer_asks(gateway) == {7, 8}, timeout=30)
         train_models = {n: m for n, m, k in gateway.asks if k == ["train"]}
         assert NODE_MODELS[8] in train_models[8] and "batch" in train_models[8]
 
@@ -156,7 +136,7 @@ def test_lora_trainers_and_the_engine_hand_over(gateway: _Recorder, tmp_path: Pa
         worker8 = fleet.workers()["8"]["pid"]
         down = fleet.engine_stop(8)
         assert down["mode"] == "refuse" and down["training"] is True
-        assert down["drained"] is True and not _alive(worker8)
+        assert down["drained"] is True and not alive(worker8)
         assert fleet.trainers()["8"]["training"] is True
         with pytest.raises(httpx.ConnectError):
             httpx.get(fleet.url(8) + "/health", timeout=5)
@@ -176,15 +156,15 @@ def test_lora_trainers_and_the_engine_hand_over(gateway: _Recorder, tmp_path: Pa
         # A node that dies takes its trainer with it; revive brings a new one.
         trainer7 = fleet.trainers()["7"]["pid"]
         killed = fleet.kill(7)
-        assert killed["trainer"]["alive"] is False and not _alive(trainer7)
+        assert killed["trainer"]["alive"] is False and not alive(trainer7)
         gateway.asks.clear()
         revived = fleet.revive(7)
         assert revived["trainer"]["alive"] is True and revived["trainer"]["pid"] != trainer7
-        _wait_for(lambda: 7 in _trainer_asks(gateway))
+        wait_for(lambda: 7 in _trainer_asks(gateway), timeout=30)
         assert "leasing train jobs" in (tmp_path / "trainer-7.log").read_text()
 
         with pytest.raises(FleetProcessError, match=r"HTTP 400.*torch-install"):
             fleet.start_trainers(url, SECRET, tmp_path / "no-python")
         pids = [t["pid"] for t in fleet.trainers().values()]
     for pid in pids:  # stopping the fleet stops its trainers
-        _wait_for(lambda pid=pid: not _alive(pid), timeout=15)
+        wait_for(lambda pid=pid: not alive(pid), timeout=15)

@@ -7,10 +7,7 @@ enough to see which worker asks, with which credential and model names, and when
 from __future__ import annotations
 
 import json
-import os
-import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -19,6 +16,7 @@ import pytest
 
 from heady_shared.nodeauth import node_of
 from sim.fleet import FleetProcess, FleetProcessError
+from tests.support.local import alive, serving, wait_for
 
 SECRET = "s3cret-for-tests"
 
@@ -46,26 +44,8 @@ class _Handler(BaseHTTPRequestHandler):
 def gateway() -> Iterator[_Recorder]:
     server = _Recorder(("127.0.0.1", 0), _Handler)
     server.asks = []
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
-
-
-def _wait_for(check: Callable[[], bool], timeout: float = 20.0) -> None:
-    end = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < end, "condition not reached in time"
-        time.sleep(0.05)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+    with serving(server):
+        yield server
 
 
 def test_workers_run_beside_7_and_8_and_die_and_revive_with_their_node(
@@ -76,14 +56,14 @@ def test_workers_run_beside_7_and_8_and_die_and_revive_with_their_node(
         workers = fleet.start_workers(url, SECRET, log_dir=tmp_path)
         assert sorted(workers) == ["7", "8"] and all(w["alive"] for w in workers.values())
         # Each asks for work as its own node, with the model names its engine serves.
-        _wait_for(lambda: {n for n, _ in gateway.asks} == {7, 8})
+        wait_for(lambda: {n for n, _ in gateway.asks} == {7, 8}, timeout=20)
         models = dict(gateway.asks)
         assert "batch" in models[7] and "batch" in models[8]
 
         pid7 = workers["7"]["pid"]
         state = fleet.kill(7)
         assert state["mode"] == "refuse" and state["worker"]["alive"] is False
-        assert not _alive(pid7)  # the whole process group is gone, not just asked to leave
+        assert not alive(pid7)  # the whole process group is gone, not just asked to leave
         with pytest.raises(httpx.ConnectError):
             httpx.get(fleet.url(7) + "/health", timeout=5)
         assert fleet.workers()["8"]["alive"] is True  # the partner is untouched
@@ -92,7 +72,7 @@ def test_workers_run_beside_7_and_8_and_die_and_revive_with_their_node(
         state = fleet.revive(7)
         assert state["mode"] == "healthy" and state["worker"]["alive"] is True
         assert state["worker"]["pid"] != pid7
-        _wait_for(lambda: 7 in {n for n, _ in gateway.asks})
+        wait_for(lambda: 7 in {n for n, _ in gateway.asks}, timeout=20)
         assert httpx.get(fleet.url(7) + "/health", timeout=5).status_code == 200
 
         fleet.kill(8)
@@ -104,4 +84,4 @@ def test_workers_run_beside_7_and_8_and_die_and_revive_with_their_node(
             fleet.start_workers("http://example.com", SECRET)  # plain http off this machine
         pids = [w["pid"] for w in fleet.workers().values()]
     for pid in pids:  # stopping the fleet stops its workers
-        _wait_for(lambda pid=pid: not _alive(pid), timeout=10)
+        wait_for(lambda pid=pid: not alive(pid), timeout=10)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import batches
 from jobdb import BatchSettings
 from tests.support.batchkit import Gateway, jsonl
+from tests.support.plans import recorded, table_scans
 from tests.support.stores import drive
 
 ME, OTHER = "a" * 16, "b" * 16
@@ -84,18 +85,7 @@ def test_every_statement_uses_an_index() -> None:
     g = Gateway(BatchSettings(shard_lines=3))
     new_batch(g, ME)
     g.lease(7)
-    seen: dict[str, list[object]] = {}
-    check = g.db._check
-
-    def record(sql: str, params):
-        bound = check(sql, params)
-        seen.setdefault(sql, bound)
-        return bound
-
-    g.db._check = record
-    view(g)
+    with recorded(g.db) as seen:
+        view(g)
     assert len(seen) == 4
-    for sql, params in seen.items():
-        plan = [r[3] for r in g.db.conn.execute("EXPLAIN QUERY PLAN " + sql, params)]
-        scans = [p for p in plan if p.startswith("SCAN") and not p.startswith(ALLOWED_SCANS)]
-        assert not scans, (sql, plan)
+    assert not table_scans(g.db, seen, ALLOWED_SCANS)

@@ -20,6 +20,7 @@ import finetune_nodes
 from finetune import FtSettings
 from tests.support.batchkit import MODEL, jsonl
 from tests.support.ftkit import BASE, FtGateway, chat_lines
+from tests.support.plans import recorded, table_scans
 from tests.support.stores import drive
 
 ME, OTHER = "a" * 16, "b" * 16
@@ -616,49 +617,37 @@ def test_a_checkpoint_is_served_to_its_key_while_running_and_after_the_job_ends(
 
 def test_every_statement_of_a_lifecycle_uses_an_index() -> None:
     g = FtGateway()
-    seen: dict[str, list[object]] = {}
-    check = g.db._check
-
-    def record(sql: str, params):
-        bound = check(sql, params)
-        seen.setdefault(sql, bound)
-        return bound
-
-    g.db._check = record
-    job = new_job(g, metadata={"k": "v"}, validation_file=g.training_file(ME))
-    lease = g.train_lease(7)
-    g.read(lease)
-    g.beat(lease)
-    g.send_events(lease, [{"message": "m", "type": "metrics"}])
-    g.put_checkpoint(lease, 1, b"c")
-    g.put_checkpoint(lease, 1, b"c2")
-    g.read_checkpoint(lease)
-    train_to_success(g, lease)
-    g.commit_train(lease, {"ok": False, "error": {"code": "x", "message": "y"}})
-    g.jobs(ME, after=job["id"], metadata={"k": "v"})
-    g.all_events(ME, job["id"])
-    g.checkpoints(ME, job["id"], after=g.checkpoints(ME, job["id"]).body["first_id"])
-    other = new_job(g)
-    g.cancel_job(ME, other["id"])
-    drive(finetune.settle_due(g.db, g.now, g.ft))
-    name = drive(finetune.models_for_owner(g.db, ME))[0]["id"]
-    drive(
-        finetune.adapter_for_node(
-            g.db, g.blobs, drive(finetune.route_ft_model(g.db, ME, name)).slug
+    with recorded(g.db) as seen:
+        job = new_job(g, metadata={"k": "v"}, validation_file=g.training_file(ME))
+        lease = g.train_lease(7)
+        g.read(lease)
+        g.beat(lease)
+        g.send_events(lease, [{"message": "m", "type": "metrics"}])
+        g.put_checkpoint(lease, 1, b"c")
+        g.put_checkpoint(lease, 1, b"c2")
+        g.read_checkpoint(lease)
+        train_to_success(g, lease)
+        g.commit_train(lease, {"ok": False, "error": {"code": "x", "message": "y"}})
+        g.jobs(ME, after=job["id"], metadata={"k": "v"})
+        g.all_events(ME, job["id"])
+        g.checkpoints(ME, job["id"], after=g.checkpoints(ME, job["id"]).body["first_id"])
+        other = new_job(g)
+        g.cancel_job(ME, other["id"])
+        drive(finetune.settle_due(g.db, g.now, g.ft))
+        name = drive(finetune.models_for_owner(g.db, ME))[0]["id"]
+        drive(
+            finetune.adapter_for_node(
+                g.db, g.blobs, drive(finetune.route_ft_model(g.db, ME, name)).slug
+            )
         )
-    )
-    ckpt = g.checkpoints(ME, job["id"]).body["data"][0]["fine_tuned_model_checkpoint"]
-    drive(
-        finetune.adapter_for_node(
-            g.db, g.blobs, drive(finetune.route_ft_model(g.db, ME, ckpt)).slug
+        ckpt = g.checkpoints(ME, job["id"]).body["data"][0]["fine_tuned_model_checkpoint"]
+        drive(
+            finetune.adapter_for_node(
+                g.db, g.blobs, drive(finetune.route_ft_model(g.db, ME, ckpt)).slug
+            )
         )
-    )
     assert len(seen) >= 25
-    allowed = ("SCAN json_each", "SCAN CONSTANT ROW")
-    for sql, params in seen.items():
-        plan = [r[3] for r in g.db.conn.execute("EXPLAIN QUERY PLAN " + sql, params)]
-        scans = [p for p in plan if p.startswith("SCAN") and not p.startswith(allowed)]
-        assert not scans, (sql, plan)
+    assert not table_scans(g.db, seen, ("SCAN json_each", "SCAN CONSTANT ROW"))
 
 
 def test_a_deleted_training_file_stays_readable_until_its_job_ends() -> None:

@@ -11,6 +11,7 @@ import files
 import jobdb
 from jobdb import ApiResult, BatchSettings
 from tests.support.batchkit import MODEL, Gateway, jsonl
+from tests.support.plans import recorded, table_scans
 from tests.support.stores import MIGRATIONS, drive
 
 ME = "a" * 16
@@ -27,29 +28,19 @@ def test_migration_applies_twice() -> None:
 
 def test_every_statement_of_a_lifecycle_uses_an_index() -> None:
     g = Gateway(BatchSettings(shard_lines=3))
-    seen: dict[str, list[object]] = {}
-    check = g.db._check
-
-    def record(sql: str, params):
-        bound = check(sql, params)
-        seen.setdefault(sql, bound)
-        return bound
-
-    g.db._check = record
-    f = g.upload(ME, jsonl(10)).body
-    b = g.create_batch(ME, f["id"]).body
-    g.drain(7)
-    drive(files.list_files(g.db, ME, g.now, after=f["id"], purpose="batch"))
-    drive(batches.list_batches(g.db, g.ids, ME, g.now, after=b["id"]))
-    drive(batches.cancel_batch(g.db, g.ids, ME, b["id"], g.now))
-    drive(batches.expire_due(g.db, g.blobs, g.ids, g.now))
-    drive(files.delete_file(g.db, g.blobs, ME, f["id"], g.now))
-    g.heartbeat({"id": "lease_x", "token": "t"})
+    with recorded(g.db) as seen:
+        f = g.upload(ME, jsonl(10)).body
+        b = g.create_batch(ME, f["id"]).body
+        g.drain(7)
+        drive(files.list_files(g.db, ME, g.now, after=f["id"], purpose="batch"))
+        drive(batches.list_batches(g.db, g.ids, ME, g.now, after=b["id"]))
+        drive(batches.cancel_batch(g.db, g.ids, ME, b["id"], g.now))
+        drive(batches.expire_due(g.db, g.blobs, g.ids, g.now))
+        drive(files.delete_file(g.db, g.blobs, ME, f["id"], g.now))
+        g.heartbeat({"id": "lease_x", "token": "t"})
     assert len(seen) >= 20
-    for sql, params in seen.items():
-        plan = [r[3] for r in g.db.conn.execute("EXPLAIN QUERY PLAN " + sql, params)]
-        scans = [p for p in plan if p.startswith("SCAN") and not p.startswith(ALLOWED_SCANS)]
-        assert not scans, (sql, plan)
+    assert not table_scans(g.db, seen, ALLOWED_SCANS)
+    for sql in seen:
         assert "?1" not in sql and ":" not in sql.replace("': '", "")  # plain ? marks only
 
 

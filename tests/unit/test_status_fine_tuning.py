@@ -15,6 +15,7 @@ import status
 from config import load_config
 from health import HealthView
 from tests.support.ftkit import BASE, FtGateway
+from tests.support.plans import recorded, table_scans
 from tests.support.stores import drive
 from tests.unit.conftest import fleet_env
 
@@ -157,21 +158,10 @@ def test_two_statements_each_on_an_index() -> None:
     new_job(g)
     lease = g.train_lease(7)
     g.send_events(lease, [metrics(1, 2, 1.0)], validated=True)
-    seen: dict[str, list[object]] = {}
-    check = g.db._check
-
-    def record(sql: str, params):
-        bound = check(sql, params)
-        seen.setdefault(sql, bound)
-        return bound
-
-    g.db._check = record
-    view(g)
+    with recorded(g.db) as seen:
+        view(g)
     assert len(seen) == 2
-    for sql, params in seen.items():
-        plan = [r[3] for r in g.db.conn.execute("EXPLAIN QUERY PLAN " + sql, params)]
-        scans = [p for p in plan if p.startswith("SCAN") and not p.startswith(ALLOWED_SCANS)]
-        assert not scans, (sql, plan)
+    assert not table_scans(g.db, seen, ALLOWED_SCANS)
 
 
 # ---- the shaping alone: a node's metrics data is untrusted ------------------------------------

@@ -16,6 +16,7 @@ from jobdb import ACTIVE_BATCH
 from sweep import BATCHES, JOBS, Budget, Target, doomed, due, grace_for
 from tests.support.batchkit import Gateway, jsonl
 from tests.support.ftkit import BASE, FtGateway
+from tests.support.plans import recorded, table_scans
 from tests.support.stores import MemoryBlobs, SqliteDb, drive
 
 ME = "a" * 16
@@ -304,6 +305,17 @@ def _insert(db: SqliteDb, i: int, spec: dict) -> tuple[str, set[str], list[str]]
     return bid, named | set(in_file), keys
 
 
+def _made(db: SqliteDb, blobs: MemoryBlobs, specs: list[dict]) -> list[tuple]:
+    """Each spec's batch inserted (`_insert`) and all its keys put: (id, spec, referenced, keys)."""
+    made = []
+    for i, spec in enumerate(specs):
+        bid, referenced, keys = _insert(db, i, spec)
+        for k in keys:
+            drive(blobs.put(k, b"x"))
+        made.append((bid, spec, referenced, keys))
+    return made
+
+
 @settings(max_examples=150, deadline=None)
 @given(
     specs=st.lists(batch_spec, min_size=1, max_size=5),
@@ -324,12 +336,7 @@ def test_the_sweep_never_deletes_a_referenced_key_nor_touches_an_unsettled_batch
     outside = ["u/000000000000000000000001", "b/batch_zzz/w/1/a.out", "ft/ftjob-1/x.tar"]
     for k in outside:
         drive(blobs.put(k, b"x"))
-    made = []
-    for i, spec in enumerate(specs):
-        bid, referenced, keys = _insert(db, i, spec)
-        for k in keys:
-            drive(blobs.put(k, b"x"))
-        made.append((bid, spec, referenced, keys))
+    made = _made(db, blobs, specs)
     for _ in range(runs):
         done = drive(sweep.sweep(db, blobs, BATCHES, float(now), float(grace), budget))
         assert done.lists <= budget.lists and done.targets <= budget.targets
@@ -351,12 +358,7 @@ def test_the_sweep_never_deletes_a_referenced_key_nor_touches_an_unsettled_batch
 @given(specs=st.lists(batch_spec, min_size=1, max_size=4), grace=st.sampled_from([0, 120]))
 def test_with_budget_enough_every_settled_batch_ends_clean(specs, grace) -> None:
     db, blobs = SqliteDb(), MemoryBlobs()
-    made = []
-    for i, spec in enumerate(specs):
-        bid, referenced, keys = _insert(db, i, spec)
-        for k in keys:
-            drive(blobs.put(k, b"x"))
-        made.append((bid, spec, referenced, keys))
+    made = _made(db, blobs, specs)
     now = 10**6  # everything final is settled
     for _ in range(len(specs) + 1):
         drive(sweep.sweep(db, blobs, BATCHES, float(now), float(grace), Budget(lists=3, page=2)))
@@ -374,28 +376,18 @@ def test_with_budget_enough_every_settled_batch_ends_clean(specs, grace) -> None
 def test_every_sweep_statement_uses_an_index() -> None:
     g = FtGateway()
     taken_over_batch(g)
-    seen: dict[str, list[object]] = {}
-    check = g.db._check
-
-    def record(sql: str, params):
-        bound = check(sql, params)
-        seen.setdefault(sql, bound)
-        return bound
-
-    g.db._check = record  # type: ignore[method-assign]
-    g.now += 3600
-    run(g)
-    job = g.create_job(ME, {"model": BASE, "training_file": g.training_file(ME)}).body
-    g.cancel_job(ME, job["id"])
-    g.now += 3600
-    drive(g.blobs.put(f"ft/{job['id']}/adapter/ftlease-x.tar", b"x"))
-    assert run(g, JOBS).deleted == 1
-    ours = [s for s in seen if any(w in s for w in ("sweep_marks", "leases_until", " AS k "))]
+    with recorded(g.db) as seen:
+        g.now += 3600
+        run(g)
+        job = g.create_job(ME, {"model": BASE, "training_file": g.training_file(ME)}).body
+        g.cancel_job(ME, job["id"])
+        g.now += 3600
+        drive(g.blobs.put(f"ft/{job['id']}/adapter/ftlease-x.tar", b"x"))
+        assert run(g, JOBS).deleted == 1
+    words = ("sweep_marks", "leases_until", " AS k ")
+    ours = {s: p for s, p in seen.items() if any(w in s for w in words)}
     assert len(ours) == 6  # mark read and write, two candidate and two key queries
-    for sql in ours:
-        plan = [r[3] for r in g.db.conn.execute("EXPLAIN QUERY PLAN " + sql, seen[sql])]
-        scans = [p for p in plan if p.startswith("SCAN") and "VIRTUAL TABLE" not in p]
-        assert not scans, (sql, plan)
+    assert not table_scans(g.db, ours, allow_virtual=True)
 
 
 JOB_STATUSES = ("validating_files", "running", "succeeded", "failed", "cancelled")

@@ -13,6 +13,7 @@ import batches
 import work
 from jobdb import BatchSettings
 from tests.support.batchkit import Gateway, custom_ids, jsonl
+from tests.support.plans import recorded, table_scans
 from tests.support.stores import drive
 from tests.unit.test_work import ME, running
 
@@ -157,21 +158,13 @@ def test_given_back_while_cancelling_is_cancelled_and_the_batch_closes(keep: int
 
 def test_release_statements_use_an_index() -> None:
     g, _ = running(12, S5)
-    seen: dict[str, list[object]] = {}
-    check = g.db._check
-
-    def record(sql: str, params):
-        bound = check(sql, params)
-        seen.setdefault(sql, bound)
-        return bound
-
-    g.db._check = record
-    a = g.lease(7)
-    assert g.release(a, 2, prefix_bytes(g.read_input(a), 2)).status == 200
-    b = g.lease(8)
-    assert g.release(b, 0).status == 200
-    released = [sql for sql in seen if "n_lines - ?" in sql or "expires_at = NULL" in sql]
+    with recorded(g.db) as seen:
+        a = g.lease(7)
+        assert g.release(a, 2, prefix_bytes(g.read_input(a), 2)).status == 200
+        b = g.lease(8)
+        assert g.release(b, 0).status == 200
+    released = {
+        sql: p for sql, p in seen.items() if "n_lines - ?" in sql or "expires_at = NULL" in sql
+    }
     assert len(released) == 2
-    for sql in released:
-        plan = [r[3] for r in g.db.conn.execute("EXPLAIN QUERY PLAN " + sql, seen[sql])]
-        assert not [p for p in plan if p.startswith("SCAN")], (sql, plan)
+    assert not table_scans(g.db, released)
