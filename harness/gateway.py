@@ -227,8 +227,18 @@ class Gateway:
         `at` (epoch seconds) sets the controller's scheduledTime."""
         query = f"cron={urllib.request.quote(cron)}" + (f"&at={at * 1000:.0f}" if at else "")
         req = urllib.request.Request(f"{self.url}/__harness/scheduled?{query}", method="POST")
+        before = self._probe_lines()
         with urllib.request.urlopen(req, timeout=60) as r:
-            return json.loads(r.read())
+            answer = json.loads(r.read())
+        # The handler's log line reaches us through the runtime's stdout a moment after the
+        # answer: wait for it (bounded), so a caller reading log_records() sees this tick's.
+        deadline = time.monotonic() + 10
+        while self._probe_lines() == before and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return answer
+
+    def _probe_lines(self) -> int:
+        return sum('"msg":"probe"' in line for line in list(self.lines))
 
     def kv_stats(self, reset: bool = False) -> dict[str, int]:
         with urllib.request.urlopen(
