@@ -1,5 +1,5 @@
 """The node's batch worker: pulls batch work from the gateway with leases and runs it on the
-node's own vLLM (docs: BATCH-DESIGN.md, "Node-facing HTTP API").
+node's own vLLM (docs/batch.md, "Node API").
 
     python -m heady_node.batch_worker --gateway https://<worker> --engine http://127.0.0.1:8000 \\
         --node 7          # secrets from the environment: HEADY_NODE_CREDENTIAL, NODE_TOKEN

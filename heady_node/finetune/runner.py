@@ -1,5 +1,5 @@
 """The node's fine-tuning runner: leases `train` work from the gateway like a batch shard and
-trains it (docs/fine-tuning.md, "Node API"; BATCH-DESIGN.md for the lease mechanics).
+trains it (docs/fine-tuning.md, "Node API"; docs/batch.md "Leases" for the lease mechanics).
 
 One lease, in order:
   1. read the training (and validation) file through the lease and validate it with

@@ -4,7 +4,7 @@ A node runs this over the file's data as it streams in (`split_lines` over the H
 chunks, `Validator.feed` per line), so a 100 MB file is never held whole, let alone twice: at any
 time only the current line, the set of custom_ids (≤ 50,000 strings) and the shard plan live.
 
-Rules (docs: BATCH-DESIGN "validate"; OpenAI's documented limits for a batch input file):
+Rules (docs/batch.md "Lifecycle"; OpenAI's documented limits for a batch input file):
 every non-blank line is a JSON object with a string `custom_id` unique in the file, `method`
 "POST", `url` equal to the batch's endpoint and `body` an object naming a string `model`, the
 same model on every line; at most MAX_LINES requests and MAX_BYTES bytes. Errors carry the

@@ -1,7 +1,7 @@
 """The batch worker against a real simulated vLLM node (sim.fleet) as its local engine and, for
-the gateway, a small in-test HTTP server that keeps the node-facing contract of BATCH-DESIGN.md
-(leases, input ranges, heartbeats, result parts, conditional commits). The real gateway is
-tested with the worker in the e2e suite."""
+the gateway, a small in-test HTTP server that keeps the node-facing contract of docs/batch.md
+("Node API": leases, input ranges, heartbeats, result parts, conditional commits). The real
+gateway is tested with the worker in the e2e suite."""
 
 from __future__ import annotations
 
