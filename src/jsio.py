@@ -64,12 +64,15 @@ class Relay:
 
     def __init__(self, node_body, mode: str, idle_s: float = 0.0, abort=None) -> None:
         native = mode == "native"
-        self._controller = None  # a guarded relay's TransformStream controller (its start)
+        watched = idle_s > 0 and abort is not None
+        self._controller = None  # a watched guarded relay's TransformStream controller
         if native:
             stream = js.IdentityTransformStream.new()
-        else:
+        elif watched:  # one Python call more, for end_stalled
             start = create_once_callable(self._started)
             stream = js.TransformStream.new(js_obj({"start": start}))
+        else:
+            stream = js.TransformStream.new()
         self.native = native
         self.writable = stream.writable
         self.readable = stream.readable
@@ -81,7 +84,7 @@ class Relay:
         # (workerd checks the signal between reads), which can be never, so the client's
         # stream is ended from here, not when the pipe settles.
         self.on_stall: Callable[[], None] | None = None
-        if idle_s > 0 and abort is not None:
+        if watched:
             node_body, branch = node_body.tee()
             # A stall ends the pipe itself too (its signal), not only the node fetch: an
             # aborted fetch's body was seen to error only at the node's next write.
