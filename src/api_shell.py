@@ -22,6 +22,7 @@ from workers import Response
 
 import files
 import jsio
+import sweep
 from body import BodyError
 from config import GatewayConfig
 from headers import cors_headers, presented_key
@@ -84,6 +85,11 @@ class Call:
         if isinstance(got, BodyError):
             return error(got.status, got.message, got.type)
         return b"" if got is None else bytes(got.to_bytes())
+
+    async def store_at(self, key: str) -> ApiResult:
+        """`pipe_to`, answered as the node calls expect: 200 {"bytes": n}."""
+        stored = await self.pipe_to(key)
+        return stored if isinstance(stored, ApiResult) else ApiResult(200, {"bytes": stored})
 
     async def pipe_to(self, key: str) -> int | ApiResult:
         """The request body piped into R2 at `key` (its Content-Length checked by the core
@@ -171,3 +177,31 @@ def node_route(handler: Handler):
 
     route.__doc__ = handler.__doc__
     return route
+
+
+async def housekeeping(
+    gw,
+    name: str,
+    moved: str,
+    settle: Callable[[D1Db, R2Blobs, GatewayConfig], Awaitable[int]],
+    kind: sweep.Kind,
+    lease_s: Callable[[GatewayConfig], float],
+) -> dict[str, object]:
+    """One kind's cron work for the probe log line: `settle` (its moves, bounded by the core)
+    under `moved`, then the sweep of its final targets' unreferenced R2 objects under
+    `<name>_swept`. Never raises: storage not bound is `moved: None`, a failure is
+    `<name>_error` (or `<name>_sweep_error`; the next run resumes from the sweep's mark)."""
+    try:
+        db, blobs = stores(gw)
+        config = gw._config()
+        out: dict[str, object] = {moved: await settle(db, blobs, config)}
+    except MissingBinding:
+        return {moved: None}
+    except Exception as exc:  # the probes' log line still goes out
+        return {f"{name}_error": str(exc)[:200]}
+    try:
+        grace = sweep.grace_for(lease_s(config))
+        out[f"{name}_swept"] = (await sweep.sweep(db, blobs, kind, now(), grace)).log()
+    except Exception as exc:
+        out[f"{name}_sweep_error"] = str(exc)[:200]
+    return out

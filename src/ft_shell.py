@@ -20,7 +20,7 @@ import finetune_nodes
 import ftroute
 import status
 import sweep
-from api_shell import IDS, Call, client_route, node_route, now, owner_of, stores
+from api_shell import IDS, Call, client_route, housekeeping, node_route, now, owner_of, stores
 from finetune import FtRoute
 from jobdb import ApiResult, error
 from jsstore import MissingBinding, _u8
@@ -135,8 +135,7 @@ async def node_adapter_put(c: Call) -> ApiResult:
     )
     if isinstance(target, ApiResult):
         return target
-    stored = await c.pipe_to(target)
-    return stored if isinstance(stored, ApiResult) else ApiResult(200, {"bytes": stored})
+    return await c.store_at(target)
 
 
 @node_route
@@ -193,20 +192,12 @@ async def status_fine_tuning(gw, call) -> dict | None:
 async def cron(gw) -> dict[str, object]:
     """The cron's fine-tuning work: jobs whose node was lost too often fail, open work of
     final jobs is dropped (finetune.settle_due, bounded per run); then the sweep of final
-    jobs' unreferenced R2 objects (sweep.sweep)."""
-    try:
-        db, blobs = stores(gw)
-        config = gw._config()
-        out: dict[str, object] = {
-            "ft_settled": await finetune.settle_due(db, now(), config.finetune)
-        }
-    except MissingBinding:
-        return {"ft_settled": None}
-    except Exception as exc:  # the probes' log line still goes out
-        return {"ft_error": str(exc)[:200]}
-    try:
-        grace = sweep.grace_for(config.finetune.lease_s)
-        out["ft_swept"] = (await sweep.sweep(db, blobs, sweep.JOBS, now(), grace)).log()
-    except Exception as exc:  # a failed sweep is retried by the next run, from its mark
-        out["ft_sweep_error"] = str(exc)[:200]
-    return out
+    jobs' unreferenced R2 objects (api_shell.housekeeping)."""
+    return await housekeeping(
+        gw,
+        "ft",
+        "ft_settled",
+        lambda db, _blobs, config: finetune.settle_due(db, now(), config.finetune),
+        sweep.JOBS,
+        lambda config: config.finetune.lease_s,
+    )

@@ -17,10 +17,19 @@ import files
 import finetune_nodes
 import sweep
 import work
-from api_shell import IDS, Call, answer, client_route, node_route, now, owner_of, stores
+from api_shell import (
+    IDS,
+    Call,
+    answer,
+    client_route,
+    housekeeping,
+    node_route,
+    now,
+    owner_of,
+    stores,
+)
 from config import GatewayConfig
 from jobdb import ApiResult, error
-from jsstore import MissingBinding
 
 BATCH_ROLE = "batch"  # nodes of this role's pair lease any batch work (work.lease)
 
@@ -159,8 +168,7 @@ async def node_results(c: Call) -> ApiResult:
     )
     if isinstance(target, ApiResult):
         return target
-    stored = await c.pipe_to(target)
-    return stored if isinstance(stored, ApiResult) else ApiResult(200, {"bytes": stored})
+    return await c.store_at(target)
 
 
 @node_route
@@ -202,17 +210,12 @@ async def status_batches(gw, call, config: GatewayConfig) -> dict | None:
 async def cron(gw) -> dict[str, object]:
     """The cron's batch work (bounded per run by the core): expiry, cancels settling,
     closes whose write was lost, purges of deleted files' blobs; then the sweep of final
-    batches' unreferenced R2 objects (sweep.sweep)."""
-    try:
-        db, blobs = stores(gw)
-        out: dict[str, object] = {"batches_moved": await batches.expire_due(db, blobs, IDS, now())}
-    except MissingBinding:
-        return {"batches_moved": None}
-    except Exception as exc:  # the probes' log line still goes out
-        return {"batches_error": str(exc)[:200]}
-    try:
-        grace = sweep.grace_for(gw._config().batch.lease_s)
-        out["batches_swept"] = (await sweep.sweep(db, blobs, sweep.BATCHES, now(), grace)).log()
-    except Exception as exc:  # a failed sweep is retried by the next run, from its mark
-        out["batches_sweep_error"] = str(exc)[:200]
-    return out
+    batches' unreferenced R2 objects (api_shell.housekeeping)."""
+    return await housekeeping(
+        gw,
+        "batches",
+        "batches_moved",
+        lambda db, blobs, _config: batches.expire_due(db, blobs, IDS, now()),
+        sweep.BATCHES,
+        lambda config: config.batch.lease_s,
+    )
