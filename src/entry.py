@@ -417,13 +417,8 @@ class Default(WorkerEntrypoint):
             # side of the stream errored. (A native one's is errored by the node's break too.)
             if client.aborted or (not writable and not relay.native):
                 return
-            io, sync = self._io(), _ISO.sync
-            ms = (_clock() - started) * 1000
             reason = "upstream_idle" if relay.idle else "upstream_disconnected"
-            ex.attempts = [*ex.attempts, cut(n, sync, _clock(), ms, reason)]
-            ex.error = str(exc)[:200]
-            _log(ex.log_line())  # the request's second line: how its body ended
-            sync.maybe_flush(io)
+            self._cut(n, ex, started, reason, str(exc)[:200])
             if not writable:
                 return
             if sse:
@@ -441,12 +436,16 @@ class Default(WorkerEntrypoint):
         the end go out through the relay's own controller at once (jsio.Relay.on_stall); the
         cut is logged and the node marked unless the client had already left."""
         relay.stop()
-        if not relay.end_stalled(sse_error_event(ex.rid, "upstream_idle")):
-            return
+        if relay.end_stalled(sse_error_event(ex.rid, "upstream_idle")):
+            self._cut(n, ex, started, "upstream_idle", "the node sent nothing for STREAM_IDLE_S")
+
+    def _cut(self, n: int, ex: Exchange, started: float, reason: str, error: str) -> None:
+        """Node `n`'s body broke (or went silent) after its head: the attempt becomes a cut
+        that counts against the node, and the request's second log line says how it ended."""
         io, sync = self._io(), _ISO.sync
         ms = (_clock() - started) * 1000
-        ex.attempts = [*ex.attempts, cut(n, sync, _clock(), ms, "upstream_idle")]
-        ex.error = "the node sent nothing for STREAM_IDLE_S"
+        ex.attempts = [*ex.attempts, cut(n, sync, _clock(), ms, reason)]
+        ex.error = error
         _log(ex.log_line())  # the request's second line: how its body ended
         sync.maybe_flush(io)
 
