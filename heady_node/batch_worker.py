@@ -757,15 +757,8 @@ def drain(proc: subprocess.Popen, timeout_s: float) -> bool:
     leader) and wait until it exits; SIGKILL the group after `timeout_s`. True when it exited
     by itself with status 0 (every shard committed or given back). Give it `drain_s` plus
     DRAIN_SLACK_S; a kill after that loses nothing either: leases it still held lapse."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=max(0.0, timeout_s))
-        except subprocess.TimeoutExpired:
-            launcher.stop(proc, grace=0.0)  # SIGKILL the group
-            return False
-    return proc.returncode == 0
+    # launcher.stop is exactly that: SIGTERM the group, wait, SIGKILL what is left.
+    return launcher.stop(proc, grace=max(0.0, timeout_s)) == 0
 
 
 def worker_argv(
