@@ -437,7 +437,10 @@ class Default(WorkerEntrypoint):
         cut is logged and the node marked unless the client had already left."""
         relay.stop()
         if relay.end_stalled(sse_error_event(ex.rid, "upstream_idle")):
-            self._cut(n, ex, started, "upstream_idle", "the node sent nothing for STREAM_IDLE_S")
+            error = "the node sent nothing for STREAM_IDLE_S"
+            if relay.abort_errors:  # the stream still ended: say what the runtime threw
+                error += "; aborting it failed: " + "; ".join(relay.abort_errors)
+            self._cut(n, ex, started, "upstream_idle", error)
 
     def _cut(self, n: int, ex: Exchange, started: float, reason: str, error: str) -> None:
         """Node `n`'s body broke (or went silent) after its head: the attempt becomes a cut

@@ -77,6 +77,7 @@ class Relay:
         self.writable = stream.writable
         self.readable = stream.readable
         self.idle = False
+        self.abort_errors: list[str] = []  # what a stall's aborts threw (logged with the cut)
         self._watch: IdleWatch | None = None
         options = _PIPE_OPTIONS
         # Called at a stall, after the aborts (the shell sets it for a guarded event stream):
@@ -101,8 +102,16 @@ class Relay:
 
     def _stalled(self) -> None:
         self.idle = True
-        self._abort()
-        self._pipe.abort()
+        for abort in (self._abort, self._pipe.abort):
+            # The offline runtime now and then throws from the node fetch's abort ("internal
+            # error": io-context.c++ checkFarGet, an IoOwn already gone), seen under load. The
+            # client's stream must still end here: once `idle` is set nothing else ends it.
+            # The node's body is cancelled regardless: the pipe cancels its side when the
+            # transform ends, and the watch cancelled its own.
+            try:
+                abort()
+            except Exception as exc:
+                self.abort_errors.append(str(exc)[:200])
         if self.on_stall is not None:
             self.on_stall()
 

@@ -8,6 +8,8 @@ switches exist here and nowhere in `src/`:
   GET  /__harness/kv-stats   -> KV calls counted at the binding boundary (?reset=1 zeroes them),
                                 with the options of the last put (its expirationTtl)
   HARNESS_FAULT=<binding>    -> reading that binding raises (tests the 500 path)
+  HARNESS_ABORT_FAULT=1      -> a relay's abort of the node fetch raises, as the offline
+                                runtime's now and then does ("internal error")
   POST /__harness/reset      -> forget the isolate's health memory and the KV record, so each
                                 test starts from a cold gateway without a 3 s restart
   GET  /__harness/kv-value   -> the raw health record in KV
@@ -213,5 +215,28 @@ async def on_fetch(request, env, ctx):
             for key in _COUNTS:
                 _COUNTS[key] = 0
         return _json(snapshot)
+    if getattr(env, "HARNESS_ABORT_FAULT", None):
+        _fault_relay_aborts()
     worker = Default(ctx, wrapped_env)
     return python_to_rpc(await worker.fetch(python_from_rpc(request)))
+
+
+def _fault_relay_aborts() -> None:
+    """Every jsio.Relay made from now on gets an `abort` that raises after aborting, as the
+    offline runtime's fetch abort was seen to ("internal error" from io-context.c++
+    checkFarGet) under load."""
+    import jsio
+
+    init = jsio.Relay.__init__
+    if getattr(init, "faulted", False):
+        return
+
+    def faulted(self, node_body, mode, idle_s=0.0, abort=None):
+        def raising():
+            abort()
+            raise RuntimeError("internal error (HARNESS_ABORT_FAULT)")
+
+        init(self, node_body, mode, idle_s, None if abort is None else raising)
+
+    faulted.faulted = True
+    jsio.Relay.__init__ = faulted

@@ -2,7 +2,8 @@
 
 - guarded (a JS TransformStream): a node that goes silent mid-stream for STREAM_IDLE_S ends
   the client's stream with one `upstream_idle` error event (the openai SDK raises APIError),
-  within STREAM_IDLE_S + 1 s of the node's last event, and counts against the node;
+  within STREAM_IDLE_S + 1 s of the node's last event, and counts against the node, even
+  when aborting the node's fetch throws (as the offline runtime's does now and then);
 - native (an IdentityTransformStream): the same stall and a node that dies are logged as cuts
   and counted; the client's stream ends. (The final event itself needs workerd v1.20260619 or
   later, which production runs: offline the runtime errors the relay's writable side with
@@ -116,6 +117,25 @@ def test_guarded_stall_ends_with_an_idle_error_event(guarded, nodes):
     cut = _cut(guarded, "idle-g-1")
     assert cut and cut["reason"] == "upstream_idle", cut
     assert _failures(guarded, cut["node"]) >= 1
+
+
+def test_guarded_stall_ends_even_when_aborting_the_node_throws(fleet, nodes):
+    """The offline runtime's fetch abort now and then throws under load (CI saw the stream
+    left open, then ended clean with no error event): the harness makes it always throw."""
+    bindings = fleet_bindings(
+        fleet, STREAM_RELAY="guarded", STREAM_IDLE_S=str(IDLE_S), HARNESS_ABORT_FAULT="1"
+    )
+    with Gateway(build_config(bindings=bindings)) as gw:
+        _stall(nodes)
+        events, after_first, _ = _read(gw, "idle-f-1")
+        assert len(events) == 2, events
+        assert json.loads(events[-1])["error"]["type"] == "upstream_idle", events
+        assert IDLE_S <= after_first <= IDLE_S + 1.0, after_first
+        assert _cut(gw, "idle-f-1")
+        errors = [r.get("error") for r in gw.log_records() if r.get("request_id") == "idle-f-1"]
+        # (the harness's error, or the runtime's own "Error: internal error" thrown first)
+        said = "the node sent nothing for STREAM_IDLE_S; aborting it failed: "
+        assert any(e and e.startswith(said) and "internal error" in e for e in errors), errors
 
 
 def test_guarded_stall_raises_api_error_in_the_sdk(guarded, nodes):
