@@ -83,7 +83,11 @@ def test_failover_kv_cold_and_size(table: str) -> None:
     assert _num(first["primary refuses connections"][2].split("/")[0]) == 200
     hang = first["primary hangs"]
     assert hang[2].startswith("200/2/"), hang  # answered by the second node
-    assert _num(hang[1]) >= 900, hang  # ATTEMPT_TIMEOUT_S = 1 s was waited out
+    # ATTEMPT_TIMEOUT_S = 1 s was waited out, not a refusal (a few ms). Not >= 1000: the
+    # runtime schedules a timer from its own clock (workerd IoContext::now: the event loop's
+    # time as of its last poll, clamped to the next due timeout), which lags real time on a
+    # loaded machine; a loaded full run once measured 1 s timeouts firing under 900 ms.
+    assert _num(hang[1]) >= 500, hang
     assert any(r[0].startswith("steady state") for r in _rows(table, "kv"))
     cold = {r[0]: r for r in _rows(table, "cold")}
     for name in ("bare-py", "gateway"):
