@@ -100,7 +100,8 @@ def slug(name: str) -> str:
     cut to 40, then `-` + 20 hex of SHA-256 of the whole name, so two names never share
     one. At most 64 characters, one path segment. A checkpoint of a job with a hex id reads
     `ckpt-<id>-<step>` instead (its job and step, which `checkpoint_of_slug` gives back)."""
-    digest = hashlib.sha256(name.encode()).hexdigest()[:_DIGEST_HEX]
+    # surrogatepass: total over every str (json.loads can give lone surrogates)
+    digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:_DIGEST_HEX]
     parsed = parse(name)
     if parsed is not None and parsed.step is not None and _JOB_HEX.match(parsed.job_hex):
         return f"{SLUG_PREFIX}ckpt-{parsed.job_hex}-{parsed.step}-{digest}"
