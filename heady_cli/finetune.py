@@ -289,21 +289,21 @@ _FLAGS = {
     "seed": "--seed",
     "metadata": "--metadata",
     "model": "--model",
-    "hyperparameters.n_epochs": "--epochs",
-    "hyperparameters.batch_size": "--batch-size",
-    "hyperparameters.learning_rate_multiplier": "--lr-multiplier",
+    "n_epochs": "--epochs",
+    "batch_size": "--batch-size",
+    "learning_rate_multiplier": "--lr-multiplier",
 }
 
 
 def check_body(body: dict[str, Any]) -> None:
     """The gateway's and the node's own check of a job request (heady_shared.ftlines), before
     anything is uploaded: a bad flag costs no upload. Raises CliError naming the flag."""
-    if ":" in str(body.get("model")):
-        raise CliError("--model: fine-tuning an `ft:` model is not supported; give its base model")
     try:
         ftlines.check_job_request(body)
     except ftlines.HyperparameterError as exc:
-        raise CliError(f"{_FLAGS.get(exc.param, exc.param)}: {exc}") from None
+        # a hyperparameter's param is its path (method.supervised.hyperparameters.n_epochs)
+        field = exc.param.rsplit(".", 1)[-1] if "hyperparameters." in exc.param else exc.param
+        raise CliError(f"{_FLAGS.get(field, exc.param)}: {exc}") from None
 
 
 def check_lines(lines: Iterable[bytes], param: str) -> ftlines.FileVerdict:

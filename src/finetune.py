@@ -19,15 +19,12 @@ from dataclasses import dataclass
 import finetune_db
 import jobdb
 import tarplan
-from batches import _check_metadata
 from files import parse_limit
 from finetune_db import ACTIVE_JOB
-from heady_shared import ftnames
+from heady_shared import ftlines, ftnames
 from jobdb import ApiResult, Ids, Row, error, json_body, list_page, num, ok, opt_int
 from storage import Blobs, Db
 
-MAX_BATCH_SIZE, MAX_EPOCHS, MAX_SEED = 256, 50, 2_147_483_647
-HP_KEYS = ("batch_size", "learning_rate_multiplier", "n_epochs")
 JOBS_LIMIT, EVENTS_LIMIT, CHECKPOINTS_LIMIT, LIMIT_MAX = 20, 20, 10, 100
 # What a node's LoRA resolver gets for an adapter: the files vLLM loads (heady_node's
 # finetune.adapter CONFIG and WEIGHTS; its resolver refuses any other member).
@@ -146,80 +143,15 @@ def _bad(message: str, param: str, code: str = "invalid_value") -> ApiResult:
     return error(400, message, code, param)
 
 
-def _is_int(v: object) -> bool:
-    return type(v) is int
-
-
-def _is_number(v: object) -> bool:
-    return type(v) in (int, float) and v == v and v not in (float("inf"), float("-inf"))
-
-
-_HP_OK = {
-    "batch_size": lambda v: _is_int(v) and 1 <= v <= MAX_BATCH_SIZE,
-    "n_epochs": lambda v: _is_int(v) and 1 <= v <= MAX_EPOCHS,
-    "learning_rate_multiplier": lambda v: _is_number(v) and v > 0,
-}
-_HP_RANGE = {
-    "batch_size": f"an integer from 1 to {MAX_BATCH_SIZE}",
-    "n_epochs": f"an integer from 1 to {MAX_EPOCHS}",
-    "learning_rate_multiplier": "a number greater than 0",
-}
-
-
 def check_hyperparameters(
     raw: object, param: str, allow_auto: bool = True
 ) -> dict[str, object] | ApiResult:
-    """OpenAI's supervised hyperparameters, ranges as the API's: batch_size 1..256,
-    learning_rate_multiplier > 0, n_epochs 1..50, each also "auto" (the default)."""
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        return _bad(f"{param} must be an object", param)
-    unknown = sorted(set(raw) - set(HP_KEYS))
-    if unknown:
-        return _bad(f"unknown hyperparameter '{unknown[0][:64]}'", f"{param}.{unknown[0][:64]}")
-    out: dict[str, object] = {}
-    for key in HP_KEYS:
-        v = raw.get(key, "auto")
-        where = f"{param}.{key}"
-        if v == "auto" and allow_auto:
-            out[key] = "auto"
-        elif _HP_OK[key](v):
-            out[key] = v
-        else:
-            auto = "'auto' or " if allow_auto else ""
-            return _bad(f"{key} must be {auto}{_HP_RANGE[key]}", where)
-    return out
-
-
-def _hyperparameters(req: dict[str, object]) -> dict[str, object] | ApiResult:
-    """The job's hyperparameters from `method.supervised.hyperparameters` or the deprecated
-    top-level `hyperparameters` (not both)."""
-    method, top = req.get("method"), req.get("hyperparameters")
-    inner = None
-    if method is not None:
-        if not isinstance(method, dict) or not isinstance(method.get("type"), str):
-            return _bad("method must be {type: 'supervised', supervised: {...}}", "method")
-        if method["type"] != "supervised":
-            return _bad(
-                f"method.type '{str(method['type'])[:32]}' is not supported here: only"
-                " 'supervised' fine-tuning",
-                "method.type",
-                "unsupported_value",
-            )
-        sup = method.get("supervised")
-        if sup is not None and not isinstance(sup, dict):
-            return _bad("method.supervised must be an object", "method.supervised")
-        inner = (sup or {}).get("hyperparameters")
-        if inner is not None and top is not None:
-            return _bad(
-                "give hyperparameters in method.supervised.hyperparameters or in the"
-                " deprecated top-level hyperparameters, not both",
-                "hyperparameters",
-            )
-    if inner is not None:
-        return check_hyperparameters(inner, "method.supervised.hyperparameters")
-    return check_hyperparameters(top, "hyperparameters")
+    """OpenAI's supervised hyperparameters (heady_shared.ftlines.parse_requested: batch_size
+    1..256, learning_rate_multiplier > 0, n_epochs 1..50, each also "auto" when allowed)."""
+    try:
+        return ftlines.parse_requested(raw, param, allow_auto).values()
+    except ftlines.HyperparameterError as exc:
+        return _bad(str(exc), exc.param, exc.code)
 
 
 async def _check_file(
@@ -260,15 +192,11 @@ async def create_job(
         return error(400, "the request body is not valid JSON", "invalid_json")
     if not isinstance(req, dict):
         return error(400, "the request body must be a JSON object", "invalid_request")
-    model = req.get("model")
-    if not isinstance(model, str) or not 0 < len(model) <= 256:
-        return _bad("'model' is required (the base model)", "model", "missing_required_parameter")
-    if ":" in model:
-        return _bad(
-            "fine-tuning an 'ft:' model is not supported: give its base model",
-            "model",
-            "model_not_available",
-        )
+    try:  # the shape: one rule set with the node and the CLI (heady_shared.ftlines)
+        job = ftlines.check_job_request(req)
+    except ftlines.HyperparameterError as exc:
+        return _bad(str(exc), exc.param, exc.code)
+    model = job.model
     if trainable is not None and model not in trainable:
         return _bad(
             f"model '{model}' cannot be fine-tuned here; trainable:"
@@ -276,32 +204,19 @@ async def create_job(
             "model",
             "model_not_available",
         )
-    hp = _hyperparameters(req)
-    if isinstance(hp, ApiResult):
-        return hp
-    suffix = req.get("suffix")
-    if suffix is not None and not (isinstance(suffix, str) and ftnames.SUFFIX.match(suffix)):
-        return _bad(ftnames.SUFFIX_RULE, "suffix")
-    seed = req.get("seed")
-    if seed is not None and not (_is_int(seed) and 0 <= seed <= MAX_SEED):  # type: ignore[operator]
-        return _bad(f"seed must be an integer from 0 to {MAX_SEED}", "seed")
-    why = _check_metadata(req.get("metadata"))
-    if why:
-        return _bad(why, "metadata")
-    if req.get("integrations") not in (None, []):
-        return _bad("integrations are not supported here", "integrations", "unsupported_value")
-    training = await _check_file(db, owner, req.get("training_file"), "training_file", now)
+    training = await _check_file(db, owner, job.training_file, "training_file", now)
     if isinstance(training, ApiResult):
         return training
     validation = None
-    if req.get("validation_file") is not None:
-        validation = await _check_file(db, owner, req["validation_file"], "validation_file", now)
+    if job.validation_file is not None:
+        validation = await _check_file(db, owner, job.validation_file, "validation_file", now)
         if isinstance(validation, ApiResult):
             return validation
     job_id = ids.new("ftjob-")
+    seed = job.seed
     if seed is None:  # OpenAI picks one and reports it; training is reproducible from it
-        seed = int(ids.new("")[-8:], 16) & MAX_SEED
-    meta = req.get("metadata")
+        seed = int(ids.new("")[-8:], 16) & ftlines.MAX_SEED
+    hp = job.hyperparameters.values()
     row: Row = {
         "id": job_id,
         "owner": owner,
@@ -310,11 +225,11 @@ async def create_job(
         "validation_file": validation["id"] if validation else None,
         "status": "validating_files",
         "hyperparameters": json.dumps(hp),
-        "method": json.dumps({"type": "supervised", "supervised": {"hyperparameters": hp}}),
-        "suffix": suffix,
+        "method": json.dumps(job.method()),
+        "suffix": job.suffix,
         "seed": seed,
         "created_at": int(now),
-        "metadata": json.dumps(meta) if meta is not None else None,
+        "metadata": json.dumps(job.metadata) if job.metadata is not None else None,
     }
     await finetune_db.insert_job(
         db, row, ids.new("wrk_"), num(training["bytes"]), ids.new("ftevent-")

@@ -209,16 +209,19 @@ AUTO = "auto"
 MAX_EPOCHS = 50
 MAX_BATCH = 256
 MAX_SEED = 2_147_483_647
-# Our suffixes end up inside `ft:<base>:<org>:<suffix>:<id>`: no `:` (the separator) or `/`.
 METADATA_PAIRS, METADATA_KEY, METADATA_VALUE = 16, 64, 512  # OpenAI's metadata limits
+MAX_ID = 256  # a model name or file id longer than this is no name we could hold
+_MISSING = "missing_required_parameter"
 
 
 class HyperparameterError(ValueError):
-    """An OpenAI-shaped invalid_request (param names the field)."""
+    """An OpenAI-shaped invalid_request_error: `param` names the field, `code` says what is
+    wrong with it (the gateway answers 400 with both)."""
 
-    def __init__(self, param: str, message: str) -> None:
+    def __init__(self, param: str, message: str, code: str = "invalid_value") -> None:
         super().__init__(message)
         self.param = param
+        self.code = code
 
 
 @dataclass(frozen=True)
@@ -229,41 +232,53 @@ class Requested:
     batch_size: int | str = AUTO
     learning_rate_multiplier: float | str = AUTO
 
+    def values(self) -> dict[str, object]:
+        """As the job object echoes them (`hyperparameters`, `method.supervised`)."""
+        return {"batch_size": self.batch_size, "learning_rate_multiplier":
+                self.learning_rate_multiplier, "n_epochs": self.n_epochs}  # fmt: skip
 
-def parse_requested(hp: object) -> Requested:
+
+HYPERPARAMETERS = ("n_epochs", "batch_size", "learning_rate_multiplier")
+_HP_RULES: dict[str, tuple[Callable[[object], bool], str]] = {
+    "n_epochs": (lambda v: _int(v) and 1 <= v <= MAX_EPOCHS, f"an integer 1-{MAX_EPOCHS}"),  # type: ignore[operator]
+    "batch_size": (lambda v: _int(v) and 1 <= v <= MAX_BATCH, f"an integer 1-{MAX_BATCH}"),  # type: ignore[operator]
+    "learning_rate_multiplier": (
+        lambda v: isinstance(v, int | float) and not isinstance(v, bool) and 0 < v < math.inf,
+        "a number > 0",
+    ),
+}
+
+
+def parse_requested(hp: object, where: str = "hyperparameters", auto: bool = True) -> Requested:
     """Check OpenAI's `hyperparameters` object (method.supervised.hyperparameters or the
-    deprecated top-level one); raises HyperparameterError naming the field."""
+    deprecated top-level one: `where`); raises HyperparameterError naming the field. With
+    `auto` False every value must be given (what a node reports it trained with)."""
     if hp is None:
-        return Requested()
+        hp = {}
     if not isinstance(hp, Mapping):
-        raise HyperparameterError("hyperparameters", "hyperparameters must be an object")
-    unknown = set(hp) - {"n_epochs", "batch_size", "learning_rate_multiplier"}
+        raise HyperparameterError(where, f"{where} must be an object")
+    unknown = sorted(set(hp) - set(HYPERPARAMETERS))
     if unknown:
-        name = sorted(unknown)[0]
-        raise HyperparameterError(f"hyperparameters.{name}", f"unknown hyperparameter {name!r}")
-    epochs = hp.get("n_epochs", AUTO)
-    batch = hp.get("batch_size", AUTO)
-    mult = hp.get("learning_rate_multiplier", AUTO)
-    if epochs != AUTO and not (_int(epochs) and 1 <= epochs <= MAX_EPOCHS):
-        raise HyperparameterError(
-            "hyperparameters.n_epochs", f"n_epochs must be 'auto' or an integer 1-{MAX_EPOCHS}"
-        )
-    if batch != AUTO and not (_int(batch) and 1 <= batch <= MAX_BATCH):
-        raise HyperparameterError(
-            "hyperparameters.batch_size", f"batch_size must be 'auto' or an integer 1-{MAX_BATCH}"
-        )
-    if mult != AUTO and not (
-        isinstance(mult, int | float) and not isinstance(mult, bool) and 0 < mult < math.inf
-    ):
-        raise HyperparameterError(
-            "hyperparameters.learning_rate_multiplier",
-            "learning_rate_multiplier must be 'auto' or a number > 0",
-        )
-    return Requested(epochs, batch, mult)
+        name = str(unknown[0])[:64]
+        raise HyperparameterError(f"{where}.{name}", f"unknown hyperparameter {name!r}")
+    got: dict[str, object] = {}
+    for key in HYPERPARAMETERS:
+        v = hp.get(key, AUTO)
+        ok, expected = _HP_RULES[key]
+        if not ((v == AUTO and auto) or ok(v)):
+            either = "'auto' or " if auto else ""
+            raise HyperparameterError(f"{where}.{key}", f"{key} must be {either}{expected}")
+        got[key] = v
+    return Requested(**got)  # type: ignore[arg-type]
 
 
 def _int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _name(v: object) -> bool:
+    """A model name or file id: a non-blank string of at most MAX_ID characters."""
+    return isinstance(v, str) and bool(v.strip()) and len(v) <= MAX_ID
 
 
 def seed_for(job_id: str) -> int:
@@ -285,52 +300,76 @@ class JobRequest:
 
     def method(self) -> dict[str, object]:
         """The job object's `method` (OpenAI echoes the hyperparameters as requested)."""
-        hp = self.hyperparameters
-        values = {"batch_size": hp.batch_size, "learning_rate_multiplier":
-                  hp.learning_rate_multiplier, "n_epochs": hp.n_epochs}  # fmt: skip
-        return {"type": "supervised", "supervised": {"hyperparameters": values}}
+        return {
+            "type": "supervised",
+            "supervised": {"hyperparameters": self.hyperparameters.values()},
+        }
+
+
+def _hyperparameters_of(body: Mapping) -> tuple[object, str]:
+    """Where the job's hyperparameters are (method.supervised.hyperparameters, or the
+    deprecated top-level `hyperparameters`; not both), and that field's name."""
+    method, top = body.get("method"), body.get("hyperparameters")
+    if method is None:
+        return top, "hyperparameters"
+    if not isinstance(method, Mapping) or not isinstance(method.get("type"), str):
+        raise HyperparameterError(
+            "method", "method must be {type: 'supervised', supervised: {...}}"
+        )
+    if method["type"] != "supervised":
+        raise HyperparameterError(
+            "method.type",
+            f"method type {str(method['type'])[:32]!r} is not supported here: only 'supervised'",
+            "unsupported_value",
+        )
+    sup = method.get("supervised")
+    if sup is not None and not isinstance(sup, Mapping):
+        raise HyperparameterError("method.supervised", "method.supervised must be an object")
+    inner = (sup or {}).get("hyperparameters")
+    if inner is None:
+        return top, "hyperparameters"
+    if top is not None:
+        raise HyperparameterError(
+            "hyperparameters",
+            "give hyperparameters in method.supervised.hyperparameters or in the deprecated"
+            " top-level hyperparameters, not both",
+        )
+    return inner, "method.supervised.hyperparameters"
 
 
 def check_job_request(body: object) -> JobRequest:
-    """Validate a jobs.create body; raises HyperparameterError (an OpenAI 400
-    invalid_request_error whose `param` names the field) on the first problem. Which models
-    may be fine-tuned, and whether the files exist and belong to the caller, is the gateway's
-    check."""
+    """Validate a jobs.create body: the one rule set of the gateway (which answers 400 with
+    the error's param and code), the node and the CLI (which checks before uploading).
+    Raises HyperparameterError on the first problem. Which models this cluster trains, and
+    whether the files exist and belong to the caller, is the gateway's own check."""
     if not isinstance(body, Mapping):
-        raise HyperparameterError("body", "the request body must be a JSON object")
-    for key in ("model", "training_file"):
-        v = body.get(key)
-        if not isinstance(v, str) or not v.strip():
-            raise HyperparameterError(key, f"{key} is required (a string)")
+        raise HyperparameterError("body", "the request body must be a JSON object",
+                                  "invalid_request")  # fmt: skip
+    model = body.get("model")
+    if not _name(model):
+        raise HyperparameterError("model", "'model' is required (the base model)", _MISSING)
+    if ":" in model:  # an `ft:` name (base model names have no colon)
+        raise HyperparameterError(
+            "model",
+            "fine-tuning an 'ft:' model is not supported: give its base model",
+            "model_not_available",
+        )
+    training = body.get("training_file")
+    if not _name(training):
+        raise HyperparameterError("training_file", "'training_file' must be a file id", _MISSING)
     validation = body.get("validation_file")
-    if validation is not None and (not isinstance(validation, str) or not validation):
-        raise HyperparameterError("validation_file", "validation_file must be a file id")
+    if validation is not None and not _name(validation):
+        raise HyperparameterError("validation_file", "'validation_file' must be a file id")
     suffix = body.get("suffix")
     if suffix is not None and not (isinstance(suffix, str) and ftnames.SUFFIX.match(suffix)):
         raise HyperparameterError("suffix", ftnames.SUFFIX_RULE)
     seed = body.get("seed")
-    if seed is not None and not (_int(seed) and 0 <= seed <= MAX_SEED):
+    if seed is not None and not (_int(seed) and 0 <= seed <= MAX_SEED):  # type: ignore[operator]
         raise HyperparameterError("seed", f"seed must be an integer 0-{MAX_SEED}")
-    method = body.get("method")
-    hp: object = body.get("hyperparameters")  # deprecated top-level form
-    if method is not None:
-        if not isinstance(method, Mapping) or method.get("type") != "supervised":
-            kind = method.get("type") if isinstance(method, Mapping) else method
-            raise HyperparameterError(
-                "method.type", f"method type {kind!r} is not supported; use 'supervised'"
-            )
-        sup = method.get("supervised")
-        if sup is not None and not isinstance(sup, Mapping):
-            raise HyperparameterError("method.supervised", "method.supervised must be an object")
-        inner = (sup or {}).get("hyperparameters")
-        if inner is not None and hp is not None:
-            raise HyperparameterError(
-                "hyperparameters", "give hyperparameters in method.supervised only, not both"
-            )
-        hp = inner if inner is not None else hp
-    requested = parse_requested(hp)
-    if body.get("integrations"):
-        raise HyperparameterError("integrations", "integrations are not supported")
+    requested = parse_requested(*_hyperparameters_of(body))
+    if body.get("integrations") not in (None, []):
+        raise HyperparameterError("integrations", "integrations are not supported here",
+                                  "unsupported_value")  # fmt: skip
     metadata = body.get("metadata")
     if metadata is not None:
         ok = isinstance(metadata, Mapping) and len(metadata) <= METADATA_PAIRS and all(
@@ -344,8 +383,8 @@ def check_job_request(body: object) -> JobRequest:
                 f"{METADATA_KEY}, values up to {METADATA_VALUE} characters)",
             )
     return JobRequest(
-        model=str(body["model"]),
-        training_file=str(body["training_file"]),
+        model=str(model),
+        training_file=str(training),
         validation_file=validation,
         suffix=suffix,
         seed=seed,

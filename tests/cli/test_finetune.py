@@ -249,7 +249,7 @@ def test_create_lists_the_problems_of_a_file_with_many(
         (["--seed", "2147483648"], "--seed: seed must be an integer 0-2147483647"),
         (["--metadata", "novalue"], "--metadata wants KEY=VALUE"),
         (["--role", "../files"], "not a role name"),
-        (["--model", f"{MODEL}"], "--model: fine-tuning an `ft:` model is not supported"),
+        (["--model", f"{MODEL}"], "--model: fine-tuning an 'ft:' model is not supported"),
     ],
 )
 def test_create_refuses_bad_flags_before_uploading(

@@ -18,6 +18,7 @@ import files
 import finetune
 import finetune_nodes
 from finetune import FtSettings
+from heady_shared import ftlines
 from tests.support.batchkit import MODEL, jsonl
 from tests.support.ftkit import BASE, FtGateway, chat_lines
 from tests.support.plans import recorded, table_scans
@@ -153,6 +154,11 @@ def test_create_refuses_bad_bodies_naming_the_param(change, param, code) -> None
     assert (r.body["error"]["param"], r.body["error"]["code"]) == (param, code)
     assert g.db.rows("SELECT count(*) AS n FROM ft_jobs") == [{"n": 0}]
     assert "request_id" in json.loads(r.render("req-1"))["error"]
+    if code != "file_not_found":  # the shape: the CLI's and node's rule set, word for word
+        with pytest.raises(ftlines.HyperparameterError) as info:
+            ftlines.check_job_request(body)
+        said = (info.value.param, info.value.code, str(info.value))
+        assert said == (param, code, r.body["error"]["message"])
 
 
 def test_create_checks_the_files_owner_purpose_and_life() -> None:
