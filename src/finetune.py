@@ -154,11 +154,8 @@ def check_hyperparameters(
         return _bad(str(exc), exc.param, exc.code)
 
 
-async def _check_file(
-    db: Db, owner: str, file_id: object, param: str, now: float
-) -> Row | ApiResult:
-    if not isinstance(file_id, str) or not 0 < len(file_id) <= 128:
-        return _bad(f"'{param}' must be a file id", param, "missing_required_parameter")
+async def _check_file(db: Db, owner: str, file_id: str, param: str, now: float) -> Row | ApiResult:
+    """The caller's live, uploaded `fine-tune` file (its id's shape: ftlines.check_job_request)."""
     f = await jobdb.live_file(db, owner, file_id, now)
     if f is None:
         return _bad(f"invalid {param}: no such File object: {file_id}", param, "file_not_found")

@@ -210,7 +210,8 @@ MAX_EPOCHS = 50
 MAX_BATCH = 256
 MAX_SEED = 2_147_483_647
 METADATA_PAIRS, METADATA_KEY, METADATA_VALUE = 16, 64, 512  # OpenAI's metadata limits
-MAX_ID = 256  # a model name or file id longer than this is no name we could hold
+# Longer than these is no name we could hold (our file ids are 29 characters).
+MAX_MODEL, MAX_FILE_ID = 256, 128
 _MISSING = "missing_required_parameter"
 
 
@@ -276,9 +277,9 @@ def _int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _name(v: object) -> bool:
-    """A model name or file id: a non-blank string of at most MAX_ID characters."""
-    return isinstance(v, str) and bool(v.strip()) and len(v) <= MAX_ID
+def _name(v: object, limit: int) -> bool:
+    """A model name or file id: a non-blank string of at most `limit` characters."""
+    return isinstance(v, str) and bool(v.strip()) and len(v) <= limit
 
 
 def seed_for(job_id: str) -> int:
@@ -346,7 +347,7 @@ def check_job_request(body: object) -> JobRequest:
         raise HyperparameterError("body", "the request body must be a JSON object",
                                   "invalid_request")  # fmt: skip
     model = body.get("model")
-    if not _name(model):
+    if not _name(model, MAX_MODEL):
         raise HyperparameterError("model", "'model' is required (the base model)", _MISSING)
     if ":" in model:  # an `ft:` name (base model names have no colon)
         raise HyperparameterError(
@@ -355,10 +356,10 @@ def check_job_request(body: object) -> JobRequest:
             "model_not_available",
         )
     training = body.get("training_file")
-    if not _name(training):
+    if not _name(training, MAX_FILE_ID):
         raise HyperparameterError("training_file", "'training_file' must be a file id", _MISSING)
     validation = body.get("validation_file")
-    if validation is not None and not _name(validation):
+    if validation is not None and not _name(validation, MAX_FILE_ID):
         raise HyperparameterError("validation_file", "'validation_file' must be a file id")
     suffix = body.get("suffix")
     if suffix is not None and not (isinstance(suffix, str) and ftnames.SUFFIX.match(suffix)):
